@@ -1,0 +1,165 @@
+"""Run one continual-learning experiment: ``python -m experiments.run [flags]``.
+
+With no flags: LightCL on the embedded digits stream (5 tasks x 2 classes),
+results in ``runs/digits-lightcl-seed0/results.json``. ``--help`` lists every flag.
+Exit codes: 0 done, 2 bad flag value or data, 1 training diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from lightcl_jax.config import FROZEN_BN_MODES, Config
+from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
+from lightcl_jax.strategies import STRATEGIES
+from lightcl_jax.training.freezing import FREEZE_POINTS
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("on", "true", "1", "yes"):
+        return True
+    if text.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = _Parser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
+    p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES))
+    p.add_argument("--dataset", default=d.dataset, choices=DATASETS)
+    p.add_argument("--data-dir", default=None, help="TFDS data_dir holding the prepared dataset")
+    p.add_argument("--num-tasks", type=int, default=None,
+                   help="tasks to split the classes into (default: 5; cifar100: 10)")
+    p.add_argument("--eval-split", default=d.eval_split, choices=EVAL_SPLITS,
+                   help="holdout: the reference's 10%% of train; test: the official test split")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per task (default: digits 10, cifar 50)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--beta", type=float, default=d.beta, help="regulation loss weight")
+    p.add_argument("--buffer-size", type=int, default=d.buffer_size)
+    p.add_argument("--ratio", type=float, default=d.ratio, help="vital channel ratio, (0, 1]")
+    p.add_argument("--nf", type=int, default=None, help="ResNet width (default: digits 16, cifar 64)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--freeze", default=d.freeze, choices=list(FREEZE_POINTS),
+                   help="deepest frozen layer group (stage3 = the reference)")
+    p.add_argument("--frozen-bn", default=d.frozen_bn, choices=FROZEN_BN_MODES,
+                   help="frozen layers' BatchNorm statistics: update (reference) or fixed")
+    p.add_argument("--augment", type=_bool, default=None,
+                   help="random crop + flip: on/off (default: on for cifar, off for digits)")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--workdir", default=None,
+                   help="where results.json goes (default: runs/<dataset>-<strategy>-seed<seed>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+class _Bars:
+    """A tqdm bar per task on stderr."""
+
+    def __init__(self, num_tasks: int, enabled: bool):
+        self.num_tasks, self.enabled, self.bar = num_tasks, enabled, None
+
+    def start_task(self, task_index, num_steps):
+        if self.enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=num_steps, desc=f"task {task_index + 1}/{self.num_tasks}",
+                            unit="step", file=sys.stderr, leave=True)
+
+    def advance(self, steps, metrics=None):
+        if self.bar is not None:
+            self.bar.update(steps)
+            if metrics:
+                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                                      for k, v in metrics.items()})
+
+    def end_task(self, task_index, til, cil):
+        if self.bar is not None:
+            self.bar.set_postfix(til=f"{sum(til) / len(til):.1f}", cil=f"{sum(cil) / len(cil):.1f}")
+            self.bar.close()
+            self.bar = None
+
+
+def format_table(results: dict) -> str:
+    """The accuracy matrices and summary as plain text."""
+    n = results["num_tasks"]
+    lines = [f"{results['strategy']} on {results['dataset']} ({n} tasks, seed {results['seed']}, "
+             f"eval split {results['eval_split']})", ""]
+    for key, label in (("acc_til", "TIL"), ("acc_cil", "CIL")):
+        lines.append(f"{label} accuracy (%), row = after task i, column = task j")
+        lines.append("        " + "".join(f"{'T' + str(j):>8}" for j in range(n)) + f"{'avg':>8}")
+        for i, row in enumerate(results[key]):
+            cells = "".join(f"{v:8.2f}" for v in row) + " " * 8 * (n - len(row))
+            lines.append(f"after {i:<2}{cells}{sum(row) / len(row):8.2f}")
+        lines.append("")
+    lines.append(f"{'':14}{'avg':>8}{'forget':>8}{'bwt':>8}")
+    for mode in ("til", "cil"):
+        lines.append(f"{mode.upper():14}{results['avg_' + mode]:8.2f}"
+                     f"{results['forgetting_' + mode]:8.2f}{results['bwt_' + mode]:8.2f}")
+    lines.append(f"wall time {results['wall_time_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Writes JSON to a temporary file beside ``path`` and renames it over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = Config(strategy=args.strategy, dataset=args.dataset, data_dir=args.data_dir,
+                    num_tasks=args.num_tasks, eval_split=args.eval_split, epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr, beta=args.beta,
+                    buffer_size=args.buffer_size, ratio=args.ratio, nf=args.nf, seed=args.seed,
+                    freeze=args.freeze, frozen_bn=args.frozen_bn, augment=args.augment,
+                    eval_batch_size=args.eval_batch_size)
+    workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{args.strategy}-seed{args.seed}")
+    try:
+        config.validate()
+    except ValueError as err:
+        parser.error(str(err))
+
+    # Import JAX only once the flags are known to be good: a bad flag fails fast.
+    from lightcl_jax.data.streams import make_stream
+    from lightcl_jax.training.loop import DivergenceError, train_and_evaluate
+
+    try:
+        stream = make_stream(config.dataset, data_dir=config.data_dir,
+                             num_tasks=config.num_tasks, eval_split=config.eval_split)
+        results = train_and_evaluate(config, stream,
+                                     progress=_Bars(stream.num_tasks, not args.no_progress))
+    except ValueError as err:
+        parser.error(str(err))
+    except DivergenceError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
+    path = os.path.join(workdir, "results.json")
+    write_json_atomic(path, results)
+    print(format_table(results))
+    print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

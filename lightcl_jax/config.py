@@ -1,0 +1,123 @@
+"""Run configuration: every setting of a run, validated at the boundary."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
+from lightcl_jax.training.freezing import FREEZE_POINTS
+
+FROZEN_BN_MODES = ("update", "fixed")
+
+# Settings that depend on the dataset when not given: (epochs, nf).
+# digits: small enough that the default run finishes in under 2 minutes on 2 CPU cores.
+DATASET_DEFAULTS = {
+    "digits": {"epochs": 10, "nf": 16},
+    "cifar10": {"epochs": 50, "nf": 64},
+    "cifar100": {"epochs": 50, "nf": 64},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """All settings of one continual-learning run.
+
+    Defaults follow SPEC section 2 (lr 0.01, beta 2e-4, buffer 15, ratio 0.15,
+    batch 32, seed 0, freeze stem + stages 1-3); ``epochs`` and ``nf`` default
+    per dataset (`DATASET_DEFAULTS`) when left as None.
+
+    Attributes:
+      strategy: registered strategy name (see `lightcl_jax.strategies`).
+      dataset: one of `DATASETS`.
+      data_dir: TFDS data directory (TFDS datasets only).
+      num_tasks: tasks to split the classes into (None: the dataset's default).
+      eval_split: ``holdout`` (the reference's 10% of train) or ``test``.
+      epochs: epochs per task.
+      batch_size: training batch size.
+      lr: SGD learning rate (no momentum, no weight decay).
+      beta: weight of LightCL's regulation loss.
+      buffer_size: samples in LightCL's memory buffer.
+      ratio: fraction of each tap's channels chosen as vital per task.
+      nf: width of the ResNet's first stage (64 = paper).
+      seed: seed of initialisation, data order and augmentation.
+      freeze: freeze point for strategies that freeze (see `FREEZE_POINTS`).
+      frozen_bn: frozen layers' BatchNorm statistics: ``update`` keeps
+        updating them from each batch as the reference does, ``fixed`` uses
+        and keeps the running statistics.
+      augment: random crop + flip on training batches (None: the dataset's
+        default, on for CIFAR and off for digits, whose 8x8 strokes a flip
+        or 4-pixel shift would change).
+      eval_batch_size: batch size of evaluation.
+    """
+
+    strategy: str = "lightcl"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    num_tasks: int | None = None
+    eval_split: str = "holdout"
+    epochs: int | None = None
+    batch_size: int = 32
+    lr: float = 0.01
+    beta: float = 2e-4
+    buffer_size: int = 15
+    ratio: float = 0.15
+    nf: int | None = None
+    seed: int = 0
+    freeze: str = "stage3"
+    frozen_bn: str = "update"
+    augment: bool | None = None
+    eval_batch_size: int = 256
+
+    def resolved(self) -> "Config":
+        """Validates, and fills the dataset-dependent defaults."""
+        self.validate()
+        defaults = DATASET_DEFAULTS[self.dataset]
+        return dataclasses.replace(
+            self,
+            epochs=defaults["epochs"] if self.epochs is None else self.epochs,
+            nf=defaults["nf"] if self.nf is None else self.nf,
+        )
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad setting and what is allowed."""
+        from lightcl_jax.strategies import STRATEGIES  # late: strategies import config users
+
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        need(self.strategy in STRATEGIES,
+             f"unknown strategy {self.strategy!r}; known: {', '.join(sorted(STRATEGIES))}")
+        need(self.dataset in DATASETS,
+             f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
+        need(self.eval_split in EVAL_SPLITS,
+             f"eval_split must be one of {', '.join(EVAL_SPLITS)}; got {self.eval_split!r}")
+        need(self.freeze in FREEZE_POINTS,
+             f"unknown freeze point {self.freeze!r}; known: {', '.join(FREEZE_POINTS)}")
+        need(self.frozen_bn in FROZEN_BN_MODES,
+             f"frozen_bn must be one of {', '.join(FROZEN_BN_MODES)}; got {self.frozen_bn!r}")
+        need(self.epochs is None or (_is_int(self.epochs) and self.epochs >= 1),
+             f"epochs must be an integer >= 1; got {self.epochs!r}")
+        need(_is_int(self.batch_size) and self.batch_size >= 1,
+             f"batch_size must be an integer >= 1; got {self.batch_size!r}")
+        need(_is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+             f"eval_batch_size must be an integer >= 1; got {self.eval_batch_size!r}")
+        need(self.lr > 0, f"lr must be > 0; got {self.lr!r}")
+        need(self.beta >= 0, f"beta must be >= 0; got {self.beta!r}")
+        need(0 < self.ratio <= 1, f"ratio must lie in (0, 1]; got {self.ratio!r}")
+        need(_is_int(self.buffer_size) and 1 <= self.buffer_size <= self.batch_size,
+             f"buffer_size must be an integer in [1, batch_size={self.batch_size}] (the buffer "
+             f"is taken from the first batch of a task); got {self.buffer_size!r}")
+        need(self.nf is None or (_is_int(self.nf) and self.nf >= 1),
+             f"nf must be an integer >= 1; got {self.nf!r}")
+        need(self.num_tasks is None or (_is_int(self.num_tasks) and self.num_tasks >= 1),
+             f"num_tasks must be an integer >= 1; got {self.num_tasks!r}")
+        need(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0; got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

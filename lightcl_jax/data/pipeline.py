@@ -1,0 +1,72 @@
+"""Batching and augmentation in NumPy, deterministic from a seed.
+
+Every batch has exactly ``batch_size`` samples (the remainder of an epoch is
+dropped), so a jitted step sees one shape and compiles once.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+
+def augment_batch(x: np.ndarray, rng: np.random.Generator, padding: int = 4) -> np.ndarray:
+    """Random crop with ``padding`` zero pixels on each side, then a random horizontal flip.
+
+    Args:
+      x: (N, H, W, C) images.
+      rng: the generator that draws the crop offsets and flips.
+      padding: zero padding before cropping back to (H, W).
+
+    Returns:
+      (N, H, W, C) augmented images, a new array.
+    """
+    n, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dy = rng.integers(0, 2 * padding + 1, size=n)
+    dx = rng.integers(0, 2 * padding + 1, size=n)
+    flip = rng.random(n) < 0.5
+    rows = dy[:, None] + np.arange(h)[None, :]                  # (N, H)
+    cols = dx[:, None] + np.arange(w)[None, :]                  # (N, W)
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  *, augment: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields shuffled full batches of one epoch; the remainder is dropped.
+
+    Raises:
+      ValueError: fewer samples than one batch.
+    """
+    if len(x) < batch_size:
+        raise ValueError(f"a task has {len(x)} training samples, fewer than one batch of "
+                         f"{batch_size}; lower --batch-size")
+    perm = rng.permutation(len(x))
+    for start in range(0, len(x) - batch_size + 1, batch_size):
+        idx = perm[start:start + batch_size]
+        xb = x[idx]
+        if augment:
+            xb = augment_batch(xb, rng)
+        yield xb, y[idx]
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    return num_samples // batch_size
+
+
+def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
+    """Yields ``(x, y, valid)`` batches of fixed size; the last is zero-padded.
+
+    ``valid`` is a (batch_size,) bool mask of the real samples.
+    """
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        valid = np.ones(batch_size, bool)
+        if len(xb) < batch_size:
+            pad = batch_size - len(xb)
+            valid[len(xb):] = False
+            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
+        yield xb, yb, valid

@@ -1,0 +1,250 @@
+"""Class-incremental task streams: disjoint class groups, one after another.
+
+`make_stream(name, ...)` is the one entry point. It returns a `TaskStream`
+whose `tasks` each hold NumPy training and evaluation arrays (already
+normalised, NHWC float32) and the contiguous class range of the task.
+
+Sources:
+  * ``digits`` -- scikit-learn's bundled handwritten digits (1,797 real 8x8
+    grey images, 10 classes), 5 tasks x 2 classes. No download, runs anywhere.
+    It has no test split: evaluation always uses the held-out 10%.
+  * ``cifar10`` -- TFDS ``cifar10`` through `tfds.data_source` (no TensorFlow
+    needed), 5 tasks x 2 classes.
+  * ``cifar100`` -- TFDS ``cifar100`` fine labels, ``num_tasks`` tasks
+    (default 10 x 10 classes).
+
+Evaluation split (``eval_split``):
+  * ``holdout`` -- as the reference code: a fixed permutation (seed 0, the
+    same for every run seed) of the training split, the last 10% held out for
+    evaluation and never trained on.
+  * ``test`` -- the dataset's official test split; training uses all of train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import numpy as np
+
+HOLDOUT_FRACTION = 0.1
+_SPLIT_SEED = 0
+
+# Per-channel normalisation constants (SPEC section 2).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2615)
+# The CIFAR-100 training set's statistics, as commonly used.
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task of a stream.
+
+    Attributes:
+      index: position of the task in the stream, from 0.
+      classes: the task's global class ids, a contiguous range.
+      x_train: (N, H, W, C) float32, normalised.
+      y_train: (N,) int32, global class ids.
+      x_eval: (M, H, W, C) float32, normalised.
+      y_eval: (M,) int32, global class ids.
+    """
+
+    index: int
+    classes: tuple[int, ...]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_eval: np.ndarray
+    y_eval: np.ndarray
+
+    @property
+    def class_offset(self) -> int:
+        return self.classes[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskStream:
+    """A sequence of tasks over disjoint, equally sized class groups.
+
+    Attributes:
+      name: dataset name as `make_stream` takes it.
+      num_classes: classes over all tasks (the head's width).
+      image_shape: (H, W, C) of every image.
+      tasks: the tasks in order.
+      eval_split: ``"holdout"`` or ``"test"``: what the evaluation arrays are.
+      augment: whether training batches get random crop + flip by default.
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    tasks: tuple[Task, ...]
+    eval_split: str
+    augment: bool
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def classes_per_task(self) -> int:
+        return len(self.tasks[0].classes)
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __len__(self):
+        return len(self.tasks)
+
+
+DATASETS = ("digits", "cifar10", "cifar100")
+EVAL_SPLITS = ("holdout", "test")
+_DEFAULT_NUM_TASKS = {"digits": 5, "cifar10": 5, "cifar100": 10}
+
+
+def make_stream(name: str, *, data_dir: str | None = None, num_tasks: int | None = None,
+                eval_split: str = "holdout") -> TaskStream:
+    """Builds the task stream of a dataset.
+
+    Args:
+      name: one of `DATASETS`.
+      data_dir: TFDS data directory holding the prepared dataset (TFDS sources
+        only; ``None`` uses TFDS's default location).
+      num_tasks: how many tasks to split the classes into; must divide the
+        number of classes. Default: 5 for digits and cifar10, 10 for cifar100.
+      eval_split: one of `EVAL_SPLITS`.
+
+    Raises:
+      ValueError: unknown name or split, a bad ``num_tasks``, missing data.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"unknown eval split {eval_split!r}; known: {', '.join(EVAL_SPLITS)}")
+    num_tasks = _DEFAULT_NUM_TASKS[name] if num_tasks is None else num_tasks
+    if name == "digits":
+        if eval_split != "holdout":
+            raise ValueError("dataset 'digits' has no test split; use eval split 'holdout'")
+        if data_dir is not None:
+            raise ValueError("dataset 'digits' is bundled with scikit-learn and takes no data_dir")
+        x, y, num_classes = _load_digits()
+        splits = _holdout(x, y)
+        augment = False
+    else:
+        splits, num_classes = _load_tfds(name, data_dir, eval_split)
+        augment = True
+    (x_train, y_train), (x_eval, y_eval) = splits
+    mean, std = _normalisation(name, x_train)
+    x_train = ((x_train - mean) / std).astype(np.float32)
+    x_eval = ((x_eval - mean) / std).astype(np.float32)
+    return split_into_tasks(name, x_train, y_train, x_eval, y_eval, num_classes, num_tasks,
+                            eval_split=eval_split, augment=augment)
+
+
+def split_into_tasks(name: str, x_train, y_train, x_eval, y_eval, num_classes: int,
+                     num_tasks: int, *, eval_split: str = "holdout",
+                     augment: bool = False) -> TaskStream:
+    """Splits labelled arrays into tasks of consecutive class groups.
+
+    Task t holds classes [t*C, (t+1)*C) with C = num_classes // num_tasks.
+
+    Raises:
+      ValueError: ``num_tasks`` does not divide ``num_classes``, labels outside
+        [0, num_classes), mismatched shapes, or a task without samples.
+    """
+    if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1 or num_classes % num_tasks:
+        raise ValueError(f"num_tasks={num_tasks!r} must be a positive divisor of the "
+                         f"{num_classes} classes of {name!r}")
+    for split, x, y in (("train", x_train, y_train), ("eval", x_eval, y_eval)):
+        if x.ndim != 4 or y.shape != (x.shape[0],):
+            raise ValueError(f"{name} {split} images must be (N, H, W, C) with (N,) labels; "
+                             f"got {x.shape} and {y.shape}")
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"{name} {split} labels must lie in [0, {num_classes}); "
+                             f"got [{y.min()}, {y.max()}]")
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} {split} images contain NaN or Inf pixels")
+    if x_train.shape[1:] != x_eval.shape[1:]:
+        raise ValueError(f"{name}: train images {x_train.shape[1:]} and eval images "
+                         f"{x_eval.shape[1:]} differ in shape")
+    per_task = num_classes // num_tasks
+    tasks = []
+    for t in range(num_tasks):
+        classes = tuple(range(t * per_task, (t + 1) * per_task))
+        train_idx = np.flatnonzero((y_train >= classes[0]) & (y_train <= classes[-1]))
+        eval_idx = np.flatnonzero((y_eval >= classes[0]) & (y_eval <= classes[-1]))
+        if train_idx.size == 0 or eval_idx.size == 0:
+            raise ValueError(f"{name}: task {t} (classes {classes[0]}..{classes[-1]}) has "
+                             f"{train_idx.size} training and {eval_idx.size} evaluation samples; "
+                             "every task needs both")
+        tasks.append(Task(t, classes,
+                          np.ascontiguousarray(x_train[train_idx], np.float32),
+                          y_train[train_idx].astype(np.int32),
+                          np.ascontiguousarray(x_eval[eval_idx], np.float32),
+                          y_eval[eval_idx].astype(np.int32)))
+    return TaskStream(name, num_classes, tuple(x_train.shape[1:]), tuple(tasks), eval_split,
+                      augment)
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[..., None]  # (1797, 8, 8, 1) in [0, 1]
+    return x, bunch.target.astype(np.int32), 10
+
+
+def _holdout(x, y):
+    """The reference's evaluation split: last 10% of a fixed permutation."""
+    perm = np.random.default_rng(_SPLIT_SEED).permutation(len(x))
+    num_eval = int(round(HOLDOUT_FRACTION * len(x)))
+    train, held = perm[:len(x) - num_eval], perm[len(x) - num_eval:]
+    return (x[train], y[train]), (x[held], y[held])
+
+
+def _normalisation(name, x_train):
+    if name == "cifar10":
+        return np.array(CIFAR10_MEAN, np.float32), np.array(CIFAR10_STD, np.float32)
+    if name == "cifar100":
+        return np.array(CIFAR100_MEAN, np.float32), np.array(CIFAR100_STD, np.float32)
+    # digits: statistics of its own training part (a fixed split, so fixed numbers).
+    return x_train.mean(axis=(0, 1, 2)), x_train.std(axis=(0, 1, 2))
+
+
+def _load_tfds(name, data_dir, eval_split):
+    import tensorflow_datasets as tfds
+
+    if data_dir is not None and (not os.path.isdir(data_dir) or not os.listdir(data_dir)):
+        raise ValueError(f"data_dir {data_dir!r} is missing or empty; it must hold the "
+                         f"prepared TFDS dataset {name!r} (e.g. `tfds build {name} "
+                         f"--file_format=array_record --data_dir {data_dir}` on a machine "
+                         "with network)")
+    try:
+        train_source = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
+        test_source = (tfds.data_source(name, split="test", data_dir=data_dir, download=False)
+                       if eval_split == "test" else None)
+    except Exception as err:  # TFDS raises several types for "not prepared".
+        where = data_dir or "TFDS's default data_dir"
+        raise ValueError(f"dataset {name!r} is not available in {where}: {err}. Prepare it "
+                         f"with `tfds build {name} --file_format=array_record` and pass "
+                         "--data-dir") from err
+    x_train, y_train = _read_source(train_source)
+    num_classes = {"cifar10": 10, "cifar100": 100}[name]
+    if test_source is None:
+        return _holdout(x_train, y_train), num_classes
+    return ((x_train, y_train), _read_source(test_source)), num_classes
+
+
+def _read_source(source) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a whole random-access source into uint8-derived float arrays in [0, 1]."""
+    n = len(source)
+    if n == 0:
+        raise ValueError("the TFDS split is empty")
+    first = source[0]
+    images = np.empty((n, *np.shape(first["image"])), np.uint8)
+    labels = np.empty((n,), np.int32)
+    for i in range(n):
+        example = source[i]
+        images[i] = example["image"]
+        labels[i] = example["label"]
+    return images.astype(np.float32) / 255.0, labels
+

@@ -1,0 +1,1 @@
+"""lightcl_jax.model."""

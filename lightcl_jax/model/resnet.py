@@ -1,0 +1,151 @@
+"""CIFAR-style ResNet-18 in Flax Linen, with the last stage's feature taps.
+
+The network follows SPEC section 2: a 3x3 stride-1 stem conv + BN + ReLU (no
+max-pool), four stages of two BasicBlocks with widths nf, 2nf, 4nf, 8nf and
+strides 1, 2, 2, 2, a 1x1 conv + BN shortcut where the shape changes, global
+average pooling and one linear head over all classes.
+
+Parameter paths read by stage and block::
+
+    stem_conv/kernel, stem_bn/{scale,bias}
+    stage{1..4}_block{1,2}/{conv1,bn1,conv2,bn2}/...
+    stage{2,3,4}_block1/{shortcut_conv,shortcut_bn}/...
+    head/{kernel,bias}
+
+`apply` returns ``(logits, taps)`` where ``taps`` maps the names in
+`TAP_NAMES` to the four last-stage feature maps LightCL regularises:
+
+    stage4_block1_conv1  after block 1's first conv + BN + ReLU   (N, h, w, 8nf)
+    stage4_block1_out    block 1's output, after residual add + ReLU
+    stage4_block2_conv1  after block 2's first conv + BN + ReLU
+    stage4_block2_out    block 2's output (what is pooled for the head)
+
+At 32x32 input these are (N, 4, 4, 512) for nf=64.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Layer groups in network order; parameter paths start with one of these.
+LAYER_GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
+
+TAP_NAMES = (
+    "stage4_block1_conv1",
+    "stage4_block1_out",
+    "stage4_block2_conv1",
+    "stage4_block2_out",
+)
+
+# PyTorch's default conv init (kaiming_uniform with a=sqrt(5)) is a uniform
+# variance scaling of 1/3 over fan-in; the reference model uses it.
+_torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# PyTorch BatchNorm2d defaults: momentum 0.1 (= Flax 0.9), eps 1e-5.
+_BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+_Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_torch_conv_init)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BN layers with an identity or 1x1 conv + BN shortcut."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, *, use_running_average: bool):
+        conv1 = _Conv(self.features, (3, 3), (self.strides, self.strides),
+                      padding=((1, 1), (1, 1)), name="conv1")
+        h = nn.relu(_BatchNorm(use_running_average=use_running_average, name="bn1")(conv1(x)))
+        first = h
+        h = _Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(h)
+        h = _BatchNorm(use_running_average=use_running_average, name="bn2")(h)
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.features:
+            shortcut = _Conv(self.features, (1, 1), (self.strides, self.strides),
+                             name="shortcut_conv")(x)
+            shortcut = _BatchNorm(use_running_average=use_running_average,
+                                  name="shortcut_bn")(shortcut)
+        return nn.relu(h + shortcut), first
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet with one linear head over all classes.
+
+    Attributes:
+      num_classes: outputs of the head (all classes of the stream).
+      nf: width of the first stage (64 in the paper).
+      stage_sizes: BasicBlocks per stage ((2, 2, 2, 2) is ResNet-18).
+    """
+
+    num_classes: int
+    nf: int = 64
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+
+    @nn.compact
+    def __call__(self, x, *, train: bool, fixed_bn: Sequence[str] = ()):
+        """Returns ``(logits, taps)``.
+
+        Args:
+          x: images, (N, H, W, C) float32.
+          train: BatchNorm uses batch statistics and updates its running
+            statistics (the ``batch_stats`` collection must be mutable).
+          fixed_bn: layer groups (names from `LAYER_GROUPS`) whose BatchNorm
+            uses its running statistics even when ``train`` is set, so their
+            statistics stay fixed. Static: changing it recompiles.
+        """
+        unknown = set(fixed_bn) - set(LAYER_GROUPS)
+        if unknown:
+            raise ValueError(f"fixed_bn names unknown layer groups {sorted(unknown)}; "
+                             f"known: {list(LAYER_GROUPS)}")
+
+        def running(group):
+            return (not train) or (group in fixed_bn)
+
+        h = _Conv(self.nf, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(x)
+        h = nn.relu(_BatchNorm(use_running_average=running("stem"), name="stem_bn")(h))
+        taps = {}
+        last_stage = len(self.stage_sizes)
+        for stage, num_blocks in enumerate(self.stage_sizes, start=1):
+            features = self.nf * 2 ** (stage - 1)
+            for block in range(1, num_blocks + 1):
+                strides = 2 if (stage > 1 and block == 1) else 1
+                name = f"stage{stage}_block{block}"
+                h, first = BasicBlock(features, strides, name=name)(
+                    h, use_running_average=running(f"stage{stage}"))
+                if stage == last_stage:
+                    taps[f"{name}_conv1"] = first
+                    taps[f"{name}_out"] = h
+        pooled = jnp.mean(h, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_uniform(),
+                          bias_init=nn.initializers.zeros, name="head")(pooled)
+        return logits, taps
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
+
+
+def layer_group(path: str) -> str:
+    """Maps a parameter path such as ``"stage3_block2/conv1/kernel"`` to its group.
+
+    Raises:
+      ValueError: when the path belongs to no group in `LAYER_GROUPS`.
+    """
+    top = path.split("/", 1)[0]
+    matches = [g for g in LAYER_GROUPS if top == g or top.startswith(g + "_")]
+    if len(matches) != 1:
+        raise ValueError(f"parameter path {path!r} belongs to {len(matches)} layer groups; "
+                         f"every path must start with exactly one of {list(LAYER_GROUPS)}")
+    return matches[0]
+
+
+def fresh_head(params, num_classes: int, key: jax.Array):
+    """Returns ``params`` with a new head: Xavier-uniform weights, zero bias (SPEC)."""
+    in_features = params["head"]["kernel"].shape[0]
+    kernel = nn.initializers.xavier_uniform()(key, (in_features, num_classes), jnp.float32)
+    return {**params, "head": {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}}

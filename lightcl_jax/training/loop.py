@@ -1,0 +1,309 @@
+"""The shared continual-learning loop: jitted train and eval steps, task by task.
+
+The verbs are plain functions in the flax-examples style:
+`create_train_state`, `make_train_step`, `make_eval_step`, `evaluate`,
+`train_and_evaluate`. Strategies plug in through `lightcl_jax.strategies`.
+
+Phases. A *phase* is what the compiled train step depends on: the frozen
+layer groups (they shape the optimizer), which BatchNorms keep fixed
+statistics, and whether the strategy's memory enters the loss. The step is
+jitted once per phase and reused for every step, epoch and task of that phase;
+the task's class offset is a traced argument, so moving to the next task of
+the same phase does not recompile. LightCL without pre-training has two
+phases (task 0: all layers, no memory; tasks 1+: frozen prefix + regulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Protocol
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lightcl_jax.config import Config
+from lightcl_jax.data.pipeline import epoch_batches, eval_batches, steps_per_epoch
+from lightcl_jax.data.streams import TaskStream, make_stream
+from lightcl_jax.metrics.continual import (average_accuracy, backward_transfer, cil_predictions,
+                                           forgetting, til_predictions)
+from lightcl_jax.model.resnet import ResNet18, fresh_head
+from lightcl_jax.strategies import Strategy, get_strategy
+from lightcl_jax.training.freezing import masked_optimizer
+
+
+class DivergenceError(FloatingPointError):
+    """The training loss became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step changes, as one pytree."""
+
+    params: Any        # model parameters (pytree of float32 arrays)
+    batch_stats: Any   # BatchNorm running means and variances
+    opt_state: Any     # optax state of the current phase's optimizer
+    step: jax.Array    # () int32, train steps taken so far in the run
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """What a compiled train step depends on (hashable: the jit cache key)."""
+
+    frozen: tuple[str, ...]     # frozen layer groups
+    fixed_bn: tuple[str, ...]   # layer groups whose BatchNorm statistics stay fixed
+    uses_memory: bool           # the strategy's extra loss is part of the step
+
+
+class Progress(Protocol):
+    """Receives progress; the CLI shows it as a bar. All methods may be no-ops."""
+
+    def start_task(self, task_index: int, num_steps: int) -> None: ...
+    def advance(self, steps: int, metrics: dict[str, float] | None = None) -> None: ...
+    def end_task(self, task_index: int, til: list[float], cil: list[float]) -> None: ...
+
+
+class _NoProgress:
+    def start_task(self, task_index, num_steps):
+        pass
+
+    def advance(self, steps, metrics=None):
+        pass
+
+    def end_task(self, task_index, til, cil):
+        pass
+
+
+def phase_for_task(strategy: Strategy, config: Config, task_index: int, pretrained: bool) -> Phase:
+    frozen = tuple(strategy.frozen_groups(config, task_index, pretrained))
+    return Phase(frozen=frozen,
+                 fixed_bn=frozen if config.frozen_bn == "fixed" else (),
+                 uses_memory=strategy.uses_memory(task_index))
+
+
+def create_train_state(model, image_shape, key, *, init_variables=None) -> TrainState:
+    """Initialises the model; ``init_variables`` (params, batch_stats) replaces the random init.
+
+    With ``init_variables`` (a pre-trained backbone) the head is replaced by a
+    fresh one (Xavier-uniform, zero bias), as SPEC section 2 says.
+    """
+    init_key, head_key = jax.random.split(key)
+    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    if init_variables is not None:
+        params = fresh_head(dict(init_variables["params"]), model.num_classes, head_key)
+        batch_stats = init_variables["batch_stats"]
+    return TrainState(params=params, batch_stats=batch_stats, opt_state=None,
+                      step=jnp.zeros((), jnp.int32))
+
+
+def make_forward(model, batch_stats, fixed_bn):
+    """``forward(params, x) -> (logits, taps)`` in training mode; statistics are not written."""
+    def forward(params, x):
+        (logits, taps), _ = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                        train=True, fixed_bn=fixed_bn, mutable=["batch_stats"])
+        return logits, taps
+    return forward
+
+
+def make_train_step(model, tx: optax.GradientTransformation, strategy: Strategy, config: Config,
+                    phase: Phase, classes_per_task: int) -> Callable:
+    """Returns the pure train step of one phase (jit it with donated state).
+
+    ``train_step(state, memory, x, y, class_offset) -> (state, memory, metrics)``:
+    cross-entropy over the task's own logits (labels shifted to 0..C-1) plus
+    the strategy's extra loss, one optax update, BatchNorm statistics from the
+    batch. ``metrics`` holds scalar ``loss``, ``ce`` and the strategy's terms.
+    """
+    def train_step(state: TrainState, memory, x, y, class_offset):
+        def loss_fn(params):
+            (logits, _), updated = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, x,
+                train=True, fixed_bn=phase.fixed_bn, mutable=["batch_stats"])
+            task_logits = jax.lax.dynamic_slice_in_dim(logits, class_offset, classes_per_task, 1)
+            ce = optax.softmax_cross_entropy_with_integer_labels(task_logits, y - class_offset)
+            ce = jnp.mean(ce)
+            terms = {"ce": ce}
+            loss = ce
+            if phase.uses_memory:
+                forward = make_forward(model, state.batch_stats, phase.fixed_bn)
+                extra, extra_terms = strategy.extra_loss(forward, params, memory, config)
+                loss = loss + extra
+                terms.update(extra_terms)
+            return loss, (updated["batch_stats"], terms)
+
+        (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                               step=state.step + 1)
+        return new_state, memory, {"loss": loss, **terms}
+
+    return train_step
+
+
+def make_eval_step(model, classes_per_task: int) -> Callable:
+    """``eval_step(params, batch_stats, x, y, valid, class_offset) -> (til_correct, cil_correct)``."""
+    def eval_step(params, batch_stats, x, y, valid, class_offset):
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+        til = (til_predictions(logits, class_offset, classes_per_task) == y) & valid
+        cil = (cil_predictions(logits) == y) & valid
+        return jnp.sum(til, dtype=jnp.int32), jnp.sum(cil, dtype=jnp.int32)
+    return eval_step
+
+
+def evaluate(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
+             batch_size: int) -> tuple[list[float], list[float]]:
+    """TIL and CIL accuracy in percent on each of the first ``num_seen`` tasks."""
+    til_row, cil_row = [], []
+    for task in stream.tasks[:num_seen]:
+        til_correct = cil_correct = 0
+        offset = jnp.asarray(task.class_offset, jnp.int32)
+        for x, y, valid in eval_batches(task.x_eval, task.y_eval, batch_size):
+            til, cil = eval_step(state.params, state.batch_stats, x, y, valid, offset)
+            til_correct += int(til)
+            cil_correct += int(cil)
+        til_row.append(100.0 * til_correct / len(task.y_eval))
+        cil_row.append(100.0 * cil_correct / len(task.y_eval))
+    return til_row, cil_row
+
+
+def _check_finite(losses: list[dict], first_step: int, task_index: int) -> dict[str, float]:
+    """Raises DivergenceError at the first non-finite loss; returns the epoch's mean terms."""
+    stacked = {k: np.asarray(jnp.stack([m[k] for m in losses])) for k in losses[0]}
+    bad = ~np.isfinite(stacked["loss"])
+    if bad.any():
+        i = int(np.argmax(bad))
+        terms = ", ".join(f"{k}={v[i]:.4g}" for k, v in stacked.items())
+        raise DivergenceError(f"training diverged: the loss became {stacked['loss'][i]} at task "
+                              f"{task_index}, step {first_step + i} of the task ({terms})")
+    return {k: float(v.mean()) for k, v in stacked.items()}
+
+
+def _validate_stream(stream: TaskStream, config: Config) -> None:
+    for task in stream.tasks:
+        if len(task.x_train) < config.batch_size:
+            raise ValueError(f"task {task.index} has {len(task.x_train)} training samples, fewer "
+                             f"than one batch of {config.batch_size}; lower --batch-size")
+
+
+def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
+                       init_variables: dict | None = None, progress: Progress | None = None,
+                       step_wrapper: Callable[[Callable], Callable] | None = None) -> dict:
+    """Runs a strategy over a task stream and evaluates after every task.
+
+    Args:
+      config: the run's settings (validated and resolved here).
+      stream: the task stream; built from ``config`` when None.
+      init_variables: ``{"params", "batch_stats"}`` of a pre-trained backbone;
+        the run then counts as pre-trained (LightCL freezes from task 0).
+      progress: receives progress events (see `Progress`).
+      step_wrapper: wraps each phase's pure train step before jit (tests pass
+        `chex.assert_max_traces` here).
+
+    Returns:
+      The results: ``acc_til``/``acc_cil`` accuracy matrices in percent (row
+      i after task i, entry j on task j), their final averages, forgetting and
+      backward transfer, ``phases`` (which tasks ran in which compiled phase)
+      and ``wall_time_s``.
+
+    Raises:
+      ValueError: bad configuration or data.
+      DivergenceError: the loss became NaN or Inf (names task and step).
+    """
+    start = time.perf_counter()
+    config = config.resolved()
+    progress = progress or _NoProgress()
+    if stream is None:
+        stream = make_stream(config.dataset, data_dir=config.data_dir,
+                             num_tasks=config.num_tasks, eval_split=config.eval_split)
+    _validate_stream(stream, config)
+    strategy = get_strategy(config.strategy)
+    pretrained = init_variables is not None
+    augment = stream.augment if config.augment is None else config.augment
+
+    model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
+    state = create_train_state(model, stream.image_shape, jax.random.PRNGKey(config.seed),
+                               init_variables=init_variables)
+    classes_per_task = stream.classes_per_task
+    eval_step = jax.jit(make_eval_step(model, classes_per_task))
+    features = jax.jit(lambda params, batch_stats, x, fixed_bn: make_forward(
+        model, batch_stats, fixed_bn)(params, x), static_argnums=3)
+    compiled: dict[Phase, Callable] = {}
+    inner_tx = optax.sgd(config.lr)
+
+    memory = None
+    acc_til, acc_cil, phases = [], [], []
+    for task in stream.tasks:
+        t = task.index
+        phase = phase_for_task(strategy, config, t, pretrained)
+        tx = masked_optimizer(inner_tx, state.params, phase.frozen)
+        if phase not in compiled:
+            step_fn = make_train_step(model, tx, strategy, config, phase, classes_per_task)
+            if step_wrapper is not None:
+                step_fn = step_wrapper(step_fn)
+            compiled[phase] = jax.jit(step_fn, donate_argnums=(0, 1))
+        train_step = compiled[phase]
+        phases.append({"task": t, "frozen": list(phase.frozen), "memory": phase.uses_memory})
+        # SGD keeps no state, but the masked optimizer's structure follows the phase.
+        state = state.replace(opt_state=tx.init(state.params))
+
+        def forward_now(params, x, fixed_bn=phase.fixed_bn):
+            return features(params, state.batch_stats, jnp.asarray(x), fixed_bn)
+
+        rng = np.random.default_rng([config.seed, t])
+        per_epoch = steps_per_epoch(len(task.x_train), config.batch_size)
+        progress.start_task(t, per_epoch * config.epochs)
+        offset = jnp.asarray(task.class_offset, jnp.int32)
+        step_in_task = 0
+        for epoch in range(config.epochs):
+            batches = epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
+                                    augment=augment)
+            losses = []
+            for x, y in batches:
+                if step_in_task == 0:
+                    memory = strategy.begin_task(memory, config=config, task_index=t,
+                                                 first_batch=x, forward=forward_now,
+                                                 params=state.params)
+                step_memory = memory if phase.uses_memory else None
+                state, step_memory, metrics = train_step(state, step_memory, x, y, offset)
+                if phase.uses_memory:
+                    memory = step_memory
+                losses.append(metrics)
+                step_in_task += 1
+                progress.advance(1)
+            epoch_metrics = _check_finite(losses, step_in_task - len(losses), t)
+            progress.advance(0, {"epoch": epoch + 1, **epoch_metrics})
+
+        vital_batch, _ = next(epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
+                                            augment=augment))
+        memory = strategy.end_task(memory, config=config, task_index=t, batch=vital_batch,
+                                   forward=forward_now, params=state.params)
+        til_row, cil_row = evaluate(eval_step, state, stream, t + 1, config.eval_batch_size)
+        acc_til.append(til_row)
+        acc_cil.append(cil_row)
+        progress.end_task(t, til_row, cil_row)
+
+    return {
+        "strategy": config.strategy,
+        "dataset": stream.name,
+        "num_tasks": stream.num_tasks,
+        "seed": config.seed,
+        "eval_split": stream.eval_split,
+        "pretrained": pretrained,
+        "config": config.to_dict(),
+        "acc_til": acc_til,
+        "acc_cil": acc_cil,
+        "avg_til": average_accuracy(acc_til),
+        "avg_cil": average_accuracy(acc_cil),
+        "forgetting_til": forgetting(acc_til),
+        "forgetting_cil": forgetting(acc_cil),
+        "bwt_til": backward_transfer(acc_til),
+        "bwt_cil": backward_transfer(acc_cil),
+        "phases": phases,
+        "wall_time_s": time.perf_counter() - start,
+    }
