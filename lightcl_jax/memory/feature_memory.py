@@ -104,6 +104,6 @@ def regulation_loss(taps: Mapping[str, jax.Array], logits: jax.Array, memory: Fe
     """
     total = jnp.sum(jnp.square(logits - memory.ref_logits))
     for name, ref in memory.ref_taps.items():
-        mask = memory.vital_masks[name].astype(ref.dtype)
+        mask = memory.vital_masks[name].astype(ref.dtype).reshape((1,) * (ref.ndim - 1) + (-1,))
         total = total + jnp.sum(jnp.square(mask * (taps[name] - ref)))
     return beta * total

@@ -1,0 +1,81 @@
+"""End-to-end runs of the real CLI, ``python -m experiments.run``."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"strategy", "dataset", "num_tasks", "seed", "config", "acc_til", "acc_cil", "avg_til",
+        "avg_cil", "forgetting_til", "forgetting_cil", "bwt_til", "bwt_cil", "wall_time_s"}
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _check_results(path, strategy, dataset, num_tasks):
+    with open(path) as f:
+        results = json.load(f)
+    assert KEYS <= set(results)
+    assert (results["strategy"], results["dataset"], results["num_tasks"]) == (
+        strategy, dataset, num_tasks)
+    for key in ("acc_til", "acc_cil"):
+        matrix = results[key]
+        assert [len(row) for row in matrix] == list(range(1, num_tasks + 1))
+        assert all(0.0 <= v <= 100.0 for row in matrix for v in row)
+    np.testing.assert_allclose(results["avg_til"], np.mean(results["acc_til"][-1]))
+    np.testing.assert_allclose(results["avg_cil"], np.mean(results["acc_cil"][-1]))
+    drops = [max(results["acc_cil"][i][j] for i in range(j, num_tasks - 1))
+             - results["acc_cil"][-1][j] for j in range(num_tasks - 1)]
+    np.testing.assert_allclose(results["forgetting_cil"], np.mean(drops))
+    # TIL is at least as easy as CIL on every entry: it picks among fewer classes.
+    assert all(t >= c for rt, rc in zip(results["acc_til"], results["acc_cil"])
+               for t, c in zip(rt, rc))
+    return results
+
+
+def test_cli_on_digits(tmp_path):
+    proc = _cli("--epochs", "1", "--nf", "4", "--workdir", str(tmp_path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    results = _check_results(tmp_path / "results.json", "lightcl", "digits", 5)
+    config = results["config"]
+    assert (config["nf"], config["epochs"], config["lr"], config["beta"], config["ratio"],
+            config["buffer_size"], config["freeze"]) == (4, 1, 0.01, 2e-4, 0.15, 15, "stage3")
+    assert "TIL accuracy" in proc.stdout and "CIL accuracy" in proc.stdout
+    assert f"{results['avg_til']:8.2f}" in proc.stdout
+
+
+def test_cli_on_mock_cifar10_through_tfds(tmp_path):
+    args = ["--dataset", "cifar10", "--strategy", "finetune", "--epochs", "1", "--nf", "4",
+            "--batch-size", "8", "--buffer-size", "4", "--workdir", str(tmp_path), "--no-progress"]
+    with tfds.testing.mock_data(num_examples=120, policy=tfds.testing.MockPolicy.USE_CODE):
+        assert run.main(args) == 0
+    results = _check_results(tmp_path / "results.json", "finetune", "cifar10", 5)
+    assert results["config"]["augment"] is None and results["eval_split"] == "holdout"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--ratio", "1.5"], "ratio must lie in (0, 1]"),
+    (["--beta", "-1"], "beta must be >= 0"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--epochs", "0"], "epochs must be an integer >= 1"),
+    (["--buffer-size", "40"], "buffer_size must be an integer in [1, batch_size=32]"),
+    (["--nf", "0"], "nf must be an integer >= 1"),
+    (["--strategy", "sgd"], "invalid choice: 'sgd'"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--num-tasks", "3"], "positive divisor of the 10 classes"),
+    (["--epochs", "two"], "invalid int value: 'two'"),
+])
+def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, args, words):
+    proc = _cli(*args, "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "w").exists()

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from lightcl_jax.data.pipeline import augment_batch, epoch_batches, eval_batches
+from lightcl_jax.data.streams import make_stream, split_into_tasks
+
+
+def test_digits_stream(digits_stream):
+    stream = digits_stream
+    assert stream.num_tasks == 5 and stream.num_classes == 10
+    assert stream.image_shape == (8, 8, 1) and stream.eval_split == "holdout"
+    assert [t.classes for t in stream] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    assert sum(len(t.y_eval) for t in stream) == 180  # round(0.1 x 1797)
+    assert sum(len(t.y_train) for t in stream) == 1797 - 180
+    for task in stream:
+        assert set(np.unique(task.y_train)) == set(task.classes)
+        assert set(np.unique(task.y_eval)) == set(task.classes)
+        assert task.x_train.dtype == np.float32
+    # The held-out part is the last 10% of a fixed permutation (seed 0) of all 1,797.
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    held = np.random.default_rng(0).permutation(1797)[-180:]
+    held = held[np.argsort(digits.target[held] // 2, kind="stable")]  # grouped by task
+    x_eval = np.concatenate([t.x_eval for t in stream])
+    y_eval = np.concatenate([t.y_eval for t in stream])
+    np.testing.assert_array_equal(y_eval, digits.target[held])
+    x_train = np.concatenate([t.x_train for t in stream])
+    raw_train = digits.images[np.random.default_rng(0).permutation(1797)[:-180]] / 16.0
+    raw_eval = digits.images[held].astype(np.float32)[..., None] / 16.0
+    np.testing.assert_allclose(x_eval, (raw_eval - raw_train.mean()) / raw_train.std(),
+                               rtol=1e-4, atol=1e-5)
+    # Normalised with the training part's statistics: zero mean, unit variance there.
+    np.testing.assert_allclose(x_train.mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(x_train.std(), 1.0, atol=1e-4)
+    again = make_stream("digits")
+    np.testing.assert_array_equal(again.tasks[2].x_eval, stream.tasks[2].x_eval)
+
+
+def test_bad_stream_arguments_are_refused():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; known: digits, cifar10"):
+        make_stream("mnist")
+    with pytest.raises(ValueError, match="positive divisor of the 10 classes"):
+        make_stream("digits", num_tasks=3)
+    with pytest.raises(ValueError, match="no test split"):
+        make_stream("digits", eval_split="test")
+    x = np.zeros((4, 8, 8, 1), np.float32)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        split_into_tasks("t", x, np.array([0, 1, 2, 0]), x, np.array([0, 1, 0, 1]), 2, 1)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        bad = x.copy()
+        bad[0, 0, 0, 0] = np.nan
+        split_into_tasks("t", bad, np.array([0, 1, 1, 0]), x, np.array([0, 1, 0, 1]), 2, 1)
+    with pytest.raises(ValueError, match="task 1 .* has 0 training"):
+        split_into_tasks("t", x, np.array([0, 1, 1, 0]), x, np.array([0, 1, 2, 3]), 4, 2)
+
+
+def _reference_augment(x, dy, dx, flip, padding):
+    """Plain loops: pad, crop at (dy, dx), then flip left-right."""
+    n, h, w, c = x.shape
+    out = np.zeros_like(x)
+    for i in range(n):
+        padded = np.zeros((h + 2 * padding, w + 2 * padding, c), x.dtype)
+        padded[padding:padding + h, padding:padding + w] = x[i]
+        crop = padded[dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out[i] = crop[:, ::-1] if flip[i] else crop
+    return out
+
+
+def test_augment_matches_a_plain_loop_and_is_seeded():
+    x = np.random.default_rng(0).normal(size=(6, 8, 8, 3)).astype(np.float32)
+    got = augment_batch(x, np.random.default_rng(7), padding=4)
+    rng = np.random.default_rng(7)  # the same draws, in augment_batch's order
+    dy, dx = rng.integers(0, 9, size=6), rng.integers(0, 9, size=6)
+    flip = rng.random(6) < 0.5
+    np.testing.assert_array_equal(got, _reference_augment(x, dy, dx, flip, 4))
+    np.testing.assert_array_equal(got, augment_batch(x, np.random.default_rng(7)))
+
+
+def test_batches_are_full_deterministic_and_padded_for_eval():
+    x = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
+    y = np.arange(10, dtype=np.int32)
+    first = list(epoch_batches(x, y, 4, np.random.default_rng(3), augment=False))
+    second = list(epoch_batches(x, y, 4, np.random.default_rng(3), augment=False))
+    assert len(first) == 2 and all(len(b[1]) == 4 for b in first)
+    for (xa, ya), (xb, yb) in zip(first, second):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_array_equal(xa[:, 0, 0, 0], ya)
+    evals = list(eval_batches(x, y, 4))
+    assert [v.sum() for _, _, v in evals] == [4, 4, 2]
+    np.testing.assert_array_equal(evals[-1][1][:2], [8, 9])
+
+
+@pytest.mark.parametrize("name,num_tasks,classes_per_task", [("cifar10", None, 2),
+                                                             ("cifar100", 5, 20)])
+def test_tfds_streams_through_data_source(name, num_tasks, classes_per_task):
+    with tfds.testing.mock_data(num_examples=1000, policy=tfds.testing.MockPolicy.USE_CODE):
+        stream = make_stream(name, num_tasks=num_tasks)
+        test_stream = make_stream(name, num_tasks=num_tasks, eval_split="test")
+    assert stream.image_shape == (32, 32, 3) and stream.augment
+    assert stream.classes_per_task == classes_per_task
+    assert sum(len(t.y_train) + len(t.y_eval) for t in stream) == 1000
+    assert sum(len(t.y_eval) for t in stream) == 100
+    assert sum(len(t.y_train) for t in test_stream) == 1000
+    for task in stream:
+        assert task.y_train.min() >= task.classes[0] and task.y_train.max() <= task.classes[-1]
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="missing or empty"):
+        make_stream("cifar10", data_dir=str(tmp_path / "nowhere"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="not available in"):
+        make_stream("cifar10", data_dir=str(tmp_path / "junk"))

@@ -1,0 +1,78 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lightcl_jax.model.resnet import (LAYER_GROUPS, TAP_NAMES, ResNet18, fresh_head,
+                                      layer_group)
+
+
+def _init(model, shape):
+    return model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape), jnp.float32), train=False)
+
+
+def test_logits_and_tap_shapes():
+    model = ResNet18(num_classes=10, nf=4)
+    variables = _init(model, (8, 8, 1))
+    x = jnp.ones((3, 8, 8, 1), jnp.float32)
+    (logits, taps), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    chex.assert_shape(logits, (3, 10))
+    assert tuple(taps) == TAP_NAMES
+    # 8x8 input, strides 1/2/2/2: last stage at 1x1 with 8*nf channels.
+    chex.assert_tree_shape_prefix(taps, (3, 1, 1, 32))
+    for tap in taps.values():
+        chex.assert_shape(tap, (3, 1, 1, 32))
+
+
+def test_paper_shapes_at_32x32_and_parameter_count():
+    model = ResNet18(num_classes=10, nf=64)
+    variables = jax.eval_shape(lambda: _init(model, (32, 32, 3)))
+    shapes = jax.eval_shape(
+        lambda v: model.apply(v, jnp.zeros((2, 32, 32, 3)), train=False), variables)
+    logits, taps = shapes
+    assert logits.shape == (2, 10)
+    assert {k: v.shape for k, v in taps.items()} == {k: (2, 4, 4, 512) for k in TAP_NAMES}
+    count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(variables["params"]))
+    assert count == 11_173_962  # SPEC: 11.17M parameters at 10 classes
+
+
+def test_parameter_paths_read_by_stage_and_block():
+    params = _init(ResNet18(num_classes=4, nf=4), (8, 8, 3))["params"]
+    expected = {"stem_conv", "stem_bn", "head"} | {
+        f"stage{s}_block{b}" for s in range(1, 5) for b in (1, 2)}
+    assert set(params) == expected
+    assert set(params["stage2_block1"]) == {"conv1", "bn1", "conv2", "bn2", "shortcut_conv",
+                                            "shortcut_bn"}
+    assert set(params["stage1_block1"]) == {"conv1", "bn1", "conv2", "bn2"}
+    assert layer_group("stage3_block2/conv1/kernel") == "stage3"
+    assert layer_group("stem_bn/scale") == "stem"
+    assert layer_group("head/bias") == "head"
+    with pytest.raises(ValueError, match="exactly one of"):
+        layer_group("decoder/kernel")
+
+
+def test_fixed_bn_uses_running_statistics_and_rejects_unknown_groups():
+    model = ResNet18(num_classes=4, nf=4)
+    variables = _init(model, (8, 8, 1))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
+    _, updated = model.apply(variables, x, train=True, fixed_bn=("stem", "stage1"),
+                             mutable=["batch_stats"])
+    old, new = variables["batch_stats"], updated["batch_stats"]
+    chex.assert_trees_all_equal(old["stem_bn"], new["stem_bn"])
+    chex.assert_trees_all_equal(old["stage1_block2"], new["stage1_block2"])
+    assert not np.allclose(old["stage2_block1"]["bn1"]["mean"], new["stage2_block1"]["bn1"]["mean"])
+    with pytest.raises(ValueError, match="unknown layer groups"):
+        model.apply(variables, x, train=True, fixed_bn=("stage9",), mutable=["batch_stats"])
+    assert set(LAYER_GROUPS) == {"stem", "stage1", "stage2", "stage3", "stage4", "head"}
+
+
+def test_fresh_head_is_xavier_uniform_with_zero_bias():
+    params = _init(ResNet18(num_classes=10, nf=4), (8, 8, 1))["params"]
+    new = fresh_head(params, 10, jax.random.PRNGKey(5))
+    kernel = np.asarray(new["head"]["kernel"])
+    limit = np.sqrt(6.0 / (32 + 10))  # Xavier-uniform bound for fan_in 32, fan_out 10
+    assert kernel.shape == (32, 10) and np.abs(kernel).max() <= limit
+    assert not np.allclose(kernel, params["head"]["kernel"])
+    np.testing.assert_array_equal(new["head"]["bias"], np.zeros(10))
+    chex.assert_trees_all_equal(new["stage4_block2"], params["stage4_block2"])

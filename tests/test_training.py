@@ -1,0 +1,153 @@
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lightcl_jax.config import Config
+from lightcl_jax.data.streams import split_into_tasks
+from lightcl_jax.model.resnet import ResNet18
+from lightcl_jax.strategies import LightCL
+from lightcl_jax.training.freezing import frozen_groups, masked_optimizer
+from lightcl_jax.training.loop import (DivergenceError, Phase, create_train_state, make_forward,
+                                       make_train_step, phase_for_task, train_and_evaluate)
+
+TINY = Config(strategy="lightcl", dataset="digits", epochs=1, nf=4, batch_size=16, buffer_size=8)
+
+
+def _tiny_stream(num_tasks=3, per_class=24, seed=0):
+    """Random 8x8 images whose class is readable from the mean brightness of a row."""
+    rng = np.random.default_rng(seed)
+    num_classes = 2 * num_tasks
+    y = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+    x = rng.normal(size=(len(y), 8, 8, 1)).astype(np.float32)
+    x[np.arange(len(y)), y % 8, :, 0] += 3.0
+    return split_into_tasks("tiny", x, y, x[::3], y[::3], num_classes, num_tasks)
+
+
+def _step_setup(frozen_bn: str):
+    config = dataclasses.replace(TINY, frozen_bn=frozen_bn).resolved()
+    model = ResNet18(num_classes=4, nf=4)
+    state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0))
+    frozen = frozen_groups("stage3")
+    phase = Phase(frozen=frozen, fixed_bn=frozen if frozen_bn == "fixed" else (), uses_memory=False)
+    tx = masked_optimizer(optax.sgd(0.1), state.params, frozen)
+    state = state.replace(opt_state=tx.init(state.params))
+    step = jax.jit(make_train_step(model, tx, LightCL(), config, phase, 2), donate_argnums=(0, 1))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)).astype(np.float32))
+    y = jnp.asarray(rng.integers(2, 4, size=16).astype(np.int32))
+    return state, step, x, y
+
+
+@pytest.mark.parametrize("frozen_bn", ["update", "fixed"])
+def test_train_step_leaves_frozen_params_bitwise_unchanged(frozen_bn):
+    state, step, x, y = _step_setup(frozen_bn)
+    before = jax.tree_util.tree_map(np.array, (state.params, state.batch_stats))
+    state, _, metrics = step(state, None, x, y, jnp.asarray(2, jnp.int32))
+    params, stats = before
+    for group in ("stem_conv", "stem_bn", "stage1_block1", "stage2_block2", "stage3_block1"):
+        chex.assert_trees_all_equal(params[group], jax.tree_util.tree_map(np.asarray,
+                                                                          state.params[group]))
+    for group in ("stage4_block1", "stage4_block2", "head"):
+        for old, new in zip(jax.tree_util.tree_leaves(params[group]),
+                            jax.tree_util.tree_leaves(state.params[group])):
+            assert not np.array_equal(old, np.asarray(new)), group
+    # Frozen BatchNorm statistics: fixed keeps them, update (the reference) changes them.
+    same = np.array_equal(stats["stage3_block1"]["bn1"]["mean"],
+                          np.asarray(state.batch_stats["stage3_block1"]["bn1"]["mean"]))
+    assert same == (frozen_bn == "fixed")
+    assert not np.array_equal(stats["stage4_block1"]["bn1"]["mean"],
+                              np.asarray(state.batch_stats["stage4_block1"]["bn1"]["mean"]))
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1
+
+
+def test_train_step_loss_is_cross_entropy_over_the_tasks_logits():
+    state, step, x, y = _step_setup("update")
+    model = ResNet18(num_classes=4, nf=4)
+    (logits, _), _ = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+                                 train=True, mutable=["batch_stats"])
+    task_logits = np.asarray(logits)[:, 2:4].astype(np.float64)
+    shifted = task_logits - task_logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    expected = -np.mean(log_probs[np.arange(16), np.asarray(y) - 2])
+    _, _, metrics = step(state, None, x, y, jnp.asarray(2, jnp.int32))
+    np.testing.assert_allclose(float(metrics["ce"]), expected, rtol=1e-5)
+
+
+def test_compiles_once_per_phase_across_steps_epochs_and_tasks():
+    chex.clear_trace_counter()
+    traces = []  # one counter per phase's step function
+
+    def wrapper(fn):
+        count = [0]
+        traces.append(count)
+
+        @functools.wraps(fn)
+        def counted(*args):
+            count[0] += 1  # runs only while tracing
+            return fn(*args)
+        # chex counts traces by the function's source footprint, shared by all
+        # phases: two phases may trace twice in all, never more.
+        return chex.assert_max_traces(counted, n=2)
+
+    config = dataclasses.replace(TINY, epochs=2)
+    results = train_and_evaluate(config, _tiny_stream(num_tasks=3), step_wrapper=wrapper)
+    # LightCL without pre-training: task 0 trains everything, tasks 1-2 share one phase.
+    assert [c[0] for c in traces] == [1, 1]
+    assert [p["frozen"] for p in results["phases"]] == [[], list(frozen_groups("stage3")),
+                                                        list(frozen_groups("stage3"))]
+    assert [p["memory"] for p in results["phases"]] == [False, True, True]
+    assert [len(row) for row in results["acc_til"]] == [1, 2, 3]
+
+
+def test_pretrained_init_freezes_from_task_zero_with_a_fresh_head():
+    stream = _tiny_stream(num_tasks=2)
+    model = ResNet18(num_classes=stream.num_classes, nf=4)
+    pre = model.init(jax.random.PRNGKey(42), jnp.zeros((1, 8, 8, 1)), train=False)
+    strategy = LightCL()
+    config = TINY.resolved()
+    assert phase_for_task(strategy, config, 0, pretrained=True).frozen == frozen_groups("stage3")
+    assert phase_for_task(strategy, config, 0, pretrained=False).frozen == ()
+    state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0), init_variables=pre)
+    chex.assert_trees_all_equal(state.params["stage2_block1"], pre["params"]["stage2_block1"])
+    assert not np.allclose(state.params["head"]["kernel"], pre["params"]["head"]["kernel"])
+    results = train_and_evaluate(TINY, stream, init_variables=pre)
+    assert results["pretrained"] is True
+    assert results["phases"][0] == {"task": 0, "frozen": list(frozen_groups("stage3")),
+                                    "memory": False}
+
+
+def test_regulation_loss_starts_at_zero_on_the_old_model():
+    model = ResNet18(num_classes=4, nf=4)
+    state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0))
+    forward = jax.jit(make_forward(model, state.batch_stats, ()))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(np.float32))
+    config = TINY.resolved()
+    lightcl = LightCL()
+    memory = lightcl.end_task(None, config=config, task_index=0, batch=x, forward=forward,
+                              params=state.params)
+    memory = lightcl.begin_task(memory, config=config, task_index=1, first_batch=x,
+                                forward=forward, params=state.params)
+    assert memory.buffer_x.shape == (8, 8, 8, 1)
+    loss, terms = lightcl.extra_loss(forward, state.params, memory, config)
+    assert float(loss) == 0.0 and float(terms["regulation"]) == 0.0
+    moved = jax.tree_util.tree_map(lambda p: p + 0.05, state.params)
+    assert float(lightcl.extra_loss(forward, moved, memory, config)[0]) > 0.0
+
+
+def test_divergence_names_task_and_step():
+    config = dataclasses.replace(TINY, strategy="finetune", lr=1e30)
+    with pytest.raises(DivergenceError, match=r"at task 0, step \d+ of the task"):
+        train_and_evaluate(config, _tiny_stream(num_tasks=2))
+
+
+def test_too_small_tasks_are_refused():
+    config = dataclasses.replace(TINY, batch_size=64, buffer_size=8)
+    with pytest.raises(ValueError, match="fewer than one batch of 64"):
+        train_and_evaluate(config, _tiny_stream(num_tasks=2))
