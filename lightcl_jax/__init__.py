@@ -16,3 +16,14 @@ from lightcl_jax.training.loop import (DivergenceError, TrainState, create_train
                                        make_eval_step, make_train_step, train_and_evaluate)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Config", "Task", "TaskStream", "make_stream", "split_into_tasks",
+    "FeatureMemory", "build_memory", "regulation_loss", "update_vital_masks", "vital_channel_mask",
+    "average_accuracy", "backward_transfer", "cil_predictions", "forgetting", "til_predictions",
+    "LAYER_GROUPS", "TAP_NAMES", "ResNet", "ResNet18",
+    "STRATEGIES", "Strategy", "get_strategy", "register_strategy",
+    "FREEZE_POINTS", "freeze_labels", "masked_optimizer",
+    "DivergenceError", "TrainState", "create_train_state", "make_eval_step", "make_train_step",
+    "train_and_evaluate",
+]

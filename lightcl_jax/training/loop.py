@@ -156,6 +156,27 @@ def make_eval_step(model, classes_per_task: int) -> Callable:
     return eval_step
 
 
+def phase_step(model, strategy: Strategy, config: Config, params, task_index: int,
+               pretrained: bool, classes_per_task: int):
+    """The phase of a task, its masked SGD optimizer and its pure train step."""
+    phase = phase_for_task(strategy, config, task_index, pretrained)
+    tx = masked_optimizer(optax.sgd(config.lr), params, phase.frozen)
+    return phase, tx, make_train_step(model, tx, strategy, config, phase, classes_per_task)
+
+
+def memory_at_task_start(strategy: Strategy, config: Config, task_index: int, batch,
+                         forward, params):
+    """The strategy's memory at the start of ``task_index`` if every earlier task
+    ended, and this one began, on ``batch``: the right shapes for compiling or
+    timing a step without training a stream first (usable under `jax.eval_shape`)."""
+    memory = None
+    for t in range(task_index):
+        memory = strategy.end_task(memory, config=config, task_index=t, batch=batch,
+                                   forward=forward, params=params)
+    return strategy.begin_task(memory, config=config, task_index=task_index, first_batch=batch,
+                               forward=forward, params=params)
+
+
 def evaluate(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
              batch_size: int) -> tuple[list[float], list[float]]:
     """TIL and CIL accuracy in percent on each of the first ``num_seen`` tasks."""
@@ -234,16 +255,14 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
     features = jax.jit(lambda params, batch_stats, x, fixed_bn: make_forward(
         model, batch_stats, fixed_bn)(params, x), static_argnums=3)
     compiled: dict[Phase, Callable] = {}
-    inner_tx = optax.sgd(config.lr)
 
     memory = None
     acc_til, acc_cil, phases = [], [], []
     for task in stream.tasks:
         t = task.index
-        phase = phase_for_task(strategy, config, t, pretrained)
-        tx = masked_optimizer(inner_tx, state.params, phase.frozen)
+        phase, tx, step_fn = phase_step(model, strategy, config, state.params, t, pretrained,
+                                        classes_per_task)
         if phase not in compiled:
-            step_fn = make_train_step(model, tx, strategy, config, phase, classes_per_task)
             if step_wrapper is not None:
                 step_fn = step_wrapper(step_fn)
             compiled[phase] = jax.jit(step_fn, donate_argnums=(0, 1))
