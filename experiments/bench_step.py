@@ -26,8 +26,8 @@ from lightcl_jax.accounting import compiled_train_step_cost
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
-from lightcl_jax.training.loop import (create_train_state, make_forward, memory_at_task_start,
-                                       phase_step)
+from lightcl_jax.training.loop import (BatchStatsChain, create_train_state, jitted_forward,
+                                       memory_at_task_start, phase_step)
 
 
 def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: int,
@@ -46,8 +46,10 @@ def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: 
                                  size=config.batch_size).astype(np.int32))
     memory = None
     if phase.uses_memory:
-        forward = jax.jit(make_forward(model, state.batch_stats, phase.fixed_bn))
-        memory = memory_at_task_start(strategy, config, task_index, x, forward, state.params)
+        chain = BatchStatsChain(state.batch_stats)
+        memory = memory_at_task_start(strategy, config, task_index, x,
+                                      jitted_forward(model, chain, phase.fixed_bn), state.params)
+        state = state.replace(batch_stats=chain.latest)
     step = jax.jit(step, donate_argnums=(0, 1))
     offset = jnp.asarray(classes_per_task, jnp.int32)
     times = []

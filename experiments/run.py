@@ -142,15 +142,17 @@ def main(argv=None) -> int:
 
     # Import JAX only once the flags are known to be good: a bad flag fails fast.
     from lightcl_jax.data.streams import make_stream
-    from lightcl_jax.training.loop import DivergenceError, train_and_evaluate
+    from lightcl_jax.training.loop import DivergenceError, train_and_evaluate, validate_stream
 
     try:
         stream = make_stream(config.dataset, data_dir=config.data_dir,
                              num_tasks=config.num_tasks, eval_split=config.eval_split)
-        results = train_and_evaluate(config, stream,
-                                     progress=_Bars(stream.num_tasks, not args.no_progress))
+        validate_stream(stream, config.resolved())
     except ValueError as err:
         parser.error(str(err))
+    try:
+        results = train_and_evaluate(config, stream,
+                                     progress=_Bars(stream.num_tasks, not args.no_progress))
     except DivergenceError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1

@@ -73,6 +73,7 @@ def test_cli_on_mock_cifar10_through_tfds(tmp_path):
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--num-tasks", "3"], "positive divisor of the 10 classes"),
     (["--epochs", "two"], "invalid int value: 'two'"),
+    (["--batch-size", "400"], "fewer than one batch of 400"),
 ])
 def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, args, words):
     proc = _cli(*args, "--workdir", str(tmp_path / "w"))

@@ -11,28 +11,30 @@ def test_digits_stream(digits_stream):
     assert stream.num_tasks == 5 and stream.num_classes == 10
     assert stream.image_shape == (8, 8, 1) and stream.eval_split == "holdout"
     assert [t.classes for t in stream] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
-    assert sum(len(t.y_eval) for t in stream) == 180  # round(0.1 x 1797)
-    assert sum(len(t.y_train) for t in stream) == 1797 - 180
+    assert sum(len(t.y_eval) for t in stream) == 179  # int(0.1 x 1797)
+    assert sum(len(t.y_train) for t in stream) == 1797 - 179
     for task in stream:
         assert set(np.unique(task.y_train)) == set(task.classes)
         assert set(np.unique(task.y_eval)) == set(task.classes)
         assert task.x_train.dtype == np.float32
-    # The held-out part is the last 10% of a fixed permutation (seed 0) of all 1,797.
+    # The held-out part is the first int(10%) of a fixed permutation (seed 0) of all 1,797.
     from sklearn.datasets import load_digits
     digits = load_digits()
-    held = np.random.default_rng(0).permutation(1797)[-180:]
+    held = np.random.default_rng(0).permutation(1797)[:179]
     held = held[np.argsort(digits.target[held] // 2, kind="stable")]  # grouped by task
     x_eval = np.concatenate([t.x_eval for t in stream])
     y_eval = np.concatenate([t.y_eval for t in stream])
     np.testing.assert_array_equal(y_eval, digits.target[held])
     x_train = np.concatenate([t.x_train for t in stream])
-    raw_train = digits.images[np.random.default_rng(0).permutation(1797)[:-180]] / 16.0
+    raw_train = digits.images[np.random.default_rng(0).permutation(1797)[179:]] / 16.0
     raw_eval = digits.images[held].astype(np.float32)[..., None] / 16.0
     np.testing.assert_allclose(x_eval, (raw_eval - raw_train.mean()) / raw_train.std(),
                                rtol=1e-4, atol=1e-5)
     # Normalised with the training part's statistics: zero mean, unit variance there.
     np.testing.assert_allclose(x_train.mean(), 0.0, atol=1e-5)
     np.testing.assert_allclose(x_train.std(), 1.0, atol=1e-4)
+    # Crop padding fills with the normalised black pixel.
+    np.testing.assert_allclose(stream.pad_value, [-raw_train.mean() / raw_train.std()], rtol=1e-5)
     again = make_stream("digits")
     np.testing.assert_array_equal(again.tasks[2].x_eval, stream.tasks[2].x_eval)
 
@@ -55,12 +57,13 @@ def test_bad_stream_arguments_are_refused():
         split_into_tasks("t", x, np.array([0, 1, 1, 0]), x, np.array([0, 1, 2, 3]), 4, 2)
 
 
-def _reference_augment(x, dy, dx, flip, padding):
-    """Plain loops: pad, crop at (dy, dx), then flip left-right."""
+def _reference_augment(x, dy, dx, flip, padding, fill):
+    """Plain loops: pad with ``fill``, crop at (dy, dx), then flip left-right."""
     n, h, w, c = x.shape
     out = np.zeros_like(x)
     for i in range(n):
-        padded = np.zeros((h + 2 * padding, w + 2 * padding, c), x.dtype)
+        padded = np.empty((h + 2 * padding, w + 2 * padding, c), x.dtype)
+        padded[:, :] = fill
         padded[padding:padding + h, padding:padding + w] = x[i]
         crop = padded[dy[i]:dy[i] + h, dx[i]:dx[i] + w]
         out[i] = crop[:, ::-1] if flip[i] else crop
@@ -69,12 +72,15 @@ def _reference_augment(x, dy, dx, flip, padding):
 
 def test_augment_matches_a_plain_loop_and_is_seeded():
     x = np.random.default_rng(0).normal(size=(6, 8, 8, 3)).astype(np.float32)
-    got = augment_batch(x, np.random.default_rng(7), padding=4)
+    fill = (-1.5, 0.25, 2.0)
+    got = augment_batch(x, np.random.default_rng(7), padding=4, fill=fill)
     rng = np.random.default_rng(7)  # the same draws, in augment_batch's order
     dy, dx = rng.integers(0, 9, size=6), rng.integers(0, 9, size=6)
     flip = rng.random(6) < 0.5
-    np.testing.assert_array_equal(got, _reference_augment(x, dy, dx, flip, 4))
-    np.testing.assert_array_equal(got, augment_batch(x, np.random.default_rng(7)))
+    np.testing.assert_array_equal(got, _reference_augment(x, dy, dx, flip, 4, fill))
+    np.testing.assert_array_equal(got, augment_batch(x, np.random.default_rng(7), fill=fill))
+    zero_fill = augment_batch(x, np.random.default_rng(7))
+    np.testing.assert_array_equal(zero_fill, _reference_augment(x, dy, dx, flip, 4, 0.0))
 
 
 def test_batches_are_full_deterministic_and_padded_for_eval():
@@ -98,9 +104,11 @@ def test_tfds_streams_through_data_source(name, num_tasks, classes_per_task):
         stream = make_stream(name, num_tasks=num_tasks)
         test_stream = make_stream(name, num_tasks=num_tasks, eval_split="test")
     assert stream.image_shape == (32, 32, 3) and stream.augment
+    np.testing.assert_allclose(stream.pad_value[:1], [-0.4914 / 0.2470] if name == "cifar10"
+                               else [-0.5071 / 0.2673], rtol=1e-6)
     assert stream.classes_per_task == classes_per_task
     assert sum(len(t.y_train) + len(t.y_eval) for t in stream) == 1000
-    assert sum(len(t.y_eval) for t in stream) == 100
+    assert sum(len(t.y_eval) for t in stream) == 100  # int(0.1 x 1000)
     assert sum(len(t.y_train) for t in test_stream) == 1000
     for task in stream:
         assert task.y_train.min() >= task.classes[0] and task.y_train.max() <= task.classes[-1]

@@ -67,6 +67,14 @@ def test_fixed_bn_uses_running_statistics_and_rejects_unknown_groups():
     assert set(LAYER_GROUPS) == {"stem", "stage1", "stage2", "stage3", "stage4", "head"}
 
 
+def test_random_head_follows_pytorch_default_linear_init():
+    params = _init(ResNet18(num_classes=10, nf=4), (8, 8, 1))["params"]
+    bound = 1.0 / np.sqrt(32)  # fan_in = 8 * nf
+    for leaf in (params["head"]["kernel"], params["head"]["bias"]):
+        leaf = np.asarray(leaf)
+        assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.5 * bound
+
+
 def test_fresh_head_is_xavier_uniform_with_zero_bias():
     params = _init(ResNet18(num_classes=10, nf=4), (8, 8, 1))["params"]
     new = fresh_head(params, 10, jax.random.PRNGKey(5))

@@ -13,8 +13,9 @@ from lightcl_jax.data.streams import split_into_tasks
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import LightCL
 from lightcl_jax.training.freezing import frozen_groups, masked_optimizer
-from lightcl_jax.training.loop import (DivergenceError, Phase, create_train_state, make_forward,
-                                       make_train_step, phase_for_task, train_and_evaluate)
+from lightcl_jax.training.loop import (BatchStatsChain, DivergenceError, Phase,
+                                       create_train_state, jitted_forward, make_train_step,
+                                       phase_for_task, phase_step, train_and_evaluate)
 
 TINY = Config(strategy="lightcl", dataset="digits", epochs=1, nf=4, batch_size=16, buffer_size=8)
 
@@ -117,6 +118,10 @@ def test_pretrained_init_freezes_from_task_zero_with_a_fresh_head():
     state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0), init_variables=pre)
     chex.assert_trees_all_equal(state.params["stage2_block1"], pre["params"]["stage2_block1"])
     assert not np.allclose(state.params["head"]["kernel"], pre["params"]["head"]["kernel"])
+    wrong = ResNet18(num_classes=stream.num_classes, nf=8).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
+    with pytest.raises(ValueError, match=r"do not fit a ResNet-18 with nf=4 .*stage1_block1"):
+        create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0), init_variables=wrong)
     results = train_and_evaluate(TINY, stream, init_variables=pre)
     assert results["pretrained"] is True
     assert results["phases"][0] == {"task": 0, "frozen": list(frozen_groups("stage3")),
@@ -126,19 +131,57 @@ def test_pretrained_init_freezes_from_task_zero_with_a_fresh_head():
 def test_regulation_loss_starts_at_zero_on_the_old_model():
     model = ResNet18(num_classes=4, nf=4)
     state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0))
-    forward = jax.jit(make_forward(model, state.batch_stats, ()))
+    chain = BatchStatsChain(state.batch_stats)
+    forward = jitted_forward(model, chain, ())
     x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(np.float32))
     config = TINY.resolved()
     lightcl = LightCL()
     memory = lightcl.end_task(None, config=config, task_index=0, batch=x, forward=forward,
                               params=state.params)
-    memory = lightcl.begin_task(memory, config=config, task_index=1, first_batch=x,
+    memory = lightcl.begin_task(memory, config=config, task_index=1, batch=x,
                                 forward=forward, params=state.params)
     assert memory.buffer_x.shape == (8, 8, 8, 1)
+    # Both boundary forwards folded their statistics into the running ones, as the
+    # reference's train-mode forwards do.
+    assert not np.allclose(chain.latest["stage4_block1"]["bn1"]["mean"],
+                           state.batch_stats["stage4_block1"]["bn1"]["mean"])
     loss, terms = lightcl.extra_loss(forward, state.params, memory, config)
     assert float(loss) == 0.0 and float(terms["regulation"]) == 0.0
     moved = jax.tree_util.tree_map(lambda p: p + 0.05, state.params)
     assert float(lightcl.extra_loss(forward, moved, memory, config)[0]) > 0.0
+
+
+def test_train_step_folds_buffer_then_batch_statistics_into_running_ones():
+    """Reference order: the buffer's forward, then the batch's, each a BN momentum update."""
+    config = TINY.resolved()
+    model = ResNet18(num_classes=4, nf=4)
+    state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(2, 4, size=16).astype(np.int32)
+    buffer_x = rng.normal(size=(8, 8, 8, 1)).astype(np.float32) + 2.0
+    lightcl = LightCL()
+    host = jitted_forward(model, BatchStatsChain(state.batch_stats), ())
+    memory = lightcl.end_task(None, config=config, task_index=0, batch=x, forward=host,
+                              params=state.params)
+    memory = lightcl.begin_task(memory, config=config, task_index=1, batch=buffer_x,
+                                forward=host, params=state.params)
+    phase, tx, step = phase_step(model, lightcl, config, state.params, 1, False, 2)
+    state = state.replace(opt_state=tx.init(state.params))
+    old_mean = np.asarray(state.batch_stats["stem_bn"]["mean"])
+    new_state, _, _ = jax.jit(step)(state, memory, jnp.asarray(x), jnp.asarray(y),
+                                    jnp.asarray(2, jnp.int32))
+
+    # Stem BN input = stem conv output; batch mean over N, H, W (frozen params unchanged).
+    def stem_mean(images):
+        out = jax.lax.conv_general_dilated(images, state.params["stem_conv"]["kernel"], (1, 1),
+                                           ((1, 1), (1, 1)),
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return np.asarray(out).mean(axis=(0, 1, 2))
+    expected = 0.9 * (0.9 * old_mean + 0.1 * stem_mean(buffer_x)) + 0.1 * stem_mean(x)
+    np.testing.assert_allclose(new_state.batch_stats["stem_bn"]["mean"], expected,
+                               rtol=1e-4, atol=1e-6)
+    assert phase.uses_memory
 
 
 def test_divergence_names_task_and_step():

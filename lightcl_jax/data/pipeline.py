@@ -6,24 +6,32 @@ dropped), so a jitted step sees one shape and compiles once.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 
-def augment_batch(x: np.ndarray, rng: np.random.Generator, padding: int = 4) -> np.ndarray:
-    """Random crop with ``padding`` zero pixels on each side, then a random horizontal flip.
+def augment_batch(x: np.ndarray, rng: np.random.Generator, padding: int = 4,
+                  fill: Sequence[float] | None = None) -> np.ndarray:
+    """Random crop with ``padding`` pixels on each side, then a random horizontal flip.
 
     Args:
       x: (N, H, W, C) images.
       rng: the generator that draws the crop offsets and flips.
-      padding: zero padding before cropping back to (H, W).
+      padding: padding before cropping back to (H, W).
+      fill: (C,) value of the padding per channel; None pads with 0. For
+        normalised images pass the normalised black pixel (the stream's
+        ``pad_value``), since the reference pads before normalising.
 
     Returns:
       (N, H, W, C) augmented images, a new array.
     """
     n, h, w, _ = x.shape
     padded = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    if fill is not None:
+        border = np.ones((h + 2 * padding, w + 2 * padding), bool)
+        border[padding:padding + h, padding:padding + w] = False
+        padded[:, border] = np.asarray(fill, x.dtype)
     dy = rng.integers(0, 2 * padding + 1, size=n)
     dx = rng.integers(0, 2 * padding + 1, size=n)
     flip = rng.random(n) < 0.5
@@ -34,8 +42,11 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator, padding: int = 4) -> 
 
 
 def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator,
-                  *, augment: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  *, augment: bool, fill: Sequence[float] | None = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields shuffled full batches of one epoch; the remainder is dropped.
+
+    With ``augment``, each batch gets `augment_batch` with ``fill`` padding.
 
     Raises:
       ValueError: fewer samples than one batch.
@@ -48,7 +59,7 @@ def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.
         idx = perm[start:start + batch_size]
         xb = x[idx]
         if augment:
-            xb = augment_batch(xb, rng)
+            xb = augment_batch(xb, rng, fill=fill)
         yield xb, y[idx]
 
 

@@ -14,9 +14,10 @@ Sources:
     (default 10 x 10 classes).
 
 Evaluation split (``eval_split``):
-  * ``holdout`` -- as the reference code: a fixed permutation (seed 0, the
-    same for every run seed) of the training split, the last 10% held out for
-    evaluation and never trained on.
+  * ``holdout`` -- the reference's protocol: a fixed permutation of the
+    training split (NumPy, seed 0, the same for every run seed; the reference
+    ships its own torch permutation, which we do not have), its first
+    int(0.1 x N) samples held out for evaluation and never trained on.
   * ``test`` -- the dataset's official test split; training uses all of train.
 """
 
@@ -73,6 +74,8 @@ class TaskStream:
       tasks: the tasks in order.
       eval_split: ``"holdout"`` or ``"test"``: what the evaluation arrays are.
       augment: whether training batches get random crop + flip by default.
+      pad_value: (C,) the normalised value of a black pixel, what random-crop
+        padding fills with (the reference pads before normalising).
     """
 
     name: str
@@ -81,6 +84,7 @@ class TaskStream:
     tasks: tuple[Task, ...]
     eval_split: str
     augment: bool
+    pad_value: tuple[float, ...] = ()
 
     @property
     def num_tasks(self) -> int:
@@ -138,15 +142,18 @@ def make_stream(name: str, *, data_dir: str | None = None, num_tasks: int | None
     x_train = ((x_train - mean) / std).astype(np.float32)
     x_eval = ((x_eval - mean) / std).astype(np.float32)
     return split_into_tasks(name, x_train, y_train, x_eval, y_eval, num_classes, num_tasks,
-                            eval_split=eval_split, augment=augment)
+                            eval_split=eval_split, augment=augment,
+                            pad_value=tuple(float(v) for v in np.ravel(-mean / std)))
 
 
 def split_into_tasks(name: str, x_train, y_train, x_eval, y_eval, num_classes: int,
                      num_tasks: int, *, eval_split: str = "holdout",
-                     augment: bool = False) -> TaskStream:
+                     augment: bool = False, pad_value: tuple[float, ...] | None = None
+                     ) -> TaskStream:
     """Splits labelled arrays into tasks of consecutive class groups.
 
     Task t holds classes [t*C, (t+1)*C) with C = num_classes // num_tasks.
+    ``pad_value`` (per channel) is what crop padding fills with; default 0.
 
     Raises:
       ValueError: ``num_tasks`` does not divide ``num_classes``, labels outside
@@ -182,8 +189,13 @@ def split_into_tasks(name: str, x_train, y_train, x_eval, y_eval, num_classes: i
                           y_train[train_idx].astype(np.int32),
                           np.ascontiguousarray(x_eval[eval_idx], np.float32),
                           y_eval[eval_idx].astype(np.int32)))
+    if pad_value is None:
+        pad_value = (0.0,) * x_train.shape[-1]
+    if len(pad_value) != x_train.shape[-1]:
+        raise ValueError(f"{name}: pad_value has {len(pad_value)} entries for "
+                         f"{x_train.shape[-1]} channels")
     return TaskStream(name, num_classes, tuple(x_train.shape[1:]), tuple(tasks), eval_split,
-                      augment)
+                      augment, tuple(pad_value))
 
 
 def _load_digits():
@@ -194,10 +206,10 @@ def _load_digits():
 
 
 def _holdout(x, y):
-    """The reference's evaluation split: last 10% of a fixed permutation."""
+    """The reference's evaluation split: the first int(10% x N) of a fixed permutation."""
     perm = np.random.default_rng(_SPLIT_SEED).permutation(len(x))
-    num_eval = int(round(HOLDOUT_FRACTION * len(x)))
-    train, held = perm[:len(x) - num_eval], perm[len(x) - num_eval:]
+    num_eval = int(HOLDOUT_FRACTION * len(x))
+    held, train = perm[:num_eval], perm[num_eval:]
     return (x[train], y[train]), (x[held], y[held])
 
 

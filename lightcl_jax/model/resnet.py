@@ -46,7 +46,20 @@ TAP_NAMES = (
 # variance scaling of 1/3 over fan-in; the reference model uses it.
 _torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
-# PyTorch BatchNorm2d defaults: momentum 0.1 (= Flax 0.9), eps 1e-5.
+
+def _torch_linear_bias_init(fan_in: int):
+    """PyTorch's default nn.Linear bias: uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)]."""
+    bound = 1.0 / fan_in ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+# PyTorch BatchNorm2d defaults: momentum 0.1 (= Flax 0.9), eps 1e-5. One difference
+# remains: PyTorch's running variance uses the unbiased batch variance, Flax's the
+# biased one (a factor n/(n-1) per update, n = samples x positions: 512/511 at the
+# paper's last stage, 32/31 for digits' 1x1 maps).
 _BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 _Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_torch_conv_init)
 
@@ -122,8 +135,10 @@ class ResNet(nn.Module):
                     taps[f"{name}_conv1"] = first
                     taps[f"{name}_out"] = h
         pooled = jnp.mean(h, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_uniform(),
-                          bias_init=nn.initializers.zeros, name="head")(pooled)
+        # A randomly initialised model gets PyTorch's default Linear init, as the
+        # reference; a pre-trained backbone gets a fresh Xavier head (`fresh_head`).
+        logits = nn.Dense(self.num_classes, kernel_init=_torch_conv_init,
+                          bias_init=_torch_linear_bias_init(h.shape[-1]), name="head")(pooled)
         return logits, taps
 
 

@@ -11,8 +11,9 @@ Every strategy shares the model, data, jitted train step and evaluation
     `end_task`, run on the host between jitted phases).
 
 Its memory state is any pytree (None when it has none). `forward(params, x)`
-handed to these methods runs the model in training mode without updating
-BatchNorm statistics and returns ``(logits, taps)``.
+handed to these methods runs the model in training mode and returns
+``(logits, taps)``; as in the reference, each call also folds its batch
+statistics into BatchNorm's running statistics (see `BatchStatsChain`).
 """
 
 from __future__ import annotations
@@ -44,12 +45,16 @@ class Strategy:
         """Returns (scalar loss added to the cross-entropy, named terms to report)."""
         return jnp.zeros((), jnp.float32), {}
 
-    def begin_task(self, memory: Any, *, config: Config, task_index: int, first_batch: np.ndarray,
+    def begin_task(self, memory: Any, *, config: Config, task_index: int, batch: np.ndarray,
                    forward: Forward, params: Any) -> Any:
-        """Memory at the start of a task, before its first step."""
+        """Memory at the start of a task, before its first step.
+
+        ``batch`` is a fresh shuffled (and augmented) training batch of the new
+        task, as the reference's ``next(iter(loader))``.
+        """
         return memory
 
     def end_task(self, memory: Any, *, config: Config, task_index: int, batch: np.ndarray,
                  forward: Forward, params: Any) -> Any:
-        """Memory after the last step of a task."""
+        """Memory after the last step of a task; ``batch`` is a fresh training batch of it."""
         return memory

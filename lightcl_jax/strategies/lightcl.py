@@ -6,8 +6,9 @@ SPEC section 2:
     pre-training task 0 trains every layer and freezing starts at task 1.
   * End of every task: vital channels of the four taps are scored on one
     training batch and OR-ed into the masks.
-  * Start of task t >= 1: the first ``buffer_size`` samples of the new task's
-    first batch are stored with the old model's taps and logits on them.
+  * Start of task t >= 1: the first ``buffer_size`` samples of a fresh
+    training batch of the new task are stored with the old model's taps and
+    logits on them (no old-task image is kept).
   * Task t >= 1: the regulation loss on the buffer joins the cross-entropy.
 """
 
@@ -35,10 +36,10 @@ class LightCL(Strategy):
         loss = regulation_loss(taps, logits, memory, config.beta)
         return loss, {"regulation": loss}
 
-    def begin_task(self, memory, *, config, task_index, first_batch, forward, params):
+    def begin_task(self, memory, *, config, task_index, batch, forward, params):
         if task_index == 0:
             return memory
-        buffer_x = first_batch[:config.buffer_size]
+        buffer_x = batch[:config.buffer_size]
         ref_logits, ref_taps = forward(params, buffer_x)
         return build_memory(buffer_x, ref_logits, ref_taps, memory.vital_masks)
 

@@ -16,6 +16,7 @@ phases (task 0: all layers, no memory; tasks 1+: frozen prefix + regulation).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Protocol
 
@@ -89,22 +90,84 @@ def create_train_state(model, image_shape, key, *, init_variables=None) -> Train
 
     With ``init_variables`` (a pre-trained backbone) the head is replaced by a
     fresh one (Xavier-uniform, zero bias), as SPEC section 2 says.
+
+    Raises:
+      ValueError: ``init_variables`` does not fit the model (names the first
+        parameter whose path or shape differs).
     """
     init_key, head_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     params, batch_stats = variables["params"], variables["batch_stats"]
     if init_variables is not None:
-        params = fresh_head(dict(init_variables["params"]), model.num_classes, head_key)
-        batch_stats = init_variables["batch_stats"]
+        init_variables = flax.core.unfreeze(init_variables)
+        if set(init_variables) != {"params", "batch_stats"}:
+            raise ValueError("init_variables must hold exactly 'params' and 'batch_stats'; got "
+                             f"{sorted(init_variables)}")
+        expected = {"params": {k: v for k, v in params.items() if k != "head"},
+                    "batch_stats": batch_stats}
+        given = {"params": {k: v for k, v in init_variables["params"].items() if k != "head"},
+                 "batch_stats": init_variables["batch_stats"]}
+        _check_same_shapes(expected, given, f"a ResNet-18 with nf={model.nf} on {image_shape}")
+        params = fresh_head({**given["params"], "head": params["head"]}, model.num_classes,
+                            head_key)
+        batch_stats = jax.tree_util.tree_map(jnp.asarray, given["batch_stats"])
+        params = jax.tree_util.tree_map(jnp.asarray, params)
     return TrainState(params=params, batch_stats=batch_stats, opt_state=None,
                       step=jnp.zeros((), jnp.int32))
 
 
-def make_forward(model, batch_stats, fixed_bn):
-    """``forward(params, x) -> (logits, taps)`` in training mode; statistics are not written."""
+def _check_same_shapes(expected, given, what: str) -> None:
+    want = {jax.tree_util.keystr(p): tuple(np.shape(v))
+            for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(p): tuple(np.shape(v))
+           for p, v in jax.tree_util.tree_leaves_with_path(given)}
+    for path in sorted(set(want) | set(got)):
+        if want.get(path) != got.get(path):
+            raise ValueError(f"init_variables do not fit {what}: {path} is "
+                             f"{got.get(path, 'missing')}, expected {want.get(path, 'absent')}")
+
+
+class BatchStatsChain:
+    """BatchNorm running statistics threaded through successive train-mode forwards.
+
+    The reference keeps BatchNorm in training mode, so every forward pass -- of
+    the training batch, of LightCL's buffer, of the batch that scores vital
+    channels -- folds its batch statistics into the running ones, in call
+    order. `make_forward` reads ``latest`` and replaces it with what its
+    forward pass writes. Layer groups in ``fixed_bn`` are never changed. Use a
+    chain within one trace (or on the host); do not let it carry tracers out.
+    """
+
+    def __init__(self, batch_stats):
+        self.latest = batch_stats
+
+
+def make_forward(model, chain: BatchStatsChain, fixed_bn: tuple[str, ...]):
+    """``forward(params, x) -> (logits, taps)`` in training mode, updating ``chain``."""
     def forward(params, x):
-        (logits, taps), _ = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                        train=True, fixed_bn=fixed_bn, mutable=["batch_stats"])
+        (logits, taps), updated = model.apply(
+            {"params": params, "batch_stats": chain.latest}, x, train=True, fixed_bn=fixed_bn,
+            mutable=["batch_stats"])
+        chain.latest = updated["batch_stats"]
+        return logits, taps
+    return forward
+
+
+@functools.partial(jax.jit, static_argnames=("model", "fixed_bn"))
+def _train_forward(model, params, batch_stats, x, fixed_bn):
+    chain = BatchStatsChain(batch_stats)
+    logits, taps = make_forward(model, chain, fixed_bn)(params, x)
+    return logits, taps, chain.latest
+
+
+def jitted_forward(model, chain: BatchStatsChain, fixed_bn: tuple[str, ...]):
+    """`make_forward`'s jitted twin for the host: task boundaries and benchmarks.
+
+    Compiled once per (model, fixed_bn, input shape), whichever chain it serves.
+    """
+    def forward(params, x):
+        logits, taps, chain.latest = _train_forward(model, params, chain.latest,
+                                                    jnp.asarray(x), fixed_bn)
         return logits, taps
     return forward
 
@@ -115,25 +178,24 @@ def make_train_step(model, tx: optax.GradientTransformation, strategy: Strategy,
 
     ``train_step(state, memory, x, y, class_offset) -> (state, memory, metrics)``:
     cross-entropy over the task's own logits (labels shifted to 0..C-1) plus
-    the strategy's extra loss, one optax update, BatchNorm statistics from the
-    batch. ``metrics`` holds scalar ``loss``, ``ce`` and the strategy's terms.
+    the strategy's extra loss, one optax update. As in the reference, the
+    strategy's forward passes (LightCL: the buffer) run first, then the
+    batch's, and each folds its statistics into BatchNorm's running ones.
+    ``metrics`` holds scalar ``loss``, ``ce`` and the strategy's terms.
     """
     def train_step(state: TrainState, memory, x, y, class_offset):
         def loss_fn(params):
-            (logits, _), updated = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, x,
-                train=True, fixed_bn=phase.fixed_bn, mutable=["batch_stats"])
-            task_logits = jax.lax.dynamic_slice_in_dim(logits, class_offset, classes_per_task, 1)
-            ce = optax.softmax_cross_entropy_with_integer_labels(task_logits, y - class_offset)
-            ce = jnp.mean(ce)
-            terms = {"ce": ce}
-            loss = ce
+            chain = BatchStatsChain(state.batch_stats)
+            forward = make_forward(model, chain, phase.fixed_bn)
+            loss = jnp.zeros((), jnp.float32)
+            terms = {}
             if phase.uses_memory:
-                forward = make_forward(model, state.batch_stats, phase.fixed_bn)
-                extra, extra_terms = strategy.extra_loss(forward, params, memory, config)
-                loss = loss + extra
-                terms.update(extra_terms)
-            return loss, (updated["batch_stats"], terms)
+                loss, terms = strategy.extra_loss(forward, params, memory, config)
+            logits, _ = forward(params, x)
+            task_logits = jax.lax.dynamic_slice_in_dim(logits, class_offset, classes_per_task, 1)
+            ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+                task_logits, y - class_offset))
+            return ce + loss, (chain.latest, {"ce": ce, **terms})
 
         (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
@@ -173,7 +235,7 @@ def memory_at_task_start(strategy: Strategy, config: Config, task_index: int, ba
     for t in range(task_index):
         memory = strategy.end_task(memory, config=config, task_index=t, batch=batch,
                                    forward=forward, params=params)
-    return strategy.begin_task(memory, config=config, task_index=task_index, first_batch=batch,
+    return strategy.begin_task(memory, config=config, task_index=task_index, batch=batch,
                                forward=forward, params=params)
 
 
@@ -193,19 +255,26 @@ def evaluate(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
     return til_row, cil_row
 
 
+# Losses stay on the device and are checked for NaN/Inf every this many steps
+# (and at the end of each epoch): often enough not to train long on a
+# diverged model, rarely enough not to stall the device.
+CHECK_EVERY = 50
+
+
 def _check_finite(losses: list[dict], first_step: int, task_index: int) -> dict[str, float]:
-    """Raises DivergenceError at the first non-finite loss; returns the epoch's mean terms."""
+    """Raises DivergenceError at the first non-finite loss; returns the mean terms."""
     stacked = {k: np.asarray(jnp.stack([m[k] for m in losses])) for k in losses[0]}
-    bad = ~np.isfinite(stacked["loss"])
+    bad = ~np.all([np.isfinite(v) for v in stacked.values()], axis=0)
     if bad.any():
         i = int(np.argmax(bad))
         terms = ", ".join(f"{k}={v[i]:.4g}" for k, v in stacked.items())
-        raise DivergenceError(f"training diverged: the loss became {stacked['loss'][i]} at task "
+        raise DivergenceError(f"training diverged: the loss became non-finite at task "
                               f"{task_index}, step {first_step + i} of the task ({terms})")
     return {k: float(v.mean()) for k, v in stacked.items()}
 
 
-def _validate_stream(stream: TaskStream, config: Config) -> None:
+def validate_stream(stream: TaskStream, config: Config) -> None:
+    """Raises ValueError when a task cannot fill one training batch or the buffer."""
     for task in stream.tasks:
         if len(task.x_train) < config.batch_size:
             raise ValueError(f"task {task.index} has {len(task.x_train)} training samples, fewer "
@@ -242,7 +311,7 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
     if stream is None:
         stream = make_stream(config.dataset, data_dir=config.data_dir,
                              num_tasks=config.num_tasks, eval_split=config.eval_split)
-    _validate_stream(stream, config)
+    validate_stream(stream, config)
     strategy = get_strategy(config.strategy)
     pretrained = init_variables is not None
     augment = stream.augment if config.augment is None else config.augment
@@ -252,8 +321,6 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                                init_variables=init_variables)
     classes_per_task = stream.classes_per_task
     eval_step = jax.jit(make_eval_step(model, classes_per_task))
-    features = jax.jit(lambda params, batch_stats, x, fixed_bn: make_forward(
-        model, batch_stats, fixed_bn)(params, x), static_argnums=3)
     compiled: dict[Phase, Callable] = {}
 
     memory = None
@@ -270,24 +337,31 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         phases.append({"task": t, "frozen": list(phase.frozen), "memory": phase.uses_memory})
         # SGD keeps no state, but the masked optimizer's structure follows the phase.
         state = state.replace(opt_state=tx.init(state.params))
-
-        def forward_now(params, x, fixed_bn=phase.fixed_bn):
-            return features(params, state.batch_stats, jnp.asarray(x), fixed_bn)
-
         rng = np.random.default_rng([config.seed, t])
+
+        def batches():
+            return epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
+                                 augment=augment, fill=stream.pad_value)
+
+        def at_boundary(hook, batch):
+            """Runs a strategy hook on the host; its forwards update BatchNorm statistics."""
+            nonlocal state
+            chain = BatchStatsChain(state.batch_stats)
+            result = hook(memory, config=config, task_index=t, batch=batch,
+                          forward=jitted_forward(model, chain, phase.fixed_bn),
+                          params=state.params)
+            state = state.replace(batch_stats=chain.latest)
+            return result
+
+        # As the reference's next(iter(loader)): a fresh shuffled batch of the new task.
+        memory = at_boundary(strategy.begin_task, next(batches())[0])
         per_epoch = steps_per_epoch(len(task.x_train), config.batch_size)
         progress.start_task(t, per_epoch * config.epochs)
         offset = jnp.asarray(task.class_offset, jnp.int32)
         step_in_task = 0
         for epoch in range(config.epochs):
-            batches = epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
-                                    augment=augment)
-            losses = []
-            for x, y in batches:
-                if step_in_task == 0:
-                    memory = strategy.begin_task(memory, config=config, task_index=t,
-                                                 first_batch=x, forward=forward_now,
-                                                 params=state.params)
+            losses, epoch_metrics = [], {}
+            for x, y in batches():
                 step_memory = memory if phase.uses_memory else None
                 state, step_memory, metrics = train_step(state, step_memory, x, y, offset)
                 if phase.uses_memory:
@@ -295,13 +369,14 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                 losses.append(metrics)
                 step_in_task += 1
                 progress.advance(1)
-            epoch_metrics = _check_finite(losses, step_in_task - len(losses), t)
+                if len(losses) == CHECK_EVERY:
+                    epoch_metrics = _check_finite(losses, step_in_task - len(losses), t)
+                    losses = []
+            if losses:
+                epoch_metrics = _check_finite(losses, step_in_task - len(losses), t)
             progress.advance(0, {"epoch": epoch + 1, **epoch_metrics})
 
-        vital_batch, _ = next(epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
-                                            augment=augment))
-        memory = strategy.end_task(memory, config=config, task_index=t, batch=vital_batch,
-                                   forward=forward_now, params=state.params)
+        memory = at_boundary(strategy.end_task, next(batches())[0])
         til_row, cil_row = evaluate(eval_step, state, stream, t + 1, config.eval_batch_size)
         acc_til.append(til_row)
         acc_cil.append(cil_row)
