@@ -73,18 +73,23 @@ def main(argv=None) -> int:
     p.add_argument("--classes-per-task", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
+    p.add_argument("--freeze", default="stage3",
+                   help="LightCL's freeze point (none, stem, stage1, stage2, stage3, all-but-head)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
     image_shape = (args.image_size, args.image_size, args.channels)
+    if args.freeze == "auto":
+        p.error("--freeze auto is decided during a run; give the point it chose "
+                "(results.json: freeze_auto.chosen)")
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"input {image_shape}, nf {args.nf}, batch {args.batch_size}, "
-          f"{args.num_classes} classes")
+          f"{args.num_classes} classes, lightcl freeze {args.freeze}")
     rows = {}
     for name in args.strategies.split(","):
         try:
-            config = Config(strategy=name, dataset="cifar10", nf=args.nf,
+            config = Config(strategy=name, dataset="cifar10", nf=args.nf, freeze=args.freeze,
                             batch_size=args.batch_size).resolved()
         except ValueError as err:
             p.error(str(err))

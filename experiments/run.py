@@ -15,6 +15,7 @@ import tempfile
 
 from lightcl_jax.config import FROZEN_BN_MODES, Config
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
+from lightcl_jax.metrics.similarity import SIMILARITIES
 from lightcl_jax.strategies import STRATEGIES
 from lightcl_jax.training.freezing import FREEZE_POINTS
 
@@ -51,8 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=d.ratio, help="vital channel ratio, (0, 1]")
     p.add_argument("--nf", type=int, default=None, help="ResNet width (default: digits 16, cifar 64)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--freeze", default=d.freeze, choices=list(FREEZE_POINTS),
-                   help="deepest frozen layer group (stage3 = the reference)")
+    p.add_argument("--freeze", default=d.freeze, choices=list(FREEZE_POINTS) + ["auto"],
+                   help="deepest frozen layer group (stage3 = the reference), or auto: "
+                        "chosen from measured LP/MS by a one-epoch probe (see README)")
+    p.add_argument("--freeze-threshold", type=float, default=d.freeze_threshold,
+                   help="with --freeze auto: LP and MS level a frozen group must reach")
+    p.add_argument("--similarity", default=d.similarity, choices=sorted(SIMILARITIES),
+                   help="with --freeze auto: the similarity LP and MS are measured with")
+    p.add_argument("--layer-metrics", nargs="?", const="linear_cka", default=None,
+                   choices=sorted(SIMILARITIES), metavar="SIMILARITY",
+                   help="record LP and MS per layer after every task in results.json "
+                        "(default similarity: linear_cka)")
     p.add_argument("--frozen-bn", default=d.frozen_bn, choices=FROZEN_BN_MODES,
                    help="frozen layers' BatchNorm statistics: update (reference) or fixed")
     p.add_argument("--augment", type=_bool, default=None,
@@ -106,6 +116,10 @@ def format_table(results: dict) -> str:
     for mode in ("til", "cil"):
         lines.append(f"{mode.upper():14}{results['avg_' + mode]:8.2f}"
                      f"{results['forgetting_' + mode]:8.2f}{results['bwt_' + mode]:8.2f}")
+    if results.get("freeze_auto"):
+        auto = results["freeze_auto"]
+        lines.append(f"--freeze auto chose {auto['chosen']} at task {auto['task']} "
+                     f"({auto['similarity']} LP and MS >= {auto['threshold']})")
     lines.append(f"wall time {results['wall_time_s']:.1f} s")
     return "\n".join(lines)
 
@@ -132,7 +146,9 @@ def main(argv=None) -> int:
                     num_tasks=args.num_tasks, eval_split=args.eval_split, epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr, beta=args.beta,
                     buffer_size=args.buffer_size, ratio=args.ratio, nf=args.nf, seed=args.seed,
-                    freeze=args.freeze, frozen_bn=args.frozen_bn, augment=args.augment,
+                    freeze=args.freeze, freeze_threshold=args.freeze_threshold,
+                    similarity=args.similarity, layer_metrics=args.layer_metrics,
+                    frozen_bn=args.frozen_bn, augment=args.augment,
                     eval_batch_size=args.eval_batch_size)
     workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{args.strategy}-seed{args.seed}")
     try:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
+from lightcl_jax.metrics.similarity import SIMILARITIES
 from lightcl_jax.training.freezing import FREEZE_POINTS
 
 FROZEN_BN_MODES = ("update", "fixed")
@@ -41,7 +42,14 @@ class Config:
       ratio: fraction of each tap's channels chosen as vital per task.
       nf: width of the ResNet's first stage (64 = paper).
       seed: seed of initialisation, data order and augmentation.
-      freeze: freeze point for strategies that freeze (see `FREEZE_POINTS`).
+      freeze: freeze point for strategies that freeze (see `FREEZE_POINTS`), or
+        ``auto``: chosen from measured LP and MS by a probe at the first task
+        that freezes (see `lightcl_jax.training.loop.probe_freeze`).
+      freeze_threshold: LP and MS level a layer group must reach to be frozen
+        by ``auto``.
+      similarity: registered similarity that ``auto`` measures LP and MS with.
+      layer_metrics: None, or a registered similarity: record LP and MS per
+        layer after every task >= 1 in the results.
       frozen_bn: frozen layers' BatchNorm statistics: ``update`` keeps
         updating them from each batch as the reference does, ``fixed`` uses
         and keeps the running statistics.
@@ -65,6 +73,9 @@ class Config:
     nf: int | None = None
     seed: int = 0
     freeze: str = "stage3"
+    freeze_threshold: float = 0.9
+    similarity: str = "linear_cka"
+    layer_metrics: str | None = None
     frozen_bn: str = "update"
     augment: bool | None = None
     eval_batch_size: int = 256
@@ -93,8 +104,14 @@ class Config:
              f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
         need(self.eval_split in EVAL_SPLITS,
              f"eval_split must be one of {', '.join(EVAL_SPLITS)}; got {self.eval_split!r}")
-        need(self.freeze in FREEZE_POINTS,
-             f"unknown freeze point {self.freeze!r}; known: {', '.join(FREEZE_POINTS)}")
+        need(self.freeze in FREEZE_POINTS or self.freeze == "auto",
+             f"unknown freeze point {self.freeze!r}; known: {', '.join(FREEZE_POINTS)}, auto")
+        for field in ("similarity", "layer_metrics"):
+            name = getattr(self, field)
+            need(name is None and field == "layer_metrics" or name in SIMILARITIES,
+                 f"unknown {field} {name!r}; known: {', '.join(sorted(SIMILARITIES))}")
+        need(isinstance(self.freeze_threshold, (int, float)) and -1 <= self.freeze_threshold <= 1,
+             f"freeze_threshold must lie in [-1, 1]; got {self.freeze_threshold!r}")
         need(self.frozen_bn in FROZEN_BN_MODES,
              f"frozen_bn must be one of {', '.join(FROZEN_BN_MODES)}; got {self.frozen_bn!r}")
         need(self.epochs is None or (_is_int(self.epochs) and self.epochs >= 1),

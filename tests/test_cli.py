@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import run
+from lightcl_jax.training.freezing import FREEZE_POINTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"strategy", "dataset", "num_tasks", "seed", "config", "acc_til", "acc_cil", "avg_til",
@@ -74,9 +75,23 @@ def test_cli_on_mock_cifar10_through_tfds(tmp_path):
     (["--num-tasks", "3"], "positive divisor of the 10 classes"),
     (["--epochs", "two"], "invalid int value: 'two'"),
     (["--batch-size", "400"], "fewer than one batch of 400"),
+    (["--freeze", "stage9"], "invalid choice: 'stage9'"),
+    (["--layer-metrics", "nope"], "invalid choice: 'nope'"),
 ])
 def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, args, words):
     proc = _cli(*args, "--workdir", str(tmp_path / "w"))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_cli_freeze_auto_and_layer_metrics(tmp_path, capsys):
+    args = ["--freeze", "auto", "--layer-metrics", "cosine", "--num-tasks", "2", "--epochs", "1",
+            "--nf", "4", "--workdir", str(tmp_path), "--no-progress"]
+    assert run.main(args) == 0
+    results = _check_results(tmp_path / "results.json", "lightcl", "digits", 2)
+    auto = results["freeze_auto"]
+    assert results["phases"][1]["frozen"] == list(FREEZE_POINTS[auto["chosen"]])
+    assert [e["task"] for e in results["layer_metrics"]] == [1]
+    assert set(results["layer_metrics"][0]["layers"]["stem"]) == {"lp", "ms"}
+    assert f"--freeze auto chose {auto['chosen']} at task 1" in capsys.readouterr().out

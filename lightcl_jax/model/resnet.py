@@ -35,6 +35,11 @@ import jax.numpy as jnp
 # Layer groups in network order; parameter paths start with one of these.
 LAYER_GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
 
+# Blocks whose outputs `layer_features` returns (stem, every BasicBlock, head),
+# in network order; each belongs to the layer group its name starts with.
+LAYER_NAMES = ("stem",) + tuple(f"stage{s}_block{b}" for s in range(1, 5) for b in (1, 2)) + (
+    "head",)
+
 TAP_NAMES = (
     "stage4_block1_conv1",
     "stage4_block1_out",
@@ -122,6 +127,9 @@ class ResNet(nn.Module):
 
         h = _Conv(self.nf, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(x)
         h = nn.relu(_BatchNorm(use_running_average=running("stem"), name="stem_bn")(h))
+        # Block outputs go to the "intermediates" collection when it is mutable
+        # (`layer_features`); otherwise sow is a no-op and costs nothing.
+        self.sow("intermediates", "out_stem", h)
         taps = {}
         last_stage = len(self.stage_sizes)
         for stage, num_blocks in enumerate(self.stage_sizes, start=1):
@@ -131,6 +139,7 @@ class ResNet(nn.Module):
                 name = f"stage{stage}_block{block}"
                 h, first = BasicBlock(features, strides, name=name)(
                     h, use_running_average=running(f"stage{stage}"))
+                self.sow("intermediates", f"out_{name}", h)
                 if stage == last_stage:
                     taps[f"{name}_conv1"] = first
                     taps[f"{name}_out"] = h
@@ -139,10 +148,21 @@ class ResNet(nn.Module):
         # reference; a pre-trained backbone gets a fresh Xavier head (`fresh_head`).
         logits = nn.Dense(self.num_classes, kernel_init=_torch_conv_init,
                           bias_init=_torch_linear_bias_init(h.shape[-1]), name="head")(pooled)
+        self.sow("intermediates", "out_head", logits)
         return logits, taps
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
+
+
+def layer_features(model: ResNet, variables, x) -> dict[str, jax.Array]:
+    """Every block's output in evaluation mode, flattened to (samples, features).
+
+    Keys are `LAYER_NAMES` (for the default four stages of two blocks).
+    """
+    _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    return {name.removeprefix("out_"): value[0].reshape(x.shape[0], -1)
+            for name, value in state["intermediates"].items()}
 
 
 def layer_group(path: str) -> str:

@@ -29,6 +29,7 @@ import optax
 from lightcl_jax.config import Config
 from lightcl_jax.data.pipeline import epoch_batches, eval_batches, steps_per_epoch
 from lightcl_jax.data.streams import TaskStream, make_stream
+from lightcl_jax.metrics.generalizability import choose_freeze, generalizability
 from lightcl_jax.metrics.continual import (average_accuracy, backward_transfer, cil_predictions,
                                            forgetting, til_predictions)
 from lightcl_jax.model.resnet import ResNet18, fresh_head
@@ -281,9 +282,66 @@ def validate_stream(stream: TaskStream, config: Config) -> None:
                              f"than one batch of {config.batch_size}; lower --batch-size")
 
 
+# Probe samples per set for LP/MS: enough for a stable CKA, cheap to compare.
+PROBE_SIZE = 256
+
+
+def _variables(state: TrainState) -> dict:
+    """A copy of the model's variables (the train step donates the originals)."""
+    return jax.tree_util.tree_map(jnp.copy, {"params": state.params,
+                                             "batch_stats": state.batch_stats})
+
+
+def _probe_set(arrays: list[np.ndarray]) -> np.ndarray | None:
+    """Up to PROBE_SIZE samples, taken evenly from each array's start."""
+    if not arrays:
+        return None
+    per = max(1, PROBE_SIZE // len(arrays))
+    return np.concatenate([a[:per] for a in arrays])
+
+
+def probe_freeze(model, state: TrainState, stream: TaskStream, task_index: int, config: Config,
+                 *, augment: bool) -> tuple[str, dict]:
+    """What ``--freeze auto`` freezes, decided before training task ``task_index``.
+
+    A throwaway copy of the model trains every layer on task ``task_index``
+    for one epoch (same SGD, batch size and augmentation, its own seeded
+    order). LP is measured on up to `PROBE_SIZE` training samples of that task,
+    MS on up to `PROBE_SIZE` training samples of the earlier tasks (none when
+    a pre-trained run decides at task 0: MS is then not measured), with
+    ``config.similarity``, between the model before and after the probe.
+    `choose_freeze` with ``config.freeze_threshold`` picks the freeze point.
+    Evaluation data is never used. The model itself is not changed.
+
+    Returns:
+      (freeze point name, {layer: {"lp": float, "ms": float | None}}).
+    """
+    task = stream.tasks[task_index]
+    phase = Phase(frozen=(), fixed_bn=(), uses_memory=False)
+    tx = masked_optimizer(optax.sgd(config.lr), state.params, ())
+    step = jax.jit(make_train_step(model, tx, Strategy(), config, phase,
+                                   stream.classes_per_task), donate_argnums=(0,))
+    before = _variables(state)
+    probe = TrainState(params=before["params"], batch_stats=before["batch_stats"],
+                       opt_state=tx.init(before["params"]), step=jnp.zeros((), jnp.int32))
+    probe = jax.tree_util.tree_map(jnp.copy, probe)
+    rng = np.random.default_rng([config.seed, task_index, 1])
+    offset = jnp.asarray(task.class_offset, jnp.int32)
+    for x, y in epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
+                              augment=augment, fill=stream.pad_value):
+        probe, _, metrics = step(probe, None, x, y, offset)
+    _check_finite([metrics], 0, task_index)
+    after = {"params": probe.params, "batch_stats": probe.batch_stats}
+    x_old = _probe_set([t.x_train for t in stream.tasks[:task_index]])
+    metrics = generalizability(model, before, after, x_old, _probe_set([task.x_train]),
+                               config.similarity)
+    return choose_freeze(metrics, config.freeze_threshold), metrics
+
+
 def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                        init_variables: dict | None = None, progress: Progress | None = None,
-                       step_wrapper: Callable[[Callable], Callable] | None = None) -> dict:
+                       step_wrapper: Callable[[Callable], Callable] | None = None,
+                       on_task_end: Callable[[int, TrainState], None] | None = None) -> dict:
     """Runs a strategy over a task stream and evaluates after every task.
 
     Args:
@@ -294,12 +352,19 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
       progress: receives progress events (see `Progress`).
       step_wrapper: wraps each phase's pure train step before jit (tests pass
         `chex.assert_max_traces` here).
+      on_task_end: called as ``on_task_end(task_index, state)`` after each
+        task's training and evaluation (the state must not be kept: the next
+        step donates it; copy what you need).
 
     Returns:
       The results: ``acc_til``/``acc_cil`` accuracy matrices in percent (row
       i after task i, entry j on task j), their final averages, forgetting and
-      backward transfer, ``phases`` (which tasks ran in which compiled phase)
-      and ``wall_time_s``.
+      backward transfer, ``phases`` (which tasks ran in which compiled phase),
+      ``freeze_auto`` (the probe's choice and metrics, with ``--freeze auto``),
+      ``layer_metrics`` (with ``config.layer_metrics``: per task t >= 1, LP
+      and MS per layer between the models before and after task t, on up to
+      `PROBE_SIZE` held-out samples of task t and of the earlier tasks) and
+      ``wall_time_s``.
 
     Raises:
       ValueError: bad configuration or data.
@@ -324,11 +389,22 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
     compiled: dict[Phase, Callable] = {}
 
     memory = None
-    acc_til, acc_cil, phases = [], [], []
+    acc_til, acc_cil, phases, layer_metrics = [], [], [], []
+    freeze_auto = None
+    run_config = config  # config with "auto" replaced by the probe's choice
     for task in stream.tasks:
         t = task.index
-        phase, tx, step_fn = phase_step(model, strategy, config, state.params, t, pretrained,
-                                        classes_per_task)
+        if (config.freeze == "auto" and freeze_auto is None and strategy.frozen_groups(
+                dataclasses.replace(config, freeze="all-but-head"), t, pretrained)):
+            chosen, probe_metrics = probe_freeze(model, state, stream, t, config,
+                                                 augment=augment)
+            freeze_auto = {"task": t, "chosen": chosen, "threshold": config.freeze_threshold,
+                           "similarity": config.similarity, "metrics": probe_metrics}
+            run_config = dataclasses.replace(config, freeze=chosen)
+        if config.layer_metrics is not None and t >= 1:
+            before_task = _variables(state)
+        phase, tx, step_fn = phase_step(model, strategy, run_config, state.params, t,
+                                        pretrained, classes_per_task)
         if phase not in compiled:
             if step_wrapper is not None:
                 step_fn = step_wrapper(step_fn)
@@ -347,7 +423,7 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
             """Runs a strategy hook on the host; its forwards update BatchNorm statistics."""
             nonlocal state
             chain = BatchStatsChain(state.batch_stats)
-            result = hook(memory, config=config, task_index=t, batch=batch,
+            result = hook(memory, config=run_config, task_index=t, batch=batch,
                           forward=jitted_forward(model, chain, phase.fixed_bn),
                           params=state.params)
             state = state.replace(batch_stats=chain.latest)
@@ -380,7 +456,15 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         til_row, cil_row = evaluate(eval_step, state, stream, t + 1, config.eval_batch_size)
         acc_til.append(til_row)
         acc_cil.append(cil_row)
+        if config.layer_metrics is not None and t >= 1:
+            layers = generalizability(
+                model, before_task, {"params": state.params, "batch_stats": state.batch_stats},
+                _probe_set([p.x_eval for p in stream.tasks[:t]]), _probe_set([task.x_eval]),
+                config.layer_metrics)
+            layer_metrics.append({"task": t, "layers": layers})
         progress.end_task(t, til_row, cil_row)
+        if on_task_end is not None:
+            on_task_end(t, state)
 
     return {
         "strategy": config.strategy,
@@ -399,5 +483,7 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         "bwt_til": backward_transfer(acc_til),
         "bwt_cil": backward_transfer(acc_cil),
         "phases": phases,
+        "freeze_auto": freeze_auto,
+        **({"layer_metrics": layer_metrics} if config.layer_metrics is not None else {}),
         "wall_time_s": time.perf_counter() - start,
     }
