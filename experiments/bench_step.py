@@ -26,7 +26,8 @@ from lightcl_jax.accounting import compiled_train_step_cost
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
-from lightcl_jax.training.loop import (BatchStatsChain, create_train_state, jitted_forward,
+from lightcl_jax.training.loop import (BatchStatsChain, create_train_state,
+                                       jitted_eval_forward, jitted_forward,
                                        memory_at_task_start, phase_step)
 
 
@@ -47,8 +48,10 @@ def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: 
     memory = None
     if phase.uses_memory:
         chain = BatchStatsChain(state.batch_stats)
-        memory = memory_at_task_start(strategy, config, task_index, x,
-                                      jitted_forward(model, chain, phase.fixed_bn), state.params)
+        memory = memory_at_task_start(strategy, config, task_index, (x, y),
+                                      jitted_forward(model, chain, phase.fixed_bn),
+                                      jitted_eval_forward(model), state.params,
+                                      state.batch_stats, classes_per_task)
         state = state.replace(batch_stats=chain.latest)
     step = jax.jit(step, donate_argnums=(0, 1))
     offset = jnp.asarray(classes_per_task, jnp.int32)

@@ -57,6 +57,10 @@ class Config:
         default, on for CIFAR and off for digits, whose 8x8 strokes a flip
         or 4-pixel shift would change).
       eval_batch_size: batch size of evaluation.
+      derpp_alpha, derpp_beta: DER++'s weights of the logit MSE and of the
+        replayed cross-entropy (Mammoth's CIFAR-10 values).
+      ewc_lambda, ewc_gamma: online EWC's penalty weight and Fisher decay.
+      lwf_alpha, lwf_temperature: LwF's distillation weight and temperature.
     """
 
     strategy: str = "lightcl"
@@ -79,6 +83,12 @@ class Config:
     frozen_bn: str = "update"
     augment: bool | None = None
     eval_batch_size: int = 256
+    derpp_alpha: float = 0.1
+    derpp_beta: float = 0.5
+    ewc_lambda: float = 10.0
+    ewc_gamma: float = 1.0
+    lwf_alpha: float = 1.0
+    lwf_temperature: float = 2.0
 
     def resolved(self) -> "Config":
         """Validates, and fills the dataset-dependent defaults."""
@@ -123,9 +133,17 @@ class Config:
         need(self.lr > 0, f"lr must be > 0; got {self.lr!r}")
         need(self.beta >= 0, f"beta must be >= 0; got {self.beta!r}")
         need(0 < self.ratio <= 1, f"ratio must lie in (0, 1]; got {self.ratio!r}")
-        need(_is_int(self.buffer_size) and 1 <= self.buffer_size <= self.batch_size,
-             f"buffer_size must be an integer in [1, batch_size={self.batch_size}] (the buffer "
-             f"is taken from the first batch of a task); got {self.buffer_size!r}")
+        if self.strategy == "lightcl":
+            need(_is_int(self.buffer_size) and 1 <= self.buffer_size <= self.batch_size,
+                 f"buffer_size must be an integer in [1, batch_size={self.batch_size}] (LightCL "
+                 f"takes its buffer from one batch of a task); got {self.buffer_size!r}")
+        need(_is_int(self.buffer_size) and self.buffer_size >= 1,
+             f"buffer_size must be an integer >= 1; got {self.buffer_size!r}")
+        for field in ("derpp_alpha", "derpp_beta", "ewc_lambda", "lwf_alpha"):
+            need(getattr(self, field) >= 0, f"{field} must be >= 0; got {getattr(self, field)!r}")
+        need(0 <= self.ewc_gamma <= 1, f"ewc_gamma must lie in [0, 1]; got {self.ewc_gamma!r}")
+        need(self.lwf_temperature > 0,
+             f"lwf_temperature must be > 0; got {self.lwf_temperature!r}")
         need(self.nf is None or (_is_int(self.nf) and self.nf >= 1),
              f"nf must be an integer >= 1; got {self.nf!r}")
         need(self.num_tasks is None or (_is_int(self.num_tasks) and self.num_tasks >= 1),

@@ -136,19 +136,20 @@ def test_regulation_loss_starts_at_zero_on_the_old_model():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(np.float32))
     config = TINY.resolved()
     lightcl = LightCL()
-    memory = lightcl.end_task(None, config=config, task_index=0, batch=x, forward=forward,
-                              params=state.params)
-    memory = lightcl.begin_task(memory, config=config, task_index=1, batch=x,
-                                forward=forward, params=state.params)
+    hooks = dict(config=config, batch=(x, None), forward=forward, eval_forward=None,
+                 params=state.params, batch_stats=state.batch_stats, classes_per_task=2)
+    memory = lightcl.end_task(None, task_index=0, **hooks)
+    memory = lightcl.begin_task(memory, task_index=1, **hooks)
     assert memory.buffer_x.shape == (8, 8, 8, 1)
     # Both boundary forwards folded their statistics into the running ones, as the
     # reference's train-mode forwards do.
     assert not np.allclose(chain.latest["stage4_block1"]["bn1"]["mean"],
                            state.batch_stats["stage4_block1"]["bn1"]["mean"])
-    loss, terms = lightcl.extra_loss(forward, state.params, memory, config)
+    step_args = dict(x=x, y=None, class_offset=2, config=config, classes_per_task=2)
+    loss, terms = lightcl.extra_loss(forward, None, state.params, memory, **step_args)
     assert float(loss) == 0.0 and float(terms["regulation"]) == 0.0
     moved = jax.tree_util.tree_map(lambda p: p + 0.05, state.params)
-    assert float(lightcl.extra_loss(forward, moved, memory, config)[0]) > 0.0
+    assert float(lightcl.extra_loss(forward, None, moved, memory, **step_args)[0]) > 0.0
 
 
 def test_train_step_folds_buffer_then_batch_statistics_into_running_ones():
@@ -162,10 +163,10 @@ def test_train_step_folds_buffer_then_batch_statistics_into_running_ones():
     buffer_x = rng.normal(size=(8, 8, 8, 1)).astype(np.float32) + 2.0
     lightcl = LightCL()
     host = jitted_forward(model, BatchStatsChain(state.batch_stats), ())
-    memory = lightcl.end_task(None, config=config, task_index=0, batch=x, forward=host,
-                              params=state.params)
-    memory = lightcl.begin_task(memory, config=config, task_index=1, batch=buffer_x,
-                                forward=host, params=state.params)
+    hooks = dict(config=config, forward=host, eval_forward=None, params=state.params,
+                 batch_stats=state.batch_stats, classes_per_task=2)
+    memory = lightcl.end_task(None, task_index=0, batch=(x, y), **hooks)
+    memory = lightcl.begin_task(memory, task_index=1, batch=(buffer_x, y), **hooks)
     phase, tx, step = phase_step(model, lightcl, config, state.params, 1, False, 2)
     state = state.replace(opt_state=tx.init(state.params))
     old_mean = np.asarray(state.batch_stats["stem_bn"]["mean"])

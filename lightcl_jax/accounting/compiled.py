@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
-from lightcl_jax.training.loop import (BatchStatsChain, create_train_state, make_forward,
-                                       memory_at_task_start, phase_step)
+from lightcl_jax.training.loop import (BatchStatsChain, create_train_state, make_eval_forward,
+                                       make_forward, memory_at_task_start, phase_step)
 
 
 def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
@@ -50,10 +50,11 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
     memory = None
     if phase.uses_memory:
         memory = jax.eval_shape(
-            lambda params, batch_stats, batch: memory_at_task_start(
-                strategy, config, task_index, batch,
-                make_forward(model, BatchStatsChain(batch_stats), phase.fixed_bn), params),
-            state.params, state.batch_stats, x)
+            lambda params, batch_stats, x, y: memory_at_task_start(
+                strategy, config, task_index, (x, y),
+                make_forward(model, BatchStatsChain(batch_stats), phase.fixed_bn),
+                make_eval_forward(model), params, batch_stats, classes_per_task),
+            state.params, state.batch_stats, x, y)
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, memory, x, y, offset).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()

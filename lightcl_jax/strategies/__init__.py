@@ -1,10 +1,16 @@
 """Continual-learning strategies by name; `register_strategy` adds one."""
 
-from lightcl_jax.strategies.base import Strategy
+from lightcl_jax.strategies.base import Strategy, task_cross_entropy
 from lightcl_jax.strategies.finetune import Finetune
+from lightcl_jax.strategies.joint import Joint
 from lightcl_jax.strategies.lightcl import LightCL
+from lightcl_jax.strategies.regularization import LearningWithoutForgetting, OnlineEWC
+from lightcl_jax.strategies.replay import DERPlusPlus, ExperienceReplay
 
-STRATEGIES: dict[str, Strategy] = {"lightcl": LightCL(), "finetune": Finetune()}
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s for s in (LightCL(), Finetune(), Joint(), OnlineEWC(), LearningWithoutForgetting(),
+                        ExperienceReplay(), DERPlusPlus())
+}
 
 
 def register_strategy(strategy: Strategy) -> None:
@@ -20,4 +26,6 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
-__all__ = ["STRATEGIES", "Strategy", "Finetune", "LightCL", "register_strategy", "get_strategy"]
+__all__ = ["STRATEGIES", "Strategy", "Finetune", "LightCL", "Joint", "OnlineEWC",
+           "LearningWithoutForgetting", "ExperienceReplay", "DERPlusPlus", "register_strategy",
+           "get_strategy", "task_cross_entropy"]

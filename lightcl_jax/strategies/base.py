@@ -4,16 +4,30 @@ Every strategy shares the model, data, jitted train step and evaluation
 (`lightcl_jax.training.loop`). A strategy only says:
 
   * which layer groups are frozen in a task (`frozen_groups`);
+  * what it trains on in a task (`training_arrays`; default: the task's data);
   * whether the train step needs its memory state in a task (`uses_memory`);
-  * an extra loss added to the task's cross-entropy (`extra_loss`, traced
-    inside the jitted step);
-  * how its memory state changes at task boundaries (`begin_task`,
-    `end_task`, run on the host between jitted phases).
+  * extra losses added to the batch's cross-entropy, traced inside the
+    jitted step: `extra_loss` runs before the batch's forward pass (its own
+    forwards, e.g. over a buffer, come first, as LightCL's reference does),
+    `batch_loss` after it and sees the batch's logits (e.g. distillation);
+  * how the step changes its memory after the update (`after_step`, traced
+    inside the jitted step: replay buffers insert the batch here);
+  * how its memory changes at task boundaries (`begin_task`, `end_task`, run
+    on the host between jitted phases).
 
-Its memory state is any pytree (None when it has none). `forward(params, x)`
-handed to these methods runs the model in training mode and returns
-``(logits, taps)``; as in the reference, each call also folds its batch
-statistics into BatchNorm's running statistics (see `BatchStatsChain`).
+Its memory state is any pytree (None when it has none); it must keep one
+structure and shape within a phase, so the step compiles once.
+
+The functions handed to these methods:
+  * ``forward(params, x) -> (logits, taps)`` runs the model in training mode;
+    as in the reference, each call also folds its batch statistics into
+    BatchNorm's running statistics (see `BatchStatsChain`).
+  * ``eval_forward(params, batch_stats, x) -> (logits, taps)`` runs it in
+    evaluation mode (running statistics, nothing changes): for a frozen copy
+    of an old model, or for per-sample quantities such as a Fisher.
+
+Cross-entropy is task-masked everywhere, as in the reference: a sample of
+class y is scored over its own task's logits only (`task_cross_entropy`).
 """
 
 from __future__ import annotations
@@ -23,10 +37,33 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from lightcl_jax.config import Config
 
 Forward = Callable[[Any, jax.Array], tuple[jax.Array, dict]]
+EvalForward = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+def task_cross_entropy(logits: jax.Array, labels: jax.Array, classes_per_task: int) -> jax.Array:
+    """Per-sample cross-entropy over each sample's own task's logits.
+
+    Tasks are consecutive class groups of ``classes_per_task``; a sample of
+    class y belongs to the task starting at y - y % classes_per_task, and its
+    label is shifted to 0..classes_per_task-1.
+
+    Args:
+      logits: (N, K) logits over all classes.
+      labels: (N,) int global class ids.
+      classes_per_task: classes in each task (static).
+
+    Returns:
+      (N,) float32 losses.
+    """
+    first = labels - labels % classes_per_task
+    columns = first[:, None] + jnp.arange(classes_per_task, dtype=labels.dtype)[None, :]
+    task_logits = jnp.take_along_axis(logits, columns, axis=1)
+    return optax.softmax_cross_entropy_with_integer_labels(task_logits, labels - first)
 
 
 class Strategy:
@@ -37,24 +74,49 @@ class Strategy:
     def frozen_groups(self, config: Config, task_index: int, pretrained: bool) -> tuple[str, ...]:
         return ()
 
+    def training_arrays(self, stream, task_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) to train on in task ``task_index``; default: that task's training data."""
+        task = stream.tasks[task_index]
+        return task.x_train, task.y_train
+
     def uses_memory(self, task_index: int) -> bool:
         return False
 
-    def extra_loss(self, forward: Forward, params: Any, memory: Any,
-                   config: Config) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Returns (scalar loss added to the cross-entropy, named terms to report)."""
+    def extra_loss(self, forward: Forward, eval_forward: EvalForward, params: Any, memory: Any,
+                   *, x: jax.Array, y: jax.Array, class_offset: jax.Array, config: Config,
+                   classes_per_task: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns (scalar loss added to the cross-entropy, named terms to report).
+
+        ``x``, ``y`` are the training batch and ``class_offset`` the current
+        task's first class (traced scalar).
+        """
         return jnp.zeros((), jnp.float32), {}
 
-    def begin_task(self, memory: Any, *, config: Config, task_index: int, batch: np.ndarray,
-                   forward: Forward, params: Any) -> Any:
+    def batch_loss(self, logits: jax.Array, eval_forward: EvalForward, memory: Any, *,
+                   x: jax.Array, y: jax.Array, class_offset: jax.Array, config: Config,
+                   classes_per_task: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Like `extra_loss`, given the batch's ``logits`` (differentiable)."""
+        return jnp.zeros((), jnp.float32), {}
+
+    def after_step(self, memory: Any, *, x: jax.Array, y: jax.Array, logits: jax.Array,
+                   config: Config) -> Any:
+        """Memory after a step; ``logits`` are the batch's, from before the update."""
+        return memory
+
+    def begin_task(self, memory: Any, *, config: Config, task_index: int,
+                   batch: tuple[np.ndarray, np.ndarray], forward: Forward,
+                   eval_forward: EvalForward, params: Any, batch_stats: Any,
+                 classes_per_task: int) -> Any:
         """Memory at the start of a task, before its first step.
 
-        ``batch`` is a fresh shuffled (and augmented) training batch of the new
-        task, as the reference's ``next(iter(loader))``.
+        ``batch`` is a fresh shuffled (and augmented) training batch ``(x, y)``
+        of the new task, as the reference's ``next(iter(loader))``.
         """
         return memory
 
-    def end_task(self, memory: Any, *, config: Config, task_index: int, batch: np.ndarray,
-                 forward: Forward, params: Any) -> Any:
+    def end_task(self, memory: Any, *, config: Config, task_index: int,
+                 batch: tuple[np.ndarray, np.ndarray], forward: Forward,
+                 eval_forward: EvalForward, params: Any, batch_stats: Any,
+                 classes_per_task: int) -> Any:
         """Memory after the last step of a task; ``batch`` is a fresh training batch of it."""
         return memory

@@ -31,20 +31,23 @@ class LightCL(Strategy):
     def uses_memory(self, task_index):
         return task_index >= 1
 
-    def extra_loss(self, forward, params, memory: FeatureMemory, config):
+    def extra_loss(self, forward, eval_forward, params, memory: FeatureMemory, *, x, y,
+                   class_offset, config, classes_per_task):
         logits, taps = forward(params, memory.buffer_x)
         loss = regulation_loss(taps, logits, memory, config.beta)
         return loss, {"regulation": loss}
 
-    def begin_task(self, memory, *, config, task_index, batch, forward, params):
+    def begin_task(self, memory, *, config, task_index, batch, forward, eval_forward, params,
+                   batch_stats, classes_per_task):
         if task_index == 0:
             return memory
-        buffer_x = batch[:config.buffer_size]
+        buffer_x = batch[0][:config.buffer_size]
         ref_logits, ref_taps = forward(params, buffer_x)
         return build_memory(buffer_x, ref_logits, ref_taps, memory.vital_masks)
 
-    def end_task(self, memory, *, config, task_index, batch, forward, params):
-        _, taps = forward(params, batch)
+    def end_task(self, memory, *, config, task_index, batch, forward, eval_forward, params,
+                 batch_stats, classes_per_task):
+        _, taps = forward(params, batch[0])
         masks = update_vital_masks(None if memory is None else memory.vital_masks, taps,
                                    config.ratio)
         if memory is None:

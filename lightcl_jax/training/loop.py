@@ -34,6 +34,7 @@ from lightcl_jax.metrics.continual import (average_accuracy, backward_transfer, 
                                            forgetting, til_predictions)
 from lightcl_jax.model.resnet import ResNet18, fresh_head
 from lightcl_jax.strategies import Strategy, get_strategy
+from lightcl_jax.strategies.base import task_cross_entropy
 from lightcl_jax.training.freezing import masked_optimizer
 
 
@@ -154,11 +155,30 @@ def make_forward(model, chain: BatchStatsChain, fixed_bn: tuple[str, ...]):
     return forward
 
 
+def make_eval_forward(model):
+    """``eval_forward(params, batch_stats, x) -> (logits, taps)`` in evaluation mode."""
+    def eval_forward(params, batch_stats, x):
+        return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    return eval_forward
+
+
 @functools.partial(jax.jit, static_argnames=("model", "fixed_bn"))
 def _train_forward(model, params, batch_stats, x, fixed_bn):
     chain = BatchStatsChain(batch_stats)
     logits, taps = make_forward(model, chain, fixed_bn)(params, x)
     return logits, taps, chain.latest
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _eval_forward(model, params, batch_stats, x):
+    return make_eval_forward(model)(params, batch_stats, x)
+
+
+def jitted_eval_forward(model):
+    """`make_eval_forward`'s jitted twin for the host."""
+    def eval_forward(params, batch_stats, x):
+        return _eval_forward(model, params, batch_stats, jnp.asarray(x))
+    return eval_forward
 
 
 def jitted_forward(model, chain: BatchStatsChain, fixed_bn: tuple[str, ...]):
@@ -178,8 +198,9 @@ def make_train_step(model, tx: optax.GradientTransformation, strategy: Strategy,
     """Returns the pure train step of one phase (jit it with donated state).
 
     ``train_step(state, memory, x, y, class_offset) -> (state, memory, metrics)``:
-    cross-entropy over the task's own logits (labels shifted to 0..C-1) plus
-    the strategy's extra loss, one optax update. As in the reference, the
+    cross-entropy over each sample's own task's logits (labels shifted to
+    0..C-1; `task_cross_entropy`) plus the strategy's extra loss, one optax
+    update, then the strategy's `after_step` on its memory. As in the reference, the
     strategy's forward passes (LightCL: the buffer) run first, then the
     batch's, and each folds its statistics into BatchNorm's running ones.
     ``metrics`` holds scalar ``loss``, ``ce`` and the strategy's terms.
@@ -191,19 +212,28 @@ def make_train_step(model, tx: optax.GradientTransformation, strategy: Strategy,
             loss = jnp.zeros((), jnp.float32)
             terms = {}
             if phase.uses_memory:
-                loss, terms = strategy.extra_loss(forward, params, memory, config)
+                loss, terms = strategy.extra_loss(
+                    forward, make_eval_forward(model), params, memory, x=x, y=y,
+                    class_offset=class_offset, config=config, classes_per_task=classes_per_task)
             logits, _ = forward(params, x)
-            task_logits = jax.lax.dynamic_slice_in_dim(logits, class_offset, classes_per_task, 1)
-            ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-                task_logits, y - class_offset))
-            return ce + loss, (chain.latest, {"ce": ce, **terms})
+            ce = jnp.mean(task_cross_entropy(logits, y, classes_per_task))
+            if phase.uses_memory:
+                after, after_terms = strategy.batch_loss(
+                    logits, make_eval_forward(model), memory, x=x, y=y,
+                    class_offset=class_offset, config=config, classes_per_task=classes_per_task)
+                loss = loss + after
+                terms = {**terms, **after_terms}
+            return ce + loss, (chain.latest, logits, {"ce": ce, **terms})
 
-        (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
+        (loss, (batch_stats, logits, terms)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(params=params, batch_stats=batch_stats, opt_state=opt_state,
                                step=state.step + 1)
+        if phase.uses_memory:
+            memory = strategy.after_step(memory, x=x, y=y, logits=jax.lax.stop_gradient(logits),
+                                         config=config)
         return new_state, memory, {"loss": loss, **terms}
 
     return train_step
@@ -228,16 +258,18 @@ def phase_step(model, strategy: Strategy, config: Config, params, task_index: in
 
 
 def memory_at_task_start(strategy: Strategy, config: Config, task_index: int, batch,
-                         forward, params):
+                         forward, eval_forward, params, batch_stats, classes_per_task: int):
     """The strategy's memory at the start of ``task_index`` if every earlier task
-    ended, and this one began, on ``batch``: the right shapes for compiling or
-    timing a step without training a stream first (usable under `jax.eval_shape`)."""
+    ended, and this one began, on ``batch`` = (x, y): the right shapes for
+    compiling or timing a step without training a stream first (usable under
+    `jax.eval_shape`)."""
     memory = None
+    kwargs = dict(config=config, batch=batch, forward=forward, eval_forward=eval_forward,
+                  params=params, batch_stats=batch_stats, classes_per_task=classes_per_task)
     for t in range(task_index):
-        memory = strategy.end_task(memory, config=config, task_index=t, batch=batch,
-                                   forward=forward, params=params)
-    return strategy.begin_task(memory, config=config, task_index=task_index, batch=batch,
-                               forward=forward, params=params)
+        memory = strategy.begin_task(memory, task_index=t, **kwargs)
+        memory = strategy.end_task(memory, task_index=t, **kwargs)
+    return strategy.begin_task(memory, task_index=task_index, **kwargs)
 
 
 def evaluate(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
@@ -386,6 +418,7 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                                init_variables=init_variables)
     classes_per_task = stream.classes_per_task
     eval_step = jax.jit(make_eval_step(model, classes_per_task))
+    eval_forward = jitted_eval_forward(model)
     compiled: dict[Phase, Callable] = {}
 
     memory = None
@@ -415,8 +448,10 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         state = state.replace(opt_state=tx.init(state.params))
         rng = np.random.default_rng([config.seed, t])
 
+        x_train, y_train = strategy.training_arrays(stream, t)
+
         def batches():
-            return epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
+            return epoch_batches(x_train, y_train, config.batch_size, rng,
                                  augment=augment, fill=stream.pad_value)
 
         def at_boundary(hook, batch):
@@ -425,13 +460,14 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
             chain = BatchStatsChain(state.batch_stats)
             result = hook(memory, config=run_config, task_index=t, batch=batch,
                           forward=jitted_forward(model, chain, phase.fixed_bn),
-                          params=state.params)
+                          eval_forward=eval_forward, params=state.params,
+                          batch_stats=state.batch_stats, classes_per_task=classes_per_task)
             state = state.replace(batch_stats=chain.latest)
             return result
 
         # As the reference's next(iter(loader)): a fresh shuffled batch of the new task.
-        memory = at_boundary(strategy.begin_task, next(batches())[0])
-        per_epoch = steps_per_epoch(len(task.x_train), config.batch_size)
+        memory = at_boundary(strategy.begin_task, next(batches()))
+        per_epoch = steps_per_epoch(len(x_train), config.batch_size)
         progress.start_task(t, per_epoch * config.epochs)
         offset = jnp.asarray(task.class_offset, jnp.int32)
         step_in_task = 0
@@ -452,7 +488,7 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                 epoch_metrics = _check_finite(losses, step_in_task - len(losses), t)
             progress.advance(0, {"epoch": epoch + 1, **epoch_metrics})
 
-        memory = at_boundary(strategy.end_task, next(batches())[0])
+        memory = at_boundary(strategy.end_task, next(batches()))
         til_row, cil_row = evaluate(eval_step, state, stream, t + 1, config.eval_batch_size)
         acc_til.append(til_row)
         acc_cil.append(cil_row)

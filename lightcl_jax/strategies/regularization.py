@@ -1,0 +1,122 @@
+"""``ewc`` (online EWC) and ``lwf`` (Learning without Forgetting).
+
+Online EWC (Schwarz et al. 2018), diagonal Fisher:
+  * end of task t: F_t = mean over one training batch of (d log p(y|x) / d theta)^2
+    (the empirical Fisher of the task-masked log-likelihood, per sample, in
+    evaluation mode), accumulated F = ewc_gamma x F + F_t; theta* = theta.
+  * tasks t >= 1: + ewc_lambda x sum(F x (theta - theta*)^2).
+
+LwF (Li & Hoiem 2016), as a class-incremental distillation:
+  * start of task t >= 1: keep a copy of the model (parameters and BatchNorm
+    statistics).
+  * tasks t >= 1: + lwf_alpha x cross-entropy between the old model's and the
+    current model's softened (temperature lwf_temperature) distributions over
+    the classes of earlier tasks, on the current batch. The old model runs in
+    evaluation mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lightcl_jax.strategies.base import Strategy, task_cross_entropy
+
+
+class EWCMemory(NamedTuple):
+    fisher: Any   # pytree like params: accumulated diagonal Fisher
+    anchor: Any   # pytree like params: parameters at the end of the last task
+
+
+def diagonal_fisher(log_likelihood: Callable, params: Any, xs: jax.Array, ys: jax.Array) -> Any:
+    """Mean over samples of the squared gradient of ``log_likelihood(params, x, y)``.
+
+    Args:
+      log_likelihood: ``(params, x, y) -> scalar`` for one sample.
+      params: the pytree to differentiate.
+      xs, ys: samples, stacked on the first axis.
+
+    Returns:
+      A pytree like ``params``.
+    """
+    grads = jax.vmap(jax.grad(log_likelihood), in_axes=(None, 0, 0))(params, xs, ys)
+    return jax.tree_util.tree_map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
+
+
+def ewc_penalty(params: Any, memory: EWCMemory) -> jax.Array:
+    """sum over all parameters of F x (theta - theta*)^2."""
+    terms = jax.tree_util.tree_map(lambda f, p, a: jnp.sum(f * jnp.square(p - a)),
+                                   memory.fisher, params, memory.anchor)
+    return sum(jax.tree_util.tree_leaves(terms))
+
+
+class OnlineEWC(Strategy):
+    name = "ewc"
+
+    def uses_memory(self, task_index):
+        return task_index >= 1
+
+    def extra_loss(self, forward, eval_forward, params, memory, *, x, y, class_offset, config,
+                   classes_per_task):
+        penalty = ewc_penalty(params, memory)
+        return config.ewc_lambda * penalty, {"ewc_penalty": penalty}
+
+    def end_task(self, memory, *, config, task_index, batch, forward, eval_forward, params,
+                 batch_stats, classes_per_task):
+        x, y = jnp.asarray(batch[0]), jnp.asarray(batch[1])
+
+        def log_likelihood(p, xi, yi):
+            logits, _ = eval_forward(p, batch_stats, xi[None])
+            return -task_cross_entropy(logits, yi[None], classes_per_task)[0]
+
+        fisher = _jit_fisher(log_likelihood, params, x, y)
+        if memory is not None:
+            fisher = jax.tree_util.tree_map(lambda old, new: config.ewc_gamma * old + new,
+                                            memory.fisher, fisher)
+        return EWCMemory(fisher=fisher, anchor=jax.tree_util.tree_map(jnp.copy, params))
+
+
+def _jit_fisher(log_likelihood, params, x, y):
+    return jax.jit(lambda p, a, b: diagonal_fisher(log_likelihood, p, a, b))(params, x, y)
+
+
+class LwFMemory(NamedTuple):
+    params: Any        # the old model's parameters
+    batch_stats: Any   # the old model's BatchNorm statistics
+
+
+def distillation_loss(new_logits: jax.Array, old_logits: jax.Array, num_old_classes: jax.Array,
+                      temperature: float) -> jax.Array:
+    """Mean over samples of -sum_c p_old(c) log p_new(c) over the first classes.
+
+    Both distributions are softmaxes at ``temperature`` over classes
+    [0, num_old_classes) only (a traced count).
+    """
+    old_mask = jnp.arange(new_logits.shape[1])[None, :] < num_old_classes
+    neg = jnp.finfo(new_logits.dtype).min
+    p_old = jax.nn.softmax(jnp.where(old_mask, old_logits / temperature, neg), axis=1)
+    log_p_new = jax.nn.log_softmax(jnp.where(old_mask, new_logits / temperature, neg), axis=1)
+    return -jnp.mean(jnp.sum(jnp.where(old_mask, p_old * log_p_new, 0.0), axis=1))
+
+
+class LearningWithoutForgetting(Strategy):
+    name = "lwf"
+
+    def uses_memory(self, task_index):
+        return task_index >= 1
+
+    def begin_task(self, memory, *, config, task_index, batch, forward, eval_forward, params,
+                   batch_stats, classes_per_task):
+        if task_index == 0:
+            return None
+        copy = jax.tree_util.tree_map(jnp.copy, (params, batch_stats))
+        return LwFMemory(params=copy[0], batch_stats=copy[1])
+
+    def batch_loss(self, logits, eval_forward, memory, *, x, y, class_offset, config,
+                   classes_per_task):
+        old_logits, _ = eval_forward(memory.params, memory.batch_stats, x)
+        kd = distillation_loss(logits, jax.lax.stop_gradient(old_logits), class_offset,
+                               config.lwf_temperature)
+        return config.lwf_alpha * kd, {"distillation": kd}
