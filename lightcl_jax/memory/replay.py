@@ -79,7 +79,8 @@ def replay_batch(buffer: ReplayBuffer, max_size: int):
     valid = valid_mask(buffer)
     if size <= max_size:
         return jnp.arange(size), valid
-    key = jax.random.fold_in(jax.random.fold_in(buffer.key, -1), buffer.num_seen)
+    # A second stream of draws, apart from the insertion draws folded in by position.
+    key = jax.random.fold_in(jax.random.fold_in(buffer.key, 2**31 - 1), buffer.num_seen)
     scores = jnp.where(valid, jax.random.uniform(key, (size,)), -1.0)
     _, index = jax.lax.top_k(scores, max_size)
     return index, valid[index]
