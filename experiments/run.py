@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", type=_bool, default=None,
                    help="random crop + flip: on/off (default: on for cifar, off for digits)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--derpp-alpha", type=float, default=d.derpp_alpha, help="DER++ logit MSE weight")
+    p.add_argument("--derpp-beta", type=float, default=d.derpp_beta,
+                   help="DER++ replayed cross-entropy weight")
+    p.add_argument("--ewc-lambda", type=float, default=d.ewc_lambda, help="online EWC weight")
+    p.add_argument("--ewc-gamma", type=float, default=d.ewc_gamma,
+                   help="online EWC Fisher decay, [0, 1]")
+    p.add_argument("--lwf-alpha", type=float, default=d.lwf_alpha, help="LwF distillation weight")
+    p.add_argument("--lwf-temperature", type=float, default=d.lwf_temperature,
+                   help="LwF distillation temperature")
     p.add_argument("--workdir", default=None,
                    help="where results.json goes (default: runs/<dataset>-<strategy>-seed<seed>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -149,7 +158,10 @@ def main(argv=None) -> int:
                     freeze=args.freeze, freeze_threshold=args.freeze_threshold,
                     similarity=args.similarity, layer_metrics=args.layer_metrics,
                     frozen_bn=args.frozen_bn, augment=args.augment,
-                    eval_batch_size=args.eval_batch_size)
+                    eval_batch_size=args.eval_batch_size, derpp_alpha=args.derpp_alpha,
+                    derpp_beta=args.derpp_beta, ewc_lambda=args.ewc_lambda,
+                    ewc_gamma=args.ewc_gamma, lwf_alpha=args.lwf_alpha,
+                    lwf_temperature=args.lwf_temperature)
     workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{args.strategy}-seed{args.seed}")
     try:
         config.validate()

@@ -179,3 +179,22 @@ def test_joint_trains_on_every_task_seen_so_far():
     x, y = STRATEGIES["joint"].training_arrays(stream, 1)
     assert len(x) == len(stream.tasks[0].x_train) + len(stream.tasks[1].x_train)
     assert set(np.unique(y)) == {0, 1, 2, 3}
+
+
+def test_build_md_strategy_example_registers_and_trains(monkeypatch):
+    import os
+    import re
+    build = open(os.path.join(os.path.dirname(__file__), "..", "BUILD.md")).read()
+    code = re.search(r"```python\n(.*?)```", build[build.index("A new strategy"):], re.S).group(1)
+    # Run the documented example on the tiny stream instead of the digits default.
+    code = code.replace('lcl.train_and_evaluate(lcl.Config(strategy="l2"))',
+                        'lcl.train_and_evaluate(TINY_L2, STREAM)')
+    namespace = {"TINY_L2": dataclasses.replace(TINY, strategy="l2"),
+                 "STREAM": _tiny_stream(num_tasks=2)}
+    try:
+        exec(code, namespace)
+        results = namespace["results"]
+        assert [len(row) for row in results["acc_til"]] == [1, 2]
+        assert results["phases"][1]["memory"] is True
+    finally:
+        STRATEGIES.pop("l2", None)

@@ -17,6 +17,7 @@ LwF (Li & Hoiem 2016), as a class-incremental distillation:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -66,20 +67,22 @@ class OnlineEWC(Strategy):
     def end_task(self, memory, *, config, task_index, batch, forward, eval_forward, params,
                  batch_stats, classes_per_task):
         x, y = jnp.asarray(batch[0]), jnp.asarray(batch[1])
-
-        def log_likelihood(p, xi, yi):
-            logits, _ = eval_forward(p, batch_stats, xi[None])
-            return -task_cross_entropy(logits, yi[None], classes_per_task)[0]
-
-        fisher = _jit_fisher(log_likelihood, params, x, y)
+        fisher = _fisher_fn(eval_forward, classes_per_task)(params, batch_stats, x, y)
         if memory is not None:
             fisher = jax.tree_util.tree_map(lambda old, new: config.ewc_gamma * old + new,
                                             memory.fisher, fisher)
         return EWCMemory(fisher=fisher, anchor=jax.tree_util.tree_map(jnp.copy, params))
 
 
-def _jit_fisher(log_likelihood, params, x, y):
-    return jax.jit(lambda p, a, b: diagonal_fisher(log_likelihood, p, a, b))(params, x, y)
+@functools.lru_cache(maxsize=8)
+def _fisher_fn(eval_forward, classes_per_task: int):
+    """The jitted Fisher of one run's model: compiled once, reused at every task end."""
+    def fisher(params, batch_stats, x, y):
+        def log_likelihood(p, xi, yi):
+            logits, _ = eval_forward(p, batch_stats, xi[None])
+            return -task_cross_entropy(logits, yi[None], classes_per_task)[0]
+        return diagonal_fisher(log_likelihood, params, x, y)
+    return jax.jit(fisher)
 
 
 class LwFMemory(NamedTuple):
