@@ -7,8 +7,10 @@ task t >= 1, measures LP and MS per layer (stem, each block, head) between the
 models before and after task t, on held-out samples of task t (LP) and of the
 earlier tasks (MS). Writes ``layer_metrics.json`` and ``layer_metrics.png``
 (layers x tasks, one panel each for LP and MS) into the workdir, and prints the
-freeze point that ``--freeze auto`` would choose for this stream and seed (its
-one-epoch probe from the model after task 0, on training samples).
+freeze point that ``--freeze auto``'s probe chooses from this run's model after
+task 0 (one epoch on task 1, training samples). A LightCL run's model after
+task 0 also carries the BatchNorm update of its vital-channel forward, so its
+choice can differ slightly.
 Exit codes: 0 done, 2 bad flag value or data, 1 training diverged.
 """
 
@@ -33,7 +35,7 @@ def build_parser():
                    help="epochs per task (default: digits 10, cifar 50)")
     p.add_argument("--nf", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--similarity", default="linear_cka", choices=sorted(SIMILARITIES))
+    p.add_argument("--similarity", default=Config().similarity, choices=sorted(SIMILARITIES))
     p.add_argument("--threshold", type=float, default=Config().freeze_threshold,
                    help="LP and MS level a layer group must reach to be frozen")
     p.add_argument("--workdir", default=None,
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
     print("freeze point by the rule (LP and MS >= "
           f"{args.threshold}) on each task's measurement: "
           + ", ".join(f"task {t}: {c}" for t, c in by_task.items()))
-    print(f"--freeze auto would choose: {auto_choice} (one-epoch probe on task 1 from the "
+    print(f"--freeze auto's probe chooses: {auto_choice} (one epoch on task 1 from this run's "
           "model after task 0)")
     print(f"written: {json_path}, {png_path}")
     return 0

@@ -10,7 +10,9 @@ on the same stream, model and settings, and writes into the workdir:
     CIL and TIL forgetting (mean), whole-run training FLOPs, the largest
     train step's bytes and those of the step of tasks >= 1 (all from XLA's
     analysis of the compiled steps: arguments + temporaries + outputs not
-    aliased), and the mean wall time of a run;
+    aliased), and the mean wall time of a run. The cost columns count train
+    steps only, not the work at task boundaries (EWC's Fisher pass, LightCL's
+    reference and vital-channel forwards, LwF's copy);
   * ``<strategy>-seed<k>.json``: each run's full results.
 Exit codes: 0 done, 2 bad flag value or data, 1 a run diverged.
 """

@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --freeze auto: LP and MS level a frozen group must reach")
     p.add_argument("--similarity", default=d.similarity, choices=sorted(SIMILARITIES),
                    help="with --freeze auto: the similarity LP and MS are measured with")
-    p.add_argument("--layer-metrics", nargs="?", const="linear_cka", default=None,
+    p.add_argument("--layer-metrics", nargs="?", const=d.similarity, default=None,
                    choices=sorted(SIMILARITIES), metavar="SIMILARITY",
                    help="record LP and MS per layer after every task in results.json "
-                        "(default similarity: linear_cka)")
+                        f"(default similarity: {d.similarity})")
     p.add_argument("--frozen-bn", default=d.frozen_bn, choices=FROZEN_BN_MODES,
                    help="frozen layers' BatchNorm statistics: update (reference) or fixed")
     p.add_argument("--augment", type=_bool, default=None,

@@ -78,7 +78,7 @@ class Config:
     seed: int = 0
     freeze: str = "stage3"
     freeze_threshold: float = 0.9
-    similarity: str = "linear_cka"
+    similarity: str = "linear_cka_debiased"
     layer_metrics: str | None = None
     frozen_bn: str = "update"
     augment: bool | None = None

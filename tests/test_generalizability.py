@@ -69,10 +69,10 @@ def test_auto_freeze_with_cka_picks_a_prefix_and_finetune_never_probes():
     stream = _tiny_stream(num_tasks=2)
     results = train_and_evaluate(dataclasses.replace(TINY, freeze="auto"), stream)
     auto = results["freeze_auto"]
-    assert auto["chosen"] in FREEZE_POINTS and auto["similarity"] == "linear_cka"
+    assert auto["chosen"] in FREEZE_POINTS and auto["similarity"] == "linear_cka_debiased"
     assert results["phases"][1]["frozen"] == list(FREEZE_POINTS[auto["chosen"]])
     lp = [auto["metrics"][layer]["lp"] for layer in LAYER_NAMES]
-    assert all(0.0 <= v <= 1.0 + 1e-6 for v in lp)
+    assert all(-0.2 <= v <= 1.0 + 1e-6 for v in lp)  # debiased CKA may dip below 0
     finetune = train_and_evaluate(dataclasses.replace(TINY, strategy="finetune", freeze="auto"),
                                   stream)
     assert finetune["freeze_auto"] is None

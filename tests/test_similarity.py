@@ -5,7 +5,8 @@ import pytest
 
 from lightcl_jax.metrics.generalizability import choose_freeze
 from lightcl_jax.metrics.similarity import (SIMILARITIES, cosine_similarity, get_similarity,
-                                            linear_cka, param_similarity, register_similarity)
+                                            linear_cka, linear_cka_debiased, param_similarity,
+                                            register_similarity)
 from lightcl_jax.model.resnet import LAYER_NAMES
 
 
@@ -49,10 +50,41 @@ def test_cka_properties(xy):
         a = jax.random.normal(jax.random.PRNGKey(seed), (16, 5))
         b = jax.random.normal(jax.random.PRNGKey(seed + 10), (16, 9))
         assert 0.0 <= float(linear_cka(a, b)) <= 1.0
-    assert float(linear_cka(jnp.ones((5, 3)), x[:5])) == 0.0  # no variance
+    assert float(linear_cka(jnp.ones((5, 3)), x[:5])) == 0.0  # one side has no variance
+    assert float(linear_cka(jnp.ones((5, 3)), jnp.ones((5, 2)))) == 1.0  # neither has
     assert float(jax.jit(linear_cka)(x, y)) == pytest.approx(float(linear_cka(x, y)), rel=1e-6)
     with pytest.raises(ValueError, match="same samples"):
         linear_cka(x, y[:10])
+
+
+def _numpy_debiased_cka(x, y):
+    """Unbiased HSIC (Song et al. 2012) with plain loops over the formula's terms."""
+    n = x.shape[0]
+
+    def hsic_u(k, l):
+        k, l = k.copy(), l.copy()
+        np.fill_diagonal(k, 0.0)
+        np.fill_diagonal(l, 0.0)
+        ones = np.ones(n)
+        return (np.trace(k @ l) + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
+                - 2.0 / (n - 2) * (ones @ k @ l @ ones)) / (n * (n - 3))
+    k, l = x @ x.T, y @ y.T
+    return hsic_u(k, l) / np.sqrt(hsic_u(k, k) * hsic_u(l, l))
+
+
+def test_debiased_cka_matches_numpy_and_removes_the_width_bias(xy):
+    x, y = xy
+    np.testing.assert_allclose(float(linear_cka_debiased(x, y)),
+                               _numpy_debiased_cka(x.astype(np.float64), y.astype(np.float64)),
+                               rtol=1e-3)
+    np.testing.assert_allclose(float(linear_cka_debiased(x, 3.0 * x)), 1.0, rtol=1e-5)
+    # Independent Gaussians, 36 samples x 1024 features: the plain estimator reads high.
+    a = jax.random.normal(jax.random.PRNGKey(0), (36, 1024))
+    b = jax.random.normal(jax.random.PRNGKey(1), (36, 1024))
+    assert float(linear_cka(a, b)) > 0.9
+    assert abs(float(linear_cka_debiased(a, b))) < 0.15
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        linear_cka_debiased(a[:3], b[:3])
 
 
 def test_cosine_and_param_similarity_by_hand():

@@ -34,6 +34,10 @@ class EWCMemory(NamedTuple):
 def diagonal_fisher(log_likelihood: Callable, params: Any, xs: jax.Array, ys: jax.Array) -> Any:
     """Mean over samples of the squared gradient of ``log_likelihood(params, x, y)``.
 
+    Per-sample gradients are taken one at a time (a scan that accumulates
+    their squares), so the pass needs the memory of one gradient, not one per
+    sample.
+
     Args:
       log_likelihood: ``(params, x, y) -> scalar`` for one sample.
       params: the pytree to differentiate.
@@ -42,8 +46,15 @@ def diagonal_fisher(log_likelihood: Callable, params: Any, xs: jax.Array, ys: ja
     Returns:
       A pytree like ``params``.
     """
-    grads = jax.vmap(jax.grad(log_likelihood), in_axes=(None, 0, 0))(params, xs, ys)
-    return jax.tree_util.tree_map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
+    grad = jax.grad(log_likelihood)
+
+    def add(total, sample):
+        g = grad(params, *sample)
+        return jax.tree_util.tree_map(lambda t, gi: t + jnp.square(gi), total, g), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    total, _ = jax.lax.scan(add, zeros, (xs, ys))
+    return jax.tree_util.tree_map(lambda t: t / xs.shape[0], total)
 
 
 def ewc_penalty(params: Any, memory: EWCMemory) -> jax.Array:

@@ -11,7 +11,14 @@ of it when it is larger) through the model as its own batch:
     replayed samples' task-masked cross-entropy.
 
 The buffer stores the inputs as they were trained on (augmented when
-augmentation is on). Slots not yet filled are masked out of the losses.
+augmentation is on). Slots not yet filled are masked out of the losses; at
+the very first step the buffer is still empty, so its zero images pass
+through the model once and fold their statistics into BatchNorm's running
+ones (one momentum update). DER++ uses the same replayed samples for both of
+its terms (Buzzega et al. draw two minibatches; with a buffer no larger than
+a batch, both are the whole buffer anyway). The replayed cross-entropy is
+task-masked like every loss here, so old samples do not compete with other
+tasks' logits as in class-incremental ER implementations such as Mammoth's.
 """
 
 from __future__ import annotations

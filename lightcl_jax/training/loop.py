@@ -324,12 +324,12 @@ def _variables(state: TrainState) -> dict:
                                              "batch_stats": state.batch_stats})
 
 
-def _probe_set(arrays: list[np.ndarray]) -> np.ndarray | None:
-    """Up to PROBE_SIZE samples, taken evenly from each array's start."""
+def _probe_set(arrays: list[np.ndarray], size: int = PROBE_SIZE) -> np.ndarray | None:
+    """Up to ``size`` samples taken evenly from the start of each array (None: no arrays)."""
     if not arrays:
         return None
-    per = max(1, PROBE_SIZE // len(arrays))
-    return np.concatenate([a[:per] for a in arrays])
+    per = -(-size // len(arrays))  # ceil
+    return np.concatenate([a[:per] for a in arrays])[:size]
 
 
 def probe_freeze(model, state: TrainState, stream: TaskStream, task_index: int, config: Config,
@@ -394,8 +394,9 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
       backward transfer, ``phases`` (which tasks ran in which compiled phase),
       ``freeze_auto`` (the probe's choice and metrics, with ``--freeze auto``),
       ``layer_metrics`` (with ``config.layer_metrics``: per task t >= 1, LP
-      and MS per layer between the models before and after task t, on up to
-      `PROBE_SIZE` held-out samples of task t and of the earlier tasks) and
+      and MS per layer between the models before and after task t, on
+      held-out samples of task t and of the earlier tasks: as many per set as
+      the smallest task's evaluation split holds, at most `PROBE_SIZE`) and
       ``wall_time_s``.
 
     Raises:
@@ -493,10 +494,12 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         acc_til.append(til_row)
         acc_cil.append(cil_row)
         if config.layer_metrics is not None and t >= 1:
+            # One probe size for every task and both sets, so the measurement compiles once.
+            size = min(PROBE_SIZE, min(len(p.x_eval) for p in stream.tasks))
             layers = generalizability(
                 model, before_task, {"params": state.params, "batch_stats": state.batch_stats},
-                _probe_set([p.x_eval for p in stream.tasks[:t]]), _probe_set([task.x_eval]),
-                config.layer_metrics)
+                _probe_set([p.x_eval for p in stream.tasks[:t]], size),
+                _probe_set([task.x_eval], size), config.layer_metrics)
             layer_metrics.append({"task": t, "layers": layers})
         progress.end_task(t, til_row, cil_row)
         if on_task_end is not None:
