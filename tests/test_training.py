@@ -195,3 +195,53 @@ def test_too_small_tasks_are_refused():
     config = dataclasses.replace(TINY, batch_size=64, buffer_size=8)
     with pytest.raises(ValueError, match="fewer than one batch of 64"):
         train_and_evaluate(config, _tiny_stream(num_tasks=2))
+
+
+@pytest.mark.parametrize("frozen_bn", ["update", "fixed"])
+def test_cached_prefix_step_equals_the_reference_full_forward_step(frozen_bn):
+    """The step starts the buffer at stage 4 on stored prefix features; the reference runs
+    the buffer through every layer. Loss, updated params and running statistics agree."""
+    config = dataclasses.replace(TINY, frozen_bn=frozen_bn).resolved()
+    model = ResNet18(num_classes=4, nf=4)
+    state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(3))
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)).astype(np.float32))
+    y = jnp.asarray(rng.integers(2, 4, size=16).astype(np.int32))
+    lightcl = LightCL()
+    phase, tx, step = phase_step(model, lightcl, config, state.params, 1, False, 2)
+    chain = BatchStatsChain(state.batch_stats)
+    hooks = dict(config=config, forward=jitted_forward(model, chain, phase.fixed_bn),
+                 eval_forward=None, params=state.params, batch_stats=state.batch_stats,
+                 classes_per_task=2)
+    memory = lightcl.end_task(None, task_index=0, batch=(x, y), **hooks)
+    memory = lightcl.begin_task(memory, task_index=1, batch=(x + 1.0, y), **hooks)
+    assert memory.buffer_features.shape == (8, 2, 2, 16)  # stage 3's output on the buffer
+    state = state.replace(batch_stats=chain.latest, opt_state=tx.init(state.params))
+    got, _, metrics = jax.jit(step)(state, memory, x, y, jnp.asarray(2, jnp.int32))
+
+    # The reference's step, written out: buffer through the whole model, then the batch.
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        (logits_b, taps_b), upd = model.apply(variables, memory.buffer_x, train=True,
+                                              fixed_bn=phase.fixed_bn, mutable=["batch_stats"])
+        masks = {k: memory.vital_masks[k].astype(jnp.float32)[None, None, None, :]
+                 for k in taps_b}
+        reg = config.beta * (jnp.sum((logits_b - memory.ref_logits) ** 2) + sum(
+            jnp.sum((masks[k] * (taps_b[k] - memory.ref_taps[k])) ** 2) for k in taps_b))
+        (logits, _), upd = model.apply({"params": params, "batch_stats": upd["batch_stats"]},
+                                       x, train=True, fixed_bn=phase.fixed_bn,
+                                       mutable=["batch_stats"])
+        task_logits = logits[:, 2:4]
+        ce = -jnp.mean(jax.nn.log_softmax(task_logits)[jnp.arange(16), y - 2])
+        return ce + reg, upd["batch_stats"]
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    frozen = set(phase.frozen)
+    for (path, new), old, g in zip(jax.tree_util.tree_leaves_with_path(got.params),
+                                   jax.tree_util.tree_leaves(state.params),
+                                   jax.tree_util.tree_leaves(grads)):
+        trainable = jax.tree_util.keystr(path[:1]).strip("[]'").split("_")[0] not in frozen
+        want = old - config.lr * g if trainable else old
+        np.testing.assert_allclose(new, want, rtol=1e-4, atol=1e-6, err_msg=str(path))
+    chex.assert_trees_all_close(got.batch_stats, stats, rtol=1e-5, atol=1e-7)

@@ -30,6 +30,15 @@ class FeatureMemory(NamedTuple):
     ref_taps: Mapping[str, jax.Array]    # tap name -> (B, h, w, C_tap) float32, old model
     ref_logits: jax.Array                # (B, K) float32, old model's logits on the buffer
     vital_masks: Mapping[str, jax.Array]  # tap name -> (C_tap,) bool, vital channels
+    # The frozen prefix's output on the buffer, (B, h', w', C') float32, or None when
+    # nothing is frozen. Frozen weights do not change within a task and train-mode
+    # BatchNorm normalises by the buffer's own statistics, so this is what every step's
+    # buffer forward would compute there: the step starts the buffer at the first
+    # trainable layer instead, with the same results and fewer FLOPs per step.
+    buffer_features: jax.Array | None = None
+    # The batch statistics the prefix's BatchNorms fold in per buffer forward
+    # (`make_forward` increments; empty when their statistics are fixed).
+    prefix_stats: Mapping[str, object] | None = None
 
 
 def num_vital(num_channels: int, ratio: float) -> int:
@@ -76,13 +85,17 @@ def update_vital_masks(masks: Mapping[str, jax.Array] | None, taps: Mapping[str,
 
 
 def build_memory(buffer_x: jax.Array, ref_logits: jax.Array, ref_taps: Mapping[str, jax.Array],
-                 vital_masks: Mapping[str, jax.Array]) -> FeatureMemory:
+                 vital_masks: Mapping[str, jax.Array], buffer_features: jax.Array | None = None,
+                 prefix_stats: Mapping[str, object] | None = None) -> FeatureMemory:
     """Assembles the memory at a task boundary; the reference outputs carry no gradient."""
     return FeatureMemory(
         buffer_x=buffer_x,
         ref_taps={k: jax.lax.stop_gradient(v) for k, v in ref_taps.items()},
         ref_logits=jax.lax.stop_gradient(ref_logits),
         vital_masks=dict(vital_masks),
+        buffer_features=None if buffer_features is None else jax.lax.stop_gradient(
+            buffer_features),
+        prefix_stats=None if prefix_stats is None else dict(prefix_stats),
     )
 
 

@@ -21,6 +21,10 @@ Parameter paths read by stage and block::
     stage4_block2_out    block 2's output (what is pooled for the head)
 
 At 32x32 input these are (N, 4, 4, 512) for nf=64.
+
+A forward pass can start or stop at a layer group (``start``/``stop``): a
+frozen prefix's output on fixed inputs can be computed once and reused, which
+is how LightCL avoids passing its buffer through the frozen layers every step.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ def _torch_linear_bias_init(fan_in: int):
 # remains: PyTorch's running variance uses the unbiased batch variance, Flax's the
 # biased one (a factor n/(n-1) per update, n = samples x positions: 512/511 at the
 # paper's last stage, 32/31 for digits' 1x1 maps).
-_BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+BN_MOMENTUM = 0.9
+_BatchNorm = functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=1e-5)
 _Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_torch_conv_init)
 
 
@@ -106,43 +111,66 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
 
     @nn.compact
-    def __call__(self, x, *, train: bool, fixed_bn: Sequence[str] = ()):
-        """Returns ``(logits, taps)``.
+    def __call__(self, x, *, train: bool, fixed_bn: Sequence[str] = (), start: str = "stem",
+                 stop: str | None = None):
+        """Returns ``(logits, taps)``, or with ``stop`` the features entering that group.
 
         Args:
-          x: images, (N, H, W, C) float32.
+          x: images, (N, H, W, C) float32; with ``start`` the features entering
+            that layer group (what ``stop=start`` returns).
           train: BatchNorm uses batch statistics and updates its running
             statistics (the ``batch_stats`` collection must be mutable).
           fixed_bn: layer groups (names from `LAYER_GROUPS`) whose BatchNorm
             uses its running statistics even when ``train`` is set, so their
             statistics stay fixed. Static: changing it recompiles.
+          start: the layer group to begin at (default: the stem, on images).
+            Only the layers from ``start`` on run, and only their statistics change.
+          stop: a layer group after ``start``: return the features entering it.
+            Taps come only from the last stage, so they are empty unless it runs.
         """
         unknown = set(fixed_bn) - set(LAYER_GROUPS)
         if unknown:
             raise ValueError(f"fixed_bn names unknown layer groups {sorted(unknown)}; "
                              f"known: {list(LAYER_GROUPS)}")
+        for name, value in (("start", start), ("stop", stop)):
+            if value is not None and value not in LAYER_GROUPS:
+                raise ValueError(f"{name}={value!r} is not a layer group; "
+                                 f"known: {list(LAYER_GROUPS)}")
+        first = LAYER_GROUPS.index(start)
+        last = len(LAYER_GROUPS) if stop is None else LAYER_GROUPS.index(stop)
+        if last <= first:
+            raise ValueError(f"stop={stop!r} must come after start={start!r} in {LAYER_GROUPS}")
+
+        def runs(group):
+            return first <= LAYER_GROUPS.index(group) < last
 
         def running(group):
             return (not train) or (group in fixed_bn)
 
-        h = _Conv(self.nf, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(x)
-        h = nn.relu(_BatchNorm(use_running_average=running("stem"), name="stem_bn")(h))
-        # Block outputs go to the "intermediates" collection when it is mutable
-        # (`layer_features`); otherwise sow is a no-op and costs nothing.
-        self.sow("intermediates", "out_stem", h)
+        h = x
+        if runs("stem"):
+            h = _Conv(self.nf, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(h)
+            h = nn.relu(_BatchNorm(use_running_average=running("stem"), name="stem_bn")(h))
+            # Block outputs go to the "intermediates" collection when it is mutable
+            # (`layer_features`); otherwise sow is a no-op and costs nothing.
+            self.sow("intermediates", "out_stem", h)
         taps = {}
         last_stage = len(self.stage_sizes)
         for stage, num_blocks in enumerate(self.stage_sizes, start=1):
+            if not runs(f"stage{stage}"):
+                continue
             features = self.nf * 2 ** (stage - 1)
             for block in range(1, num_blocks + 1):
                 strides = 2 if (stage > 1 and block == 1) else 1
                 name = f"stage{stage}_block{block}"
-                h, first = BasicBlock(features, strides, name=name)(
+                h, first_act = BasicBlock(features, strides, name=name)(
                     h, use_running_average=running(f"stage{stage}"))
                 self.sow("intermediates", f"out_{name}", h)
                 if stage == last_stage:
-                    taps[f"{name}_conv1"] = first
+                    taps[f"{name}_conv1"] = first_act
                     taps[f"{name}_out"] = h
+        if stop is not None:
+            return h
         pooled = jnp.mean(h, axis=(1, 2))
         # A randomly initialised model gets PyTorch's default Linear init, as the
         # reference; a pre-trained backbone gets a fresh Xavier head (`fresh_head`).
@@ -184,3 +212,16 @@ def fresh_head(params, num_classes: int, key: jax.Array):
     in_features = params["head"]["kernel"].shape[0]
     kernel = nn.initializers.xavier_uniform()(key, (in_features, num_classes), jnp.float32)
     return {**params, "head": {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}}
+
+
+def fold_statistics(batch_stats, increments):
+    """Folds precomputed batch statistics into running ones, as a train-mode forward would.
+
+    A train-mode BatchNorm sets ``running = BN_MOMENTUM * running + (1 -
+    BN_MOMENTUM) * batch_statistic``. ``increments`` holds the second term for
+    some top-level modules (what `ResNet` writes when it runs from zeroed
+    running statistics); the other modules are returned unchanged.
+    """
+    return {**batch_stats, **{
+        name: jax.tree_util.tree_map(lambda r, d: BN_MOMENTUM * r + d, batch_stats[name], inc)
+        for name, inc in increments.items()}}

@@ -10,14 +10,35 @@ SPEC section 2:
     training batch of the new task are stored with the old model's taps and
     logits on them (no old-task image is kept).
   * Task t >= 1: the regulation loss on the buffer joins the cross-entropy.
+
+The frozen prefix's output on the buffer does not change within a task (its
+weights are frozen, and train-mode BatchNorm normalises by the buffer's own
+statistics), so `begin_task` stores it and every step runs the buffer from
+the first trainable stage only, folding the prefix's stored batch statistics
+into the running ones as the reference's full forward would. The numbers are
+those of the reference's step; the cost is what the paper's accounting of a
+frozen prefix implies.
 """
 
 from __future__ import annotations
 
 from lightcl_jax.memory.feature_memory import (FeatureMemory, build_memory,
                                                regulation_loss, update_vital_masks)
+from lightcl_jax.model.resnet import LAYER_GROUPS
 from lightcl_jax.strategies.base import Strategy
 from lightcl_jax.training.freezing import frozen_groups
+
+
+def buffer_start(config) -> str | None:
+    """The layer group the buffer's step forward starts at (None: at the images).
+
+    The first trainable group, but never past the last stage, whose taps the
+    regulation loss needs.
+    """
+    frozen = frozen_groups(config.freeze)
+    if not frozen:
+        return None
+    return LAYER_GROUPS[min(len(frozen), LAYER_GROUPS.index("stage4"))]
 
 
 class LightCL(Strategy):
@@ -33,7 +54,11 @@ class LightCL(Strategy):
 
     def extra_loss(self, forward, eval_forward, params, memory: FeatureMemory, *, x, y,
                    class_offset, config, classes_per_task):
-        logits, taps = forward(params, memory.buffer_x)
+        if memory.buffer_features is None:
+            logits, taps = forward(params, memory.buffer_x)
+        else:
+            logits, taps = forward(params, memory.buffer_features, start=buffer_start(config),
+                                   prefix_stats=memory.prefix_stats)
         loss = regulation_loss(taps, logits, memory, config.beta)
         return loss, {"regulation": loss}
 
@@ -42,8 +67,15 @@ class LightCL(Strategy):
         if task_index == 0:
             return memory
         buffer_x = batch[0][:config.buffer_size]
-        ref_logits, ref_taps = forward(params, buffer_x)
-        return build_memory(buffer_x, ref_logits, ref_taps, memory.vital_masks)
+        start = buffer_start(config)
+        if start is None:
+            ref_logits, ref_taps = forward(params, buffer_x)
+            return build_memory(buffer_x, ref_logits, ref_taps, memory.vital_masks)
+        # One forward from the images, in two parts: the prefix's output is kept.
+        features, prefix_stats = forward(params, buffer_x, stop=start)
+        ref_logits, ref_taps = forward(params, features, start=start)
+        return build_memory(buffer_x, ref_logits, ref_taps, memory.vital_masks, features,
+                            prefix_stats)
 
     def end_task(self, memory, *, config, task_index, batch, forward, eval_forward, params,
                  batch_stats, classes_per_task):

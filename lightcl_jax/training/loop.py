@@ -32,7 +32,8 @@ from lightcl_jax.data.streams import TaskStream, make_stream
 from lightcl_jax.metrics.generalizability import choose_freeze, generalizability
 from lightcl_jax.metrics.continual import (average_accuracy, backward_transfer, cil_predictions,
                                            forgetting, til_predictions)
-from lightcl_jax.model.resnet import ResNet18, fresh_head
+from lightcl_jax.model.resnet import (LAYER_GROUPS, ResNet18, fold_statistics, fresh_head,
+                                      layer_group)
 from lightcl_jax.strategies import Strategy, get_strategy
 from lightcl_jax.strategies.base import task_cross_entropy
 from lightcl_jax.training.freezing import masked_optimizer
@@ -145,13 +146,39 @@ class BatchStatsChain:
 
 
 def make_forward(model, chain: BatchStatsChain, fixed_bn: tuple[str, ...]):
-    """``forward(params, x) -> (logits, taps)`` in training mode, updating ``chain``."""
-    def forward(params, x):
-        (logits, taps), updated = model.apply(
-            {"params": params, "batch_stats": chain.latest}, x, train=True, fixed_bn=fixed_bn,
-            mutable=["batch_stats"])
+    """``forward(params, x, *, start="stem", stop=None, prefix_stats=None)`` in training mode.
+
+    Each call folds its batch statistics into ``chain`` (layer groups in
+    ``fixed_bn`` excepted). It returns ``(logits, taps)``, or with ``stop``
+    ``(features entering stop, increments)``: ``increments`` are the
+    statistics the call folded in, per top-level module. A later call that
+    starts at ``stop`` on those features with ``prefix_stats=increments``
+    folds the same statistics again for the layers it skips, so together the
+    two calls update the running statistics as one forward from the images
+    would, without running the prefix again (see `fold_statistics`).
+    """
+    def forward(params, x, *, start="stem", stop=None, prefix_stats=None):
+        stats = chain.latest
+        if prefix_stats is not None:
+            stats = fold_statistics(stats, prefix_stats)
+        skipped = ()
+        if stop is not None:
+            # Zeroed running statistics make the update write (1 - momentum) x batch
+            # statistic: the increment itself.
+            ran = LAYER_GROUPS[LAYER_GROUPS.index(start):LAYER_GROUPS.index(stop)]
+            skipped = tuple(k for k in stats
+                            if layer_group(k) in ran and layer_group(k) not in fixed_bn)
+            zeroed = {k: jax.tree_util.tree_map(jnp.zeros_like, stats[k]) for k in skipped}
+            out, updated = model.apply({"params": params, "batch_stats": {**stats, **zeroed}}, x,
+                                       train=True, fixed_bn=fixed_bn, start=start, stop=stop,
+                                       mutable=["batch_stats"])
+            increments = {k: updated["batch_stats"][k] for k in skipped}
+            chain.latest = fold_statistics(stats, increments)
+            return out, increments
+        out, updated = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                                   fixed_bn=fixed_bn, start=start, mutable=["batch_stats"])
         chain.latest = updated["batch_stats"]
-        return logits, taps
+        return out
     return forward
 
 
@@ -162,11 +189,12 @@ def make_eval_forward(model):
     return eval_forward
 
 
-@functools.partial(jax.jit, static_argnames=("model", "fixed_bn"))
-def _train_forward(model, params, batch_stats, x, fixed_bn):
+@functools.partial(jax.jit, static_argnames=("model", "fixed_bn", "start", "stop"))
+def _train_forward(model, params, batch_stats, x, fixed_bn, start, stop, prefix_stats):
     chain = BatchStatsChain(batch_stats)
-    logits, taps = make_forward(model, chain, fixed_bn)(params, x)
-    return logits, taps, chain.latest
+    out = make_forward(model, chain, fixed_bn)(params, x, start=start, stop=stop,
+                                               prefix_stats=prefix_stats)
+    return out, chain.latest
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -186,10 +214,10 @@ def jitted_forward(model, chain: BatchStatsChain, fixed_bn: tuple[str, ...]):
 
     Compiled once per (model, fixed_bn, input shape), whichever chain it serves.
     """
-    def forward(params, x):
-        logits, taps, chain.latest = _train_forward(model, params, chain.latest,
-                                                    jnp.asarray(x), fixed_bn)
-        return logits, taps
+    def forward(params, x, *, start="stem", stop=None, prefix_stats=None):
+        out, chain.latest = _train_forward(model, params, chain.latest, jnp.asarray(x), fixed_bn,
+                                           start, stop, prefix_stats)
+        return out
     return forward
 
 
