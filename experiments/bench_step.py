@@ -26,20 +26,30 @@ from lightcl_jax.accounting import compiled_train_step_cost
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
+from lightcl_jax.training.sparsity import apply_masks, channel_prune_masks
 from lightcl_jax.training.loop import (BatchStatsChain, create_train_state,
                                        jitted_eval_forward, jitted_forward,
                                        memory_at_task_start, phase_step)
 
 
 def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: int,
-               steps: int, task_index: int = 1) -> list[float]:
-    """Seconds per train step of the given task's phase, after one warm-up step."""
+               steps: int, task_index: int = 1, warmup: int = 1,
+               pretrained: bool = False) -> list[float]:
+    """Seconds per train step of the given task's phase, after ``warmup`` untimed steps.
+
+    The first call compiles; ``config.sparse`` prunes the weights and masks the updates
+    as a run does.
+    """
     config = config.resolved()
     strategy = get_strategy(config.strategy)
     model = ResNet18(num_classes=num_classes, nf=config.nf)
     state = create_train_state(model, image_shape, jax.random.PRNGKey(config.seed))
-    phase, tx, step = phase_step(model, strategy, config, state.params, task_index, False,
-                                 classes_per_task)
+    masks = None
+    if config.sparse:
+        masks = channel_prune_masks(state.params)
+        state = state.replace(params=apply_masks(state.params, masks))
+    phase, tx, step = phase_step(model, strategy, config, state.params, task_index, pretrained,
+                                 classes_per_task, masks)
     state = state.replace(opt_state=tx.init(state.params))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(config.batch_size, *image_shape)).astype(np.float32))
@@ -56,11 +66,11 @@ def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: 
     step = jax.jit(step, donate_argnums=(0, 1))
     offset = jnp.asarray(classes_per_task, jnp.int32)
     times = []
-    for i in range(steps + 1):
+    for i in range(warmup + steps):
         start = time.perf_counter()
         state, memory, metrics = step(state, memory, x, y, offset)
         jax.block_until_ready(metrics["loss"])
-        if i:  # the first call compiles
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
 

@@ -56,30 +56,17 @@ def build_parser():
     return p
 
 
-def run_cost(config: Config, stream) -> dict:
-    """Whole-run training FLOPs and the largest train step's bytes, from XLA.
+def run_cost(results: dict) -> dict:
+    """Whole-run training FLOPs and train-step bytes from a run's ``resources`` (XLA).
 
-    Each task's step count (epochs x full batches of what the strategy trains
-    on) times the FLOPs of the compiled step of that task's phase.
+    ``step_bytes`` is the largest compiled train step of the run, ``step_bytes_later``
+    the step of the phase that trained the last task (LightCL: frozen + regulation).
     """
-    from lightcl_jax.accounting import compiled_train_step_cost
-    from lightcl_jax.data.pipeline import steps_per_epoch
-    from lightcl_jax.strategies import get_strategy
-
-    strategy = get_strategy(config.strategy)
-    cost_by_task = {}
-    for task_index in (0, 1) if stream.num_tasks > 1 else (0,):
-        cost_by_task[task_index] = compiled_train_step_cost(
-            config, stream.image_shape, stream.num_classes, stream.classes_per_task,
-            task_index=task_index)
-    flops = 0.0
-    for t in range(stream.num_tasks):
-        steps = config.epochs * steps_per_epoch(len(strategy.training_arrays(stream, t)[1]),
-                                                config.batch_size)
-        flops += steps * cost_by_task[min(t, 1)]["flops"]
-    return {"train_flops": flops,
-            "step_bytes": max(c["train_bytes"] for c in cost_by_task.values()),
-            "step_bytes_later": cost_by_task[max(cost_by_task)]["train_bytes"]}
+    resources = results["resources"]
+    last = max(resources["train_steps"], key=lambda s: max(s["tasks"]))
+    return {"train_flops": resources["train_flops"],
+            "step_bytes": resources["peak_train_step_bytes"],
+            "step_bytes_later": last["step_bytes"]}
 
 
 def summarize(name: str, runs: list[dict], cost: dict, buffer: int | None) -> dict:
@@ -180,7 +167,7 @@ def main(argv=None) -> int:
             write_json_atomic(os.path.join(workdir, f"{name}-seed{seed}.json"), results)
             runs.append(results)
         uses_buffer = name in ("er", "derpp", "lightcl")
-        rows.append(summarize(name, runs, run_cost(configs[name], stream),
+        rows.append(summarize(name, runs, run_cost(runs[0]),
                               configs[name].buffer_size if uses_buffer else None))
 
     c = first

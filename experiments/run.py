@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", type=_bool, default=None,
                    help="random crop + flip: on/off (default: on for cifar, off for digits)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--sparse", action="store_true",
+                   help="the reference's channel pruning (sparsity 0.2/0.7/0.8 by stage)")
     p.add_argument("--derpp-alpha", type=float, default=d.derpp_alpha, help="DER++ logit MSE weight")
     p.add_argument("--derpp-beta", type=float, default=d.derpp_beta,
                    help="DER++ replayed cross-entropy weight")
@@ -129,6 +131,9 @@ def format_table(results: dict) -> str:
         auto = results["freeze_auto"]
         lines.append(f"--freeze auto chose {auto['chosen']} at task {auto['task']} "
                      f"({auto['similarity']} LP and MS >= {auto['threshold']})")
+    if results.get("sparsity"):
+        lines.append(f"sparse: {100 * results['sparsity']['sparsity']:.1f}% of the parameters "
+                     f"are zero ({results['sparsity']['nonzero_mb']:.2f} MB of nonzero weights)")
     lines.append(f"wall time {results['wall_time_s']:.1f} s")
     return "\n".join(lines)
 
@@ -158,7 +163,8 @@ def main(argv=None) -> int:
                     freeze=args.freeze, freeze_threshold=args.freeze_threshold,
                     similarity=args.similarity, layer_metrics=args.layer_metrics,
                     frozen_bn=args.frozen_bn, augment=args.augment,
-                    eval_batch_size=args.eval_batch_size, derpp_alpha=args.derpp_alpha,
+                    eval_batch_size=args.eval_batch_size, sparse=args.sparse,
+                    derpp_alpha=args.derpp_alpha,
                     derpp_beta=args.derpp_beta, ewc_lambda=args.ewc_lambda,
                     ewc_gamma=args.ewc_gamma, lwf_alpha=args.lwf_alpha,
                     lwf_temperature=args.lwf_temperature)

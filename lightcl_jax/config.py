@@ -57,6 +57,10 @@ class Config:
         default, on for CIFAR and off for digits, whose 8x8 strokes a flip
         or 4-pixel shift would change).
       eval_batch_size: batch size of evaluation.
+      sparse: the reference's sparse variant: channel pruning fixed once from
+        the starting weights, masks kept on weights and updates
+        (`lightcl_jax.training.sparsity`); with a pre-trained backbone
+        LightCL's task 0 also trains the last block of the frozen prefix.
       derpp_alpha, derpp_beta: DER++'s weights of the logit MSE and of the
         replayed cross-entropy (Mammoth's CIFAR-10 values).
       ewc_lambda, ewc_gamma: online EWC's penalty weight and Fisher decay.
@@ -83,6 +87,7 @@ class Config:
     frozen_bn: str = "update"
     augment: bool | None = None
     eval_batch_size: int = 256
+    sparse: bool = False
     derpp_alpha: float = 0.1
     derpp_beta: float = 0.5
     ewc_lambda: float = 10.0
@@ -122,6 +127,7 @@ class Config:
                  f"unknown {field} {name!r}; known: {', '.join(sorted(SIMILARITIES))}")
         need(isinstance(self.freeze_threshold, (int, float)) and -1 <= self.freeze_threshold <= 1,
              f"freeze_threshold must lie in [-1, 1]; got {self.freeze_threshold!r}")
+        need(isinstance(self.sparse, bool), f"sparse must be True or False; got {self.sparse!r}")
         need(self.frozen_bn in FROZEN_BN_MODES,
              f"frozen_bn must be one of {', '.join(FROZEN_BN_MODES)}; got {self.frozen_bn!r}")
         need(self.epochs is None or (_is_int(self.epochs) and self.epochs >= 1),

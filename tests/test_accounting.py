@@ -24,3 +24,41 @@ def test_frozen_step_compiles_to_fewer_bytes_and_flops_than_the_unfrozen_step():
                                      task_index=0)
     assert task0["phase"] == {"frozen": [], "memory": False}
     assert task0["flops"] == finetune["flops"]
+
+
+def test_results_resources_are_per_step_figures_times_step_counts():
+    import numpy as np
+
+    from lightcl_jax.accounting import compiled_eval_step_cost
+    from lightcl_jax.data.streams import split_into_tasks
+    from lightcl_jax.training.loop import train_and_evaluate
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 20).astype(np.int32)
+    x = rng.normal(size=(len(y), 8, 8, 1)).astype(np.float32)
+    stream = split_into_tasks("tiny", x, y, x[::4], y[::4], 4, 2)
+    config = dataclasses.replace(TINY, strategy="lightcl", nf=4, epochs=2, eval_batch_size=8)
+    res = train_and_evaluate(config, stream)["resources"]
+    # Task 0 trains everything, task 1 freezes: two compiled phases, 40 // 16 = 2 steps
+    # per epoch, 2 epochs each.
+    assert [(s["tasks"], s["steps"]) for s in res["train_steps"]] == [([0], 4), ([1], 4)]
+    for s, task in zip(res["train_steps"], (0, 1)):
+        alone = compiled_train_step_cost(config, (8, 8, 1), 4, 2, task_index=task)
+        assert s["flops"] == alone["flops"] and s["step_bytes"] == alone["train_bytes"]
+    assert res["train_flops"] == sum(4 * s["flops"] for s in res["train_steps"])
+    # Evaluation after task 0 (task 0: 10 samples -> 2 batches of 8) and after task 1 (2 + 2).
+    assert res["eval_step"]["steps"] == 6
+    assert res["eval_step"]["flops"] == compiled_eval_step_cost(config, (8, 8, 1), 4, 2)["flops"]
+    assert res["eval_flops"] == 6 * res["eval_step"]["flops"]
+    assert res["peak_train_step_bytes"] == max(s["step_bytes"] for s in res["train_steps"])
+
+
+def test_sparse_step_compiles_with_its_masks_in_the_optimizer_state():
+    dense = compiled_train_step_cost(dataclasses.replace(TINY, strategy="lightcl"), (8, 8, 1),
+                                     10, 2, task_index=1)
+    sparse = compiled_train_step_cost(dataclasses.replace(TINY, strategy="lightcl", sparse=True),
+                                      (8, 8, 1), 10, 2, task_index=1)
+    # Dense tensors either way; the sparse step also carries bool masks of its trainable
+    # weights (stage 4 and head), one byte per entry.
+    assert sparse["argument_bytes"] > dense["argument_bytes"]
+    assert sparse["flops"] >= dense["flops"]

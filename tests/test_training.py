@@ -235,7 +235,7 @@ def test_cached_prefix_step_equals_the_reference_full_forward_step(frozen_bn):
         ce = -jnp.mean(jax.nn.log_softmax(task_logits)[jnp.arange(16), y - 2])
         return ce + reg, upd["batch_stats"]
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     frozen = set(phase.frozen)
     for (path, new), old, g in zip(jax.tree_util.tree_leaves_with_path(got.params),

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
-from lightcl_jax.training.loop import (BatchStatsChain, create_train_state, make_eval_forward,
-                                       make_forward, memory_at_task_start, phase_step)
+from lightcl_jax.training.loop import (BatchStatsChain, compiled_cost, create_train_state,
+                                       make_eval_forward, make_eval_step, make_forward,
+                                       memory_at_task_start, phase_step)
+from lightcl_jax.training.sparsity import channel_prune_masks
 
 
 def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
@@ -33,16 +35,21 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
       pretrained: whether the run starts from a pre-trained backbone.
 
     Returns:
-      ``flops``, ``argument_bytes``, ``output_bytes``, ``temp_bytes``,
-      ``alias_bytes`` and ``train_bytes`` (arguments + temporaries + outputs
-      not aliased to donated arguments), plus the ``phase`` compiled.
+      `compiled_cost`'s ``flops``, ``argument_bytes``, ``output_bytes``,
+      ``temp_bytes``, ``alias_bytes`` and ``step_bytes`` (arguments +
+      temporaries + outputs not aliased to donated arguments; also as
+      ``train_bytes``), plus the ``phase`` compiled.
     """
     config = config.resolved()
     strategy = get_strategy(config.strategy)
     model = ResNet18(num_classes=num_classes, nf=config.nf)
     state = jax.eval_shape(lambda: create_train_state(model, image_shape, jax.random.PRNGKey(0)))
+    masks = None
+    if config.sparse:  # the masks' values come from real weights; their shapes are what count
+        masks = channel_prune_masks(
+            create_train_state(model, image_shape, jax.random.PRNGKey(0)).params)
     phase, tx, step = phase_step(model, strategy, config, state.params, task_index, pretrained,
-                                 classes_per_task)
+                                 classes_per_task, masks)
     state = state.replace(opt_state=jax.eval_shape(tx.init, state.params))
     x = jax.ShapeDtypeStruct((config.batch_size, *image_shape), jnp.float32)
     y = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
@@ -56,17 +63,22 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
                 make_eval_forward(model), params, batch_stats, classes_per_task),
             state.params, state.batch_stats, x, y)
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, memory, x, y, offset).compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    figures = {
-        "flops": float(cost["flops"]),
-        "argument_bytes": int(mem.argument_size_in_bytes),
-        "output_bytes": int(mem.output_size_in_bytes),
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "alias_bytes": int(mem.alias_size_in_bytes),
-    }
-    figures["train_bytes"] = (figures["argument_bytes"] + figures["temp_bytes"]
-                              + figures["output_bytes"] - figures["alias_bytes"])
+    figures = compiled_cost(compiled)
+    figures["train_bytes"] = figures["step_bytes"]
     figures["phase"] = {"frozen": list(phase.frozen), "memory": phase.uses_memory}
     return figures
+
+
+def compiled_eval_step_cost(config: Config, image_shape: tuple[int, int, int], num_classes: int,
+                            classes_per_task: int) -> dict:
+    """XLA's figures for the jitted eval step on a batch of ``config.eval_batch_size``."""
+    config = config.resolved()
+    model = ResNet18(num_classes=num_classes, nf=config.nf)
+    state = jax.eval_shape(lambda: create_train_state(model, image_shape, jax.random.PRNGKey(0)))
+    batch = config.eval_batch_size
+    args = (state.params, state.batch_stats,
+            jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.bool_),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    compiled = jax.jit(make_eval_step(model, classes_per_task)).lower(*args).compile()
+    return compiled_cost(compiled)

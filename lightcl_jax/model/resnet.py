@@ -120,18 +120,19 @@ class ResNet(nn.Module):
             that layer group (what ``stop=start`` returns).
           train: BatchNorm uses batch statistics and updates its running
             statistics (the ``batch_stats`` collection must be mutable).
-          fixed_bn: layer groups (names from `LAYER_GROUPS`) whose BatchNorm
-            uses its running statistics even when ``train`` is set, so their
-            statistics stay fixed. Static: changing it recompiles.
+          fixed_bn: layer groups (names from `LAYER_GROUPS`) or blocks (from
+            `LAYER_NAMES`) whose BatchNorm uses its running statistics even
+            when ``train`` is set, so their statistics stay fixed. Static:
+            changing it recompiles.
           start: the layer group to begin at (default: the stem, on images).
             Only the layers from ``start`` on run, and only their statistics change.
           stop: a layer group after ``start``: return the features entering it.
             Taps come only from the last stage, so they are empty unless it runs.
         """
-        unknown = set(fixed_bn) - set(LAYER_GROUPS)
+        unknown = set(fixed_bn) - set(LAYER_GROUPS) - set(LAYER_NAMES)
         if unknown:
-            raise ValueError(f"fixed_bn names unknown layer groups {sorted(unknown)}; "
-                             f"known: {list(LAYER_GROUPS)}")
+            raise ValueError(f"fixed_bn names unknown layer groups or blocks {sorted(unknown)}; "
+                             f"known: {list(LAYER_GROUPS)} and blocks such as stage3_block1")
         for name, value in (("start", start), ("stop", stop)):
             if value is not None and value not in LAYER_GROUPS:
                 raise ValueError(f"{name}={value!r} is not a layer group; "
@@ -164,7 +165,7 @@ class ResNet(nn.Module):
                 strides = 2 if (stage > 1 and block == 1) else 1
                 name = f"stage{stage}_block{block}"
                 h, first_act = BasicBlock(features, strides, name=name)(
-                    h, use_running_average=running(f"stage{stage}"))
+                    h, use_running_average=running(f"stage{stage}") or name in fixed_bn)
                 self.sow("intermediates", f"out_{name}", h)
                 if stage == last_stage:
                     taps[f"{name}_conv1"] = first_act

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from lightcl_jax.memory.feature_memory import (FeatureMemory, build_memory,
                                                regulation_loss, update_vital_masks)
-from lightcl_jax.model.resnet import LAYER_GROUPS
+from lightcl_jax.model.resnet import LAYER_GROUPS, LAYER_NAMES
 from lightcl_jax.strategies.base import Strategy
 from lightcl_jax.training.freezing import frozen_groups
 
@@ -47,7 +47,13 @@ class LightCL(Strategy):
     def frozen_groups(self, config, task_index, pretrained):
         if task_index == 0 and not pretrained:
             return ()
-        return frozen_groups(config.freeze)
+        frozen = frozen_groups(config.freeze)
+        if task_index == 0 and config.sparse and frozen and frozen[-1] != "stem":
+            # The sparse reference retrains its pruned backbone's last frozen block
+            # ("3.1") in task 0: freeze that group's other blocks only.
+            blocks = [n for n in LAYER_NAMES if n.startswith(frozen[-1] + "_")]
+            frozen = frozen[:-1] + tuple(blocks[:-1])
+        return frozen
 
     def uses_memory(self, task_index):
         return task_index >= 1

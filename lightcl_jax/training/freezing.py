@@ -53,7 +53,8 @@ def freeze_labels(params: Any, frozen: tuple[str, ...]) -> Any:
 
     Args:
       params: the model's parameter pytree.
-      frozen: layer groups to freeze (see `FREEZE_POINTS`).
+      frozen: layer groups to freeze (see `FREEZE_POINTS`), or single blocks
+        such as ``stage3_block1`` (the sparse variant's task 0).
 
     Returns:
       A pytree of the same structure with one label string per leaf.
@@ -62,8 +63,9 @@ def freeze_labels(params: Any, frozen: tuple[str, ...]) -> Any:
       ValueError: a leaf path belongs to no layer group, or to several.
     """
     def label(path, _):
-        group = layer_group(_path_string(path))  # raises unless exactly one group matches
-        return FROZEN if group in frozen else TRAINABLE
+        path = _path_string(path)
+        group = layer_group(path)  # raises unless exactly one group matches
+        return FROZEN if group in frozen or path.split("/", 1)[0] in frozen else TRAINABLE
 
     labels = jax.tree_util.tree_map_with_path(label, params)
     num_leaves = len(jax.tree_util.tree_leaves(params))

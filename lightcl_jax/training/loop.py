@@ -36,7 +36,9 @@ from lightcl_jax.model.resnet import (LAYER_GROUPS, ResNet18, fold_statistics, f
                                       layer_group)
 from lightcl_jax.strategies import Strategy, get_strategy
 from lightcl_jax.strategies.base import task_cross_entropy
-from lightcl_jax.training.freezing import masked_optimizer
+from lightcl_jax.training.freezing import TRAINABLE, freeze_labels, masked_optimizer
+from lightcl_jax.training.sparsity import (apply_masks, channel_prune_masks, keep_pruned,
+                                           sparsity_report)
 
 
 class DivergenceError(FloatingPointError):
@@ -88,6 +90,12 @@ def phase_for_task(strategy: Strategy, config: Config, task_index: int, pretrain
                  uses_memory=strategy.uses_memory(task_index))
 
 
+@functools.partial(jax.jit, static_argnames=("model", "image_shape"))
+def _init_variables(model, image_shape, key):
+    # One compiled program: op-by-op initialisation would compile every layer's ops.
+    return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
 def create_train_state(model, image_shape, key, *, init_variables=None) -> TrainState:
     """Initialises the model; ``init_variables`` (params, batch_stats) replaces the random init.
 
@@ -99,7 +107,7 @@ def create_train_state(model, image_shape, key, *, init_variables=None) -> Train
         parameter whose path or shape differs).
     """
     init_key, head_key = jax.random.split(key)
-    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    variables = _init_variables(model, tuple(image_shape), init_key)
     params, batch_stats = variables["params"], variables["batch_stats"]
     if init_variables is not None:
         init_variables = flax.core.unfreeze(init_variables)
@@ -267,6 +275,71 @@ def make_train_step(model, tx: optax.GradientTransformation, strategy: Strategy,
     return train_step
 
 
+def compiled_cost(compiled) -> dict:
+    """XLA's figures for a compiled function: FLOPs and bytes.
+
+    ``step_bytes`` is what the step holds at once: arguments + temporaries +
+    outputs not aliased to donated arguments.
+    """
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    figures = {
+        "flops": float(cost.get("flops", 0.0)),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+    }
+    figures["step_bytes"] = (figures["argument_bytes"] + figures["temp_bytes"]
+                             + figures["output_bytes"] - figures["alias_bytes"])
+    return figures
+
+
+class CompiledStep:
+    """A jitted function compiled ahead of time on its first call's shapes.
+
+    Later calls must have the same shapes (one compilation, as the loop's
+    phases guarantee). Keeps XLA's figures (`compiled_cost`) and counts calls,
+    so a run can report per-step and whole-run costs.
+    """
+
+    def __init__(self, jitted):
+        self.jitted, self.compiled, self.cost, self.calls = jitted, None, None, 0
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(*args).compile()
+            self.cost = compiled_cost(self.compiled)
+        self.calls += 1
+        return self.compiled(*args)
+
+
+def run_resources(train_steps: dict[Phase, CompiledStep], phase_tasks: dict[Phase, list[int]],
+                  eval_step: CompiledStep, eval_batch_size: int) -> dict:
+    """The ``resources`` entry of the results: XLA's per-step figures x step counts."""
+    device = jax.devices()[0]
+    steps = []
+    for phase, step in train_steps.items():
+        if step.cost is None:
+            continue
+        steps.append({"tasks": phase_tasks[phase], "frozen": list(phase.frozen),
+                      "memory": phase.uses_memory, "steps": step.calls, **step.cost})
+    evals = {"batch_size": eval_batch_size, "steps": eval_step.calls, **(eval_step.cost or {})}
+    return {
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "train_steps": steps,
+        "eval_step": evals,
+        "train_flops": sum(s["steps"] * s["flops"] for s in steps),
+        "eval_flops": evals["steps"] * evals.get("flops", 0.0),
+        "peak_train_step_bytes": max((s["step_bytes"] for s in steps), default=0),
+        "note": ("XLA cost and memory analysis of the compiled train and eval steps on the "
+                 "run's shapes; whole-run FLOPs = per-step FLOPs x steps. Work at task "
+                 "boundaries (buffers, Fisher, vital channels, probes) is not counted."),
+    }
+
+
 def make_eval_step(model, classes_per_task: int) -> Callable:
     """``eval_step(params, batch_stats, x, y, valid, class_offset) -> (til_correct, cil_correct)``."""
     def eval_step(params, batch_stats, x, y, valid, class_offset):
@@ -277,11 +350,26 @@ def make_eval_step(model, classes_per_task: int) -> Callable:
     return eval_step
 
 
+def phase_optimizer(config: Config, params, frozen: tuple[str, ...], masks=None):
+    """SGD on the trainable leaves; with sparse ``masks``, pruned entries get no update.
+
+    Frozen leaves' masks are replaced by a scalar: they get no update anyway,
+    and the optimizer state carries only the masks that matter.
+    """
+    tx = masked_optimizer(optax.sgd(config.lr), params, frozen)
+    if masks is None:
+        return tx
+    labels = freeze_labels(params, frozen)
+    masks = jax.tree_util.tree_map(lambda m, label: m if label == TRAINABLE else jnp.ones((), bool),
+                                   masks, labels)
+    return optax.chain(tx, keep_pruned(masks))
+
+
 def phase_step(model, strategy: Strategy, config: Config, params, task_index: int,
-               pretrained: bool, classes_per_task: int):
-    """The phase of a task, its masked SGD optimizer and its pure train step."""
+               pretrained: bool, classes_per_task: int, masks=None):
+    """The phase of a task, its optimizer (`phase_optimizer`) and its pure train step."""
     phase = phase_for_task(strategy, config, task_index, pretrained)
-    tx = masked_optimizer(optax.sgd(config.lr), params, phase.frozen)
+    tx = phase_optimizer(config, params, phase.frozen, masks)
     return phase, tx, make_train_step(model, tx, strategy, config, phase, classes_per_task)
 
 
@@ -361,7 +449,7 @@ def _probe_set(arrays: list[np.ndarray], size: int = PROBE_SIZE) -> np.ndarray |
 
 
 def probe_freeze(model, state: TrainState, stream: TaskStream, task_index: int, config: Config,
-                 *, augment: bool) -> tuple[str, dict]:
+                 *, augment: bool, masks=None) -> tuple[str, dict]:
     """What ``--freeze auto`` freezes, decided before training task ``task_index``.
 
     A throwaway copy of the model trains every layer on task ``task_index``
@@ -378,7 +466,7 @@ def probe_freeze(model, state: TrainState, stream: TaskStream, task_index: int, 
     """
     task = stream.tasks[task_index]
     phase = Phase(frozen=(), fixed_bn=(), uses_memory=False)
-    tx = masked_optimizer(optax.sgd(config.lr), state.params, ())
+    tx = phase_optimizer(config, state.params, (), masks)
     step = jax.jit(make_train_step(model, tx, Strategy(), config, phase,
                                    stream.classes_per_task), donate_argnums=(0,))
     before = _variables(state)
@@ -445,10 +533,16 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
     model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
     state = create_train_state(model, stream.image_shape, jax.random.PRNGKey(config.seed),
                                init_variables=init_variables)
+    masks = None
+    if config.sparse:
+        # Fixed once from the starting weights (the pre-trained ones when given).
+        masks = channel_prune_masks(state.params)
+        state = state.replace(params=apply_masks(state.params, masks))
     classes_per_task = stream.classes_per_task
-    eval_step = jax.jit(make_eval_step(model, classes_per_task))
+    eval_step = CompiledStep(jax.jit(make_eval_step(model, classes_per_task)))
     eval_forward = jitted_eval_forward(model)
-    compiled: dict[Phase, Callable] = {}
+    compiled: dict[Phase, CompiledStep] = {}
+    phase_tasks: dict[Phase, list[int]] = {}
 
     memory = None
     acc_til, acc_cil, phases, layer_metrics = [], [], [], []
@@ -459,18 +553,19 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         if (config.freeze == "auto" and freeze_auto is None and strategy.frozen_groups(
                 dataclasses.replace(config, freeze="all-but-head"), t, pretrained)):
             chosen, probe_metrics = probe_freeze(model, state, stream, t, config,
-                                                 augment=augment)
+                                                 augment=augment, masks=masks)
             freeze_auto = {"task": t, "chosen": chosen, "threshold": config.freeze_threshold,
                            "similarity": config.similarity, "metrics": probe_metrics}
             run_config = dataclasses.replace(config, freeze=chosen)
         if config.layer_metrics is not None and t >= 1:
             before_task = _variables(state)
         phase, tx, step_fn = phase_step(model, strategy, run_config, state.params, t,
-                                        pretrained, classes_per_task)
+                                        pretrained, classes_per_task, masks)
         if phase not in compiled:
             if step_wrapper is not None:
                 step_fn = step_wrapper(step_fn)
-            compiled[phase] = jax.jit(step_fn, donate_argnums=(0, 1))
+            compiled[phase] = CompiledStep(jax.jit(step_fn, donate_argnums=(0, 1)))
+        phase_tasks.setdefault(phase, []).append(t)
         train_step = compiled[phase]
         phases.append({"task": t, "frozen": list(phase.frozen), "memory": phase.uses_memory})
         # SGD keeps no state, but the masked optimizer's structure follows the phase.
@@ -552,5 +647,7 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         "phases": phases,
         "freeze_auto": freeze_auto,
         **({"layer_metrics": layer_metrics} if config.layer_metrics is not None else {}),
+        **({"sparsity": sparsity_report(state.params)} if config.sparse else {}),
+        "resources": run_resources(compiled, phase_tasks, eval_step, config.eval_batch_size),
         "wall_time_s": time.perf_counter() - start,
     }

@@ -1,0 +1,226 @@
+"""Edge-memory benchmark: what one train step costs, per strategy, at the paper's CIFAR-10 setting.
+
+    python -m experiments.bench_memory --json out.json
+    python -m experiments.bench_memory --no-torch          # without the PyTorch comparison
+
+ResNet-18 (nf 64), 32x32x3 inputs, 10 classes in tasks of 2, batch 32, buffer 15,
+pre-trained backbone (LightCL freezes stem + stages 1-3), a step of task 1. Per
+strategy it prints and writes:
+
+* ``xla_train_bytes``: XLA's memory analysis of the compiled train step, arguments
+  + temporaries + outputs not aliased to donated arguments (its parts too);
+* ``train_step_flops``: XLA's cost analysis of the same step;
+* ``step_time_s``: median wall time of ``--steps`` steps after ``--warmup`` ones;
+* ``theory_mem_mb`` / ``theory_train_flops``: `theoretical_cost`, the paper's way of
+  counting a whole run, beside the paper's Table 1 figures;
+
+then the lightcl / finetune ratios, LightCL's XLA bytes taken apart term by term
+against the theoretical count, and (torch installed: ``pip install -e .[bench]``)
+the same LightCL step written in PyTorch (`experiments.torch_reference`), timed in
+the same run with the same number of threads. Time it on a quiet machine: with
+every core busy, anything else running slows both steps several times over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+SETTING = dict(nf=64, image_size=32, channels=3, num_classes=10, classes_per_task=2,
+               batch_size=32, buffer_size=15)
+# Rows: name -> (strategy, sparse).
+ROWS = {"finetune": ("finetune", False), "ewc": ("ewc", False), "er": ("er", False),
+        "derpp": ("derpp", False), "lightcl": ("lightcl", False),
+        "lightcl_sparse": ("lightcl", True)}
+MIB = 2 ** 20
+
+
+def _tree_bytes(tree) -> int:
+    import jax
+    import numpy as np
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
+
+
+def lightcl_terms(config, figures: dict, theory: dict) -> dict:
+    """LightCL's XLA step bytes taken apart, beside the theoretical terms (MiB).
+
+    Arguments split by what they hold (exact, from the shapes); temporaries hold
+    the gradients of the trained layers and the activations their backward pass
+    keeps (counted as in the theory) and the compiler's own scratch: everything
+    else live at the step's peak (the forward pass through the frozen layers,
+    layout copies, fusion buffers), the remainder.
+    """
+    import jax
+
+    from lightcl_jax.model.resnet import ResNet18
+    from lightcl_jax.training.freezing import freeze_labels
+    from lightcl_jax.training.loop import create_train_state
+
+    model = ResNet18(num_classes=SETTING["num_classes"], nf=config.nf)
+    shape = (SETTING["image_size"], SETTING["image_size"], SETTING["channels"])
+    state = jax.eval_shape(lambda: create_train_state(model, shape, jax.random.PRNGKey(0)))
+    labels = freeze_labels(state.params, figures["phase"]["frozen"])
+    trained = sum(_tree_bytes(p) for p, label in zip(jax.tree_util.tree_leaves(state.params),
+                                                    jax.tree_util.tree_leaves(labels))
+                  if label == "trainable")
+    weights = _tree_bytes(state.params)
+    batch_stats = _tree_bytes(state.batch_stats)
+    batch = SETTING["batch_size"] * (shape[0] * shape[1] * shape[2] + 1) * 4 + 4
+    memory = figures["argument_bytes"] - weights - batch_stats - batch - 4  # step counter
+    breakdown = theory["mem_breakdown_mb"]
+    kept = breakdown["activations"] * MIB
+    scratch = figures["temp_bytes"] - trained - kept
+    return {
+        "xla_mb": {
+            "weights": weights / MIB,
+            "batch_stats": batch_stats / MIB,
+            "batch": batch / MIB,
+            "memory_state": memory / MIB,
+            "gradients": trained / MIB,
+            "kept_activations": kept / MIB,
+            "compiler_scratch": scratch / MIB,
+            "outputs_not_aliased": (figures["output_bytes"] - figures["alias_bytes"]) / MIB,
+            "total": figures["train_bytes"] / MIB,
+        },
+        "theory_mb": {**breakdown, "total": theory["mem_mb"]},
+    }
+
+
+def measure(steps: int, warmup: int, rows: list[str], torch_threads: int | None) -> dict:
+    import jax
+
+    from experiments.bench_step import time_steps
+    from lightcl_jax.accounting import PAPER_SETTINGS, PAPER_TABLE1, theoretical_cost
+    from lightcl_jax.accounting.compiled import compiled_train_step_cost
+    from lightcl_jax.config import Config
+
+    shape = (SETTING["image_size"], SETTING["image_size"], SETTING["channels"])
+    out = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+           "setting": SETTING, "strategies": {}}
+    for name in rows:
+        strategy, sparse = ROWS[name]
+        config = Config(strategy=strategy, dataset="cifar10", nf=SETTING["nf"],
+                        batch_size=SETTING["batch_size"], buffer_size=SETTING["buffer_size"],
+                        sparse=sparse).resolved()
+        print(f"  {name}: compiling and timing ...", file=sys.stderr, flush=True)
+        cost = compiled_train_step_cost(config, shape, SETTING["num_classes"],
+                                        SETTING["classes_per_task"], task_index=1,
+                                        pretrained=True)
+        times = time_steps(config, shape, SETTING["num_classes"], SETTING["classes_per_task"],
+                           steps, task_index=1, warmup=warmup, pretrained=True)
+        theory = theoretical_cost(strategy, sparse=sparse, **PAPER_SETTINGS["cifar10"])
+        paper = PAPER_TABLE1["cifar10"][name]
+        row = {
+            "xla_train_bytes": cost["train_bytes"],
+            "argument_bytes": cost["argument_bytes"], "temp_bytes": cost["temp_bytes"],
+            "output_bytes": cost["output_bytes"], "alias_bytes": cost["alias_bytes"],
+            "train_step_flops": cost["flops"],
+            "step_time_s": statistics.median(times), "step_times_s": times,
+            "theory_mem_mb": theory["mem_mb"], "theory_train_flops": theory["train_flops"],
+            "paper_mem_mb": paper["mem_mb"], "paper_train_flops": paper["train_flops"],
+            "phase": cost["phase"],
+        }
+        if name == "lightcl":
+            row["terms"] = lightcl_terms(config, cost, theory)
+        out["strategies"][name] = row
+    rows_ = out["strategies"]
+    if "lightcl" in rows_ and "finetune" in rows_:
+        a, b = rows_["lightcl"], rows_["finetune"]
+        out["lightcl_over_finetune"] = {
+            "xla_train_bytes": a["xla_train_bytes"] / b["xla_train_bytes"],
+            "train_step_flops": a["train_step_flops"] / b["train_step_flops"],
+            "step_time_s": a["step_time_s"] / b["step_time_s"],
+        }
+    if torch_threads is not None and "lightcl" in rows_:
+        from experiments.torch_reference import time_lightcl_step
+        print("  lightcl in PyTorch: timing ...", file=sys.stderr, flush=True)
+        try:
+            torch = time_lightcl_step(steps=steps, warmup=warmup, threads=torch_threads,
+                                      nf=SETTING["nf"], image_size=SETTING["image_size"],
+                                      num_classes=SETTING["num_classes"],
+                                      batch_size=SETTING["batch_size"],
+                                      buffer_size=SETTING["buffer_size"])
+        except ImportError as err:
+            print(f"  skipped the PyTorch comparison: {err}", file=sys.stderr)
+            out["torch"] = None
+        else:
+            out["torch"] = {**torch, "jax_over_torch_step_time":
+                            rows_["lightcl"]["step_time_s"] / torch["median_s"]}
+    return out
+
+
+def report(out: dict) -> str:
+    lines = [f"device: {out['device']}; ResNet-18 nf {SETTING['nf']}, "
+             f"{SETTING['image_size']}x{SETTING['image_size']}x{SETTING['channels']}, batch "
+             f"{SETTING['batch_size']}, buffer {SETTING['buffer_size']}, a step of task 1", "",
+             f"{'strategy':<15}{'XLA MB':>9}{'GFLOP':>9}{'step s':>9}{'theory MB':>11}"
+             f"{'paper MB':>10}{'theory FLOPs':>14}{'paper FLOPs':>13}"]
+    for name, r in out["strategies"].items():
+        lines.append(f"{name:<15}{r['xla_train_bytes'] / MIB:9.1f}"
+                     f"{r['train_step_flops'] / 1e9:9.2f}{r['step_time_s']:9.3f}"
+                     f"{r['theory_mem_mb']:11.1f}{r['paper_mem_mb']:10.1f}"
+                     f"{r['theory_train_flops']:14.3g}{r['paper_train_flops']:13.3g}")
+    if "lightcl_over_finetune" in out:
+        ratio = out["lightcl_over_finetune"]
+        lines += ["", f"lightcl / finetune: XLA bytes {ratio['xla_train_bytes']:.2f}x, "
+                  f"FLOPs per step {ratio['train_step_flops']:.2f}x, "
+                  f"step time {ratio['step_time_s']:.2f}x"]
+    if "lightcl" in out["strategies"]:
+        terms = out["strategies"]["lightcl"]["terms"]
+        lines += ["", "lightcl step bytes, term by term (MB): XLA | theory"]
+        x, t = terms["xla_mb"], terms["theory_mb"]
+        pairs = [("weights", x["weights"], t["weights"]),
+                 ("gradients", x["gradients"], t["gradients"]),
+                 ("kept activations", x["kept_activations"], t["activations"]),
+                 ("buffer + stored features + masks, BN statistics",
+                  x["memory_state"] + x["batch_stats"],
+                  t["buffer"] + t["stored_features"]),
+                 ("training batch", x["batch"], 0.0),
+                 ("compiler scratch", x["compiler_scratch"], 0.0),
+                 ("outputs not aliased", x["outputs_not_aliased"], 0.0),
+                 ("total", x["total"], t["total"])]
+        lines += [f"  {label:<50}{a:8.1f} | {b:6.1f}" for label, a, b in pairs]
+    if out.get("torch"):
+        torch = out["torch"]
+        lines += ["", f"lightcl step, JAX {out['strategies']['lightcl']['step_time_s']:.3f} s vs "
+                  f"PyTorch {torch['torch_version']} ({torch['threads']} threads) "
+                  f"{torch['median_s']:.3f} s: {torch['jax_over_torch_step_time']:.2f}x"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_memory",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=None, help="write the figures to this file")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (>= 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
+    p.add_argument("--strategies", default=",".join(ROWS),
+                   help=f"comma-separated rows among {', '.join(ROWS)}")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="PyTorch threads (default: every core, as XLA uses)")
+    args = p.parse_args(argv)
+    rows = args.strategies.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    if args.steps < 5:
+        p.error(f"--steps must be >= 5 (a median over at least 5 steps); got {args.steps}")
+    if args.warmup < 1:
+        p.error(f"--warmup must be >= 1 (the first step compiles); got {args.warmup}")
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1; got {args.threads}")
+    out = measure(args.steps, args.warmup, rows, None if args.no_torch else args.threads)
+    print(report(out))
+    if args.json:
+        from experiments.run import write_json_atomic
+        write_json_atomic(args.json, out)
+        print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The PyTorch reference LightCL step: model size, frozen layers, and its loss."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from experiments.torch_reference import (build_lightcl_step, make_resnet18,  # noqa: E402
+                                         vital_channel_count)
+
+TINY = dict(nf=4, image_size=8, batch_size=8, buffer_size=4)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on 2 shared cores, OpenMP barriers make tiny ops crawl under load."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_resnet18_parameter_count():
+    model = make_resnet18(nf=64, channels=3, num_classes=10)
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962
+
+
+def _expected_loss(step, x, y):
+    """CE + regulation recomputed with plain torch ops, without the step's own code."""
+    model = step.model
+    lo = step.task_index * step.classes_per_task
+    with torch.no_grad():
+        logits_b, taps_b = model(step.buffer_x)
+        reg = 0.0
+        for mask, tap, ref in zip(step.masks, taps_b, step.ref_taps):
+            reg += float(((tap - ref)[:, mask] ** 2).sum())  # the vital channels only
+        reg += float(((logits_b - step.ref_logits) ** 2).sum())
+        logits = model(x)[0][:, lo:lo + step.classes_per_task].double()
+        log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        ce = float(-log_p[torch.arange(len(y)), y - lo].mean())
+    return ce + step.beta * reg
+
+
+def test_step_freezes_stem_to_stage3_and_matches_recomputed_loss():
+    step, x, y = build_lightcl_step(**TINY)
+    model = step.model
+    assert model.training
+    assert all(int(m.sum()) == vital_channel_count(m.numel()) for m in step.masks)
+    assert ((y >= 2) & (y < 4)).all()
+    frozen = {n for n, _ in model.named_parameters() if not n.startswith(("layer4.", "linear."))}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and frozen and trained.isdisjoint(frozen)
+    assert trained | frozen == {n for n, _ in model.named_parameters()}
+    optimized = {id(p) for g in step.optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for n, p in model.named_parameters() if n in trained}
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for i in range(2):  # the 1st step has zero drift; the 2nd has a nonzero regulation term
+        expected = _expected_loss(step, x, y)
+        loss = step(x, y)
+        assert loss == pytest.approx(expected, rel=1e-5), i
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, before[name]), name
+        else:
+            assert not torch.equal(p, before[name]), name
