@@ -121,3 +121,47 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="not available in"):
         make_stream("cifar10", data_dir=str(tmp_path / "junk"))
+
+
+def test_validate_stream_refuses_hand_built_streams_with_bad_data():
+    import dataclasses
+
+    import pytest
+
+    from lightcl_jax.config import Config
+    from lightcl_jax.data.streams import split_into_tasks
+    from lightcl_jax.training.loop import validate_stream
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 20).astype(np.int32)
+    x = rng.normal(size=(len(y), 8, 8, 1)).astype(np.float32)
+    good = split_into_tasks("tiny", x, y, x[::4], y[::4], 4, 2)
+    config = Config(batch_size=8)
+    validate_stream(good, config)
+    t0, t1 = good.tasks
+
+    def with_task1(**changes):
+        return dataclasses.replace(good, tasks=(t0, dataclasses.replace(t1, **changes)))
+
+    nan = t1.x_train.copy()
+    nan[0, 0, 0, 0] = np.nan
+    wrong_label = t1.y_train.copy()
+    wrong_label[3] = 0
+    cases = [
+        (with_task1(x_train=nan), r"task 1 \(classes 2..3\): training images contain NaN or Inf"),
+        (with_task1(y_train=wrong_label),
+         r"training label 0 is not one of the task's classes \[2, 3\]"),
+        (with_task1(classes=(1, 2)),
+         r"class 1 also belongs to task 0; class groups must not overlap"),
+        (with_task1(classes=(2, 4)), r"class 4 lies outside the head's 4 classes"),
+        (with_task1(x_eval=t1.x_eval[:, :4]), r"evaluation images are \(10, 4, 8, 1\) with 10 "
+                                              r"labels; expected \(N, 8, 8, 1\)"),
+        (with_task1(x_train=t1.x_train[:0], y_train=t1.y_train[:0]),
+         r"task 1 \(classes 2..3\) has no training samples"),
+        (with_task1(classes=()), r"task 1 has no classes"),
+    ]
+    for stream, message in cases:
+        with pytest.raises(ValueError, match=message):
+            validate_stream(stream, config)
+    with pytest.raises(ValueError, match="fewer than one batch of 64"):
+        validate_stream(good, Config(batch_size=64))

@@ -423,8 +423,42 @@ def _check_finite(losses: list[dict], first_step: int, task_index: int) -> dict[
 
 
 def validate_stream(stream: TaskStream, config: Config) -> None:
-    """Raises ValueError when a task cannot fill one training batch or the buffer."""
+    """Raises ValueError naming the first problem of a stream, built here or by hand.
+
+    Checked: every task has training and evaluation samples, at least one
+    training batch of them; images have the stream's shape and finite pixels;
+    labels lie in their task's classes; tasks' class groups are disjoint and
+    within the head's ``num_classes``.
+    """
+    seen: dict[int, int] = {}
     for task in stream.tasks:
+        where = f"task {task.index}"
+        if task.classes:
+            where += f" (classes {task.classes[0]}..{task.classes[-1]})"
+        if not task.classes:
+            raise ValueError(f"{where} has no classes; every task needs at least one")
+        for c in task.classes:
+            if not 0 <= c < stream.num_classes:
+                raise ValueError(f"{where}: class {c} lies outside the head's "
+                                 f"{stream.num_classes} classes [0, {stream.num_classes})")
+            if c in seen:
+                raise ValueError(f"{where}: class {c} also belongs to task {seen[c]}; class "
+                                 "groups must not overlap")
+            seen[c] = task.index
+        for split, x, y in (("training", task.x_train, task.y_train),
+                            ("evaluation", task.x_eval, task.y_eval)):
+            if len(y) == 0:
+                raise ValueError(f"{where} has no {split} samples; every task needs both")
+            if tuple(x.shape[1:]) != tuple(stream.image_shape) or len(x) != len(y):
+                expected = ", ".join(map(str, stream.image_shape))
+                raise ValueError(f"{where}: {split} images are {tuple(x.shape)} with "
+                                 f"{len(y)} labels; expected (N, {expected}) with N labels")
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"{where}: {split} images contain NaN or Inf pixels")
+            outside = ~np.isin(y, task.classes)
+            if outside.any():
+                raise ValueError(f"{where}: {split} label {int(y[outside][0])} is not one of "
+                                 f"the task's classes {list(task.classes)}")
         if len(task.x_train) < config.batch_size:
             raise ValueError(f"task {task.index} has {len(task.x_train)} training samples, fewer "
                              f"than one batch of {config.batch_size}; lower --batch-size")
