@@ -26,10 +26,10 @@ from lightcl_jax.accounting import compiled_train_step_cost
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
-from lightcl_jax.training.sparsity import apply_masks, channel_prune_masks
 from lightcl_jax.training.loop import (BatchStatsChain, create_train_state,
                                        jitted_eval_forward, jitted_forward,
                                        memory_at_task_start, phase_step)
+from lightcl_jax.training.sparsity import apply_masks, channel_prune_masks
 
 
 def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: int,

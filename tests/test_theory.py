@@ -48,6 +48,12 @@ def test_freeze_points_match_the_training_code():
     assert theory.FREEZE_POINTS == FREEZE_POINTS
 
 
+def test_sparsity_matches_the_training_code():
+    # Repeated so that the theory needs no JAX, like FREEZE_POINTS.
+    from lightcl_jax.training.sparsity import REFERENCE_SPARSITY
+    assert theory.SPARSITY == REFERENCE_SPARSITY
+
+
 def test_module_runs_without_jax():
     path = pathlib.Path(theory.__file__)
     code = ("import importlib.util, sys\n"

@@ -82,7 +82,8 @@ FREEZE_POINTS = {
     "all-but-head": ("stem", "stage1", "stage2", "stage3", "stage4"),
 }
 
-# The reference's pruning sparsity per layer group (SPEC section 2, sparse variant).
+# The reference's pruning sparsity per layer group (SPEC section 2, sparse variant); the same as
+# `lightcl_jax.training.sparsity.REFERENCE_SPARSITY` (a test checks), repeated to need no JAX.
 SPARSITY = {"stem": 0.2, "stage1": 0.2, "stage2": 0.2, "stage3": 0.7, "stage4": 0.8}
 
 # Table 1 of the paper: Mem in MB and FLOPs of the whole run.

@@ -169,7 +169,6 @@ def make_forward(model, chain: BatchStatsChain, fixed_bn: tuple[str, ...]):
         stats = chain.latest
         if prefix_stats is not None:
             stats = fold_statistics(stats, prefix_stats)
-        skipped = ()
         if stop is not None:
             # Zeroed running statistics make the update write (1 - momentum) x batch
             # statistic: the increment itself.
