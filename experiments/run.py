@@ -2,7 +2,10 @@
 
 With no flags: LightCL on the embedded digits stream (5 tasks x 2 classes),
 results in ``runs/digits-lightcl-seed0/results.json``. ``--help`` lists every flag.
-Exit codes: 0 done, 2 bad flag value or data, 1 training diverged.
+Checkpoints go to ``<workdir>/checkpoints`` after every task and every
+``--ckpt-every`` steps; rerunning the same command resumes from the newest.
+Exit codes: 0 done, 2 bad flag value, data, checkpoint or workdir, 1 training
+diverged.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -80,7 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lwf-temperature", type=float, default=d.lwf_temperature,
                    help="LwF distillation temperature")
     p.add_argument("--workdir", default=None,
-                   help="where results.json goes (default: runs/<dataset>-<strategy>-seed<seed>)")
+                   help="where results.json and checkpoints/ go (default: "
+                        "runs/<dataset>-<strategy>-seed<seed>); rerunning the same command with "
+                        "the same workdir resumes from the newest checkpoint")
+    p.add_argument("--ckpt-every", type=int, default=500, metavar="N",
+                   help="also checkpoint every N train steps within a task (default: "
+                        "%(default)s; 0: only after each task)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard results.json and checkpoints/ in --workdir before running "
+                        "(without it, those of another run are refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -173,10 +185,17 @@ def main(argv=None) -> int:
         config.validate()
     except ValueError as err:
         parser.error(str(err))
+    if args.ckpt_every < 0:
+        parser.error(f"--ckpt-every must be >= 0 (0: checkpoint only after each task); "
+                     f"got {args.ckpt_every}")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
 
     # Import JAX only once the flags are known to be good: a bad flag fails fast.
     from lightcl_jax.data.streams import make_stream
-    from lightcl_jax.training.loop import DivergenceError, train_and_evaluate, validate_stream
+    from lightcl_jax.training.checkpoint import CheckpointError, Position, RunCheckpoints
+    from lightcl_jax.training.loop import (DivergenceError, find_resume_point, run_identity,
+                                           train_and_evaluate, validate_stream)
 
     try:
         stream = make_stream(config.dataset, data_dir=config.data_dir,
@@ -184,17 +203,78 @@ def main(argv=None) -> int:
         validate_stream(stream, config.resolved())
     except ValueError as err:
         parser.error(str(err))
-    try:
-        results = train_and_evaluate(config, stream,
-                                     progress=_Bars(stream.num_tasks, not args.no_progress))
-    except DivergenceError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
+
     path = os.path.join(workdir, "results.json")
-    write_json_atomic(path, results)
-    print(format_table(results))
-    print(f"results written to {path}")
-    return 0
+    checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
+    try:
+        identity = run_identity(config, stream, pretrained=False)
+        if args.overwrite:
+            discard_run(path, checkpoints.directory)
+        else:
+            try:
+                finished = finished_results(path, identity)
+                resume = find_resume_point(checkpoints, identity)
+            except ValueError as err:  # CheckpointError included
+                parser.error(str(err))
+            if finished is not None:
+                print(format_table(finished))
+                print(f"{path} already holds this run's results; pass --overwrite to run it again")
+                return 0
+            if resume is not None:
+                kind, step, meta = resume
+                where = Position(**meta["position"]).describe(stream.num_tasks,
+                                                              config.resolved().epochs)
+                print(f"resuming from {checkpoints.path(kind, step)}: {where}", file=sys.stderr)
+        try:
+            results = train_and_evaluate(config, stream,
+                                         progress=_Bars(stream.num_tasks, not args.no_progress),
+                                         checkpoints=checkpoints)
+        except DivergenceError as err:
+            latest = checkpoints.latest()
+            kept = (f"; the last good checkpoint is {checkpoints.path(*latest)}" if latest
+                    else "; no checkpoint was written before it")
+            print(f"{parser.prog}: error: {err}{kept}", file=sys.stderr)
+            return 1
+        except CheckpointError as err:
+            parser.error(str(err))
+        write_json_atomic(path, results)
+        print(format_table(results))
+        print(f"results written to {path} (checkpoints in {checkpoints.directory})")
+        return 0
+    finally:
+        checkpoints.close()
+
+
+def finished_results(path: str, identity: dict) -> dict | None:
+    """The results in ``path`` when they are this run's; None when there are none.
+
+    Raises:
+      ValueError: ``path`` is unreadable or holds another run's results.
+    """
+    if not os.path.exists(path):
+        return None
+    from lightcl_jax.training.checkpoint import identity_differences
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        stored = results["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable results file of this version "
+                         f"({type(err).__name__}: {err}); pass --overwrite to replace it, or "
+                         "choose another --workdir") from err
+    differences = identity_differences(stored, identity)
+    if differences:
+        raise ValueError(f"{path} holds another run's results ({differences}); pass "
+                         "--overwrite to replace them, or choose another --workdir")
+    return results
+
+
+def discard_run(results_path: str, checkpoint_dir: str) -> None:
+    """Removes a workdir's results file and checkpoints (nothing else in it)."""
+    if os.path.exists(results_path):
+        os.unlink(results_path)
+    if os.path.isdir(checkpoint_dir):
+        shutil.rmtree(checkpoint_dir)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from lightcl_jax.metrics.continual import (average_accuracy, backward_transfer, 
                                            forgetting, til_predictions)
 from lightcl_jax.model.resnet import LAYER_GROUPS, TAP_NAMES, ResNet, ResNet18
 from lightcl_jax.strategies import STRATEGIES, Strategy, get_strategy, register_strategy
+from lightcl_jax.training.checkpoint import CheckpointError, RunCheckpoints
 from lightcl_jax.training.freezing import FREEZE_POINTS, freeze_labels, masked_optimizer
 from lightcl_jax.training.loop import (DivergenceError, TrainState, create_train_state,
                                        make_eval_step, make_train_step, probe_freeze,
@@ -33,7 +34,7 @@ __all__ = [
     "average_accuracy", "backward_transfer", "cil_predictions", "forgetting", "til_predictions",
     "LAYER_GROUPS", "TAP_NAMES", "ResNet", "ResNet18",
     "STRATEGIES", "Strategy", "get_strategy", "register_strategy",
-    "FREEZE_POINTS", "freeze_labels", "masked_optimizer",
+    "CheckpointError", "RunCheckpoints", "FREEZE_POINTS", "freeze_labels", "masked_optimizer",
     "DivergenceError", "TrainState", "create_train_state", "make_eval_step", "make_train_step",
     "train_and_evaluate",
 ]

@@ -3,7 +3,8 @@
 Tests train tiny models, so XLA's compile time dominates their run time: they
 compile with LLVM's cheaper optimisation level (set before the CPU backend
 starts; runs and benchmarks keep XLA's defaults), and JAX's persistent
-compilation cache, in a directory that lives for the test session, compiles a
+compilation cache, in a directory that lives for the test session (shared
+by pytest-xdist's workers and the CLI subprocesses tests start), compiles a
 program that several tests build only once.
 """
 
@@ -12,9 +13,13 @@ import os
 import shutil
 import tempfile
 
+_FLAGS = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [
     os.environ.get("XLA_FLAGS", ""),
-    "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]))
+    *(flag for flag in _FLAGS if flag not in os.environ.get("XLA_FLAGS", ""))]))
+
+# Several test processes may share one GPU: none takes most of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
@@ -22,11 +27,18 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-_CACHE = tempfile.mkdtemp(prefix="lightcl-jax-test-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the one pytest-xdist's controller made
+else:
+    _CACHE = tempfile.mkdtemp(prefix="lightcl-jax-test-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Set here and in the environment, so that pytest-xdist's workers and the CLI
+# subprocesses that tests start share it.
+for _name, _value in (("jax_compilation_cache_dir", _CACHE),
+                      ("jax_persistent_cache_min_compile_time_secs", 0),
+                      ("jax_persistent_cache_min_entry_size_bytes", 0)):
+    jax.config.update(_name, _value)
+    os.environ[_name.upper()] = str(_value)
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,8 @@ def test_cli_on_mock_cifar10_through_tfds(tmp_path):
     (["--batch-size", "400"], "fewer than one batch of 400"),
     (["--freeze", "stage9"], "invalid choice: 'stage9'"),
     (["--layer-metrics", "nope"], "invalid choice: 'nope'"),
+    (["--ckpt-every", "-1"], "--ckpt-every must be >= 0"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "'/nonexistent' is missing or empty"),
 ])
 def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, args, words):
     proc = _cli(*args, "--workdir", str(tmp_path / "w"))

@@ -117,6 +117,9 @@ def test_tfds_streams_through_data_source(name, num_tasks, classes_per_task):
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="missing or empty"):
         make_stream("cifar10", data_dir=str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="missing or empty"):
+        make_stream("cifar10", data_dir=str(tmp_path / "empty"))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="not available in"):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import time
 from typing import Any, Callable, Protocol
 
@@ -36,6 +38,7 @@ from lightcl_jax.model.resnet import (LAYER_GROUPS, ResNet18, fold_statistics, f
                                       layer_group)
 from lightcl_jax.strategies import Strategy, get_strategy
 from lightcl_jax.strategies.base import task_cross_entropy
+from lightcl_jax.training.checkpoint import Position, RunCheckpoints
 from lightcl_jax.training.freezing import TRAINABLE, freeze_labels, masked_optimizer
 from lightcl_jax.training.sparsity import (apply_masks, channel_prune_masks, keep_pruned,
                                            sparsity_report)
@@ -65,7 +68,11 @@ class Phase:
 
 
 class Progress(Protocol):
-    """Receives progress; the CLI shows it as a bar. All methods may be no-ops."""
+    """Receives progress; the CLI shows it as a bar. All methods may be no-ops.
+
+    A run resumed mid-task calls ``advance`` with the steps already done right
+    after ``start_task``; tasks finished before the resume get no events.
+    """
 
     def start_task(self, task_index: int, num_steps: int) -> None: ...
     def advance(self, steps: int, metrics: dict[str, float] | None = None) -> None: ...
@@ -303,8 +310,10 @@ class CompiledStep:
     so a run can report per-step and whole-run costs.
     """
 
-    def __init__(self, jitted):
-        self.jitted, self.compiled, self.cost, self.calls = jitted, None, None, 0
+    def __init__(self, jitted, *, calls: int = 0, cost: dict | None = None):
+        # ``calls`` and ``cost`` carry a resumed run's counts and figures over; ``jitted``
+        # may then be None until the phase trains again.
+        self.jitted, self.compiled, self.cost, self.calls = jitted, None, cost, calls
 
     def __call__(self, *args):
         if self.compiled is None:
@@ -373,18 +382,23 @@ def phase_step(model, strategy: Strategy, config: Config, params, task_index: in
 
 
 def memory_at_task_start(strategy: Strategy, config: Config, task_index: int, batch,
-                         forward, eval_forward, params, batch_stats, classes_per_task: int):
+                         forward, eval_forward, params, batch_stats, classes_per_task: int,
+                         *, task_ended: bool = False):
     """The strategy's memory at the start of ``task_index`` if every earlier task
-    ended, and this one began, on ``batch`` = (x, y): the right shapes for
-    compiling or timing a step without training a stream first (usable under
-    `jax.eval_shape`)."""
+    ended, and this one began, on ``batch`` = (x, y) (with ``task_ended``: once
+    this task has ended too): the right shapes for compiling or timing a step
+    without training a stream first, or for restoring a checkpoint (usable
+    under `jax.eval_shape`)."""
     memory = None
     kwargs = dict(config=config, batch=batch, forward=forward, eval_forward=eval_forward,
                   params=params, batch_stats=batch_stats, classes_per_task=classes_per_task)
     for t in range(task_index):
         memory = strategy.begin_task(memory, task_index=t, **kwargs)
         memory = strategy.end_task(memory, task_index=t, **kwargs)
-    return strategy.begin_task(memory, task_index=task_index, **kwargs)
+    memory = strategy.begin_task(memory, task_index=task_index, **kwargs)
+    if task_ended:
+        memory = strategy.end_task(memory, task_index=task_index, **kwargs)
+    return memory
 
 
 def evaluate(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
@@ -519,10 +533,87 @@ def probe_freeze(model, state: TrainState, stream: TaskStream, task_index: int, 
     return choose_freeze(metrics, config.freeze_threshold), metrics
 
 
+def stream_fingerprint(stream: TaskStream) -> str:
+    """A hash of every task's classes, images and labels (BLAKE2b, hex)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for task in stream.tasks:
+        digest.update(repr((task.index, tuple(task.classes))).encode())
+        for array in (task.x_train, task.y_train, task.x_eval, task.y_eval):
+            array = np.ascontiguousarray(array)
+            digest.update(repr((array.dtype.str, array.shape)).encode())
+            digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def run_identity(config: Config, stream: TaskStream, pretrained: bool) -> dict:
+    """What makes two runs the same run: a checkpoint resumes only its own run.
+
+    The resolved config, the stream (name, shapes, and a fingerprint of its
+    data) and whether it started from a pre-trained backbone, as JSON values.
+    """
+    identity = {
+        "config": config.resolved().to_dict(),
+        "stream": {"name": stream.name, "num_tasks": stream.num_tasks,
+                   "num_classes": stream.num_classes, "image_shape": list(stream.image_shape),
+                   "eval_split": stream.eval_split, "fingerprint": stream_fingerprint(stream)},
+        "pretrained": pretrained,
+    }
+    return json.loads(json.dumps(identity))
+
+
+def find_resume_point(checkpoints: RunCheckpoints, identity: dict
+                      ) -> tuple[str, int, dict] | None:
+    """(kind, step, meta) of the newest checkpoint of this run, or None when there is none.
+
+    Raises:
+      CheckpointError: the newest checkpoint is unreadable, or of another run.
+    """
+    latest = checkpoints.latest()
+    if latest is None:
+        return None
+    meta = checkpoints.read_meta(*latest)
+    checkpoints.check_identity(meta, identity, *latest)
+    return (*latest, meta)
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
+
+
+def _payload_template(model, strategy: Strategy, config: Config, stream: TaskStream, state,
+                      position: Position, pretrained: bool, masks) -> dict:
+    """The structure of what a checkpoint at ``position`` holds (see `_payload`)."""
+    t = position.task
+    phase = phase_for_task(strategy, config, t, pretrained)
+    tx = phase_optimizer(config, state.params, phase.frozen, masks)
+    params, batch_stats = _abstract(state.params), _abstract(state.batch_stats)
+    x = jax.ShapeDtypeStruct((config.batch_size, *stream.image_shape), jnp.float32)
+    y = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
+    memory = jax.eval_shape(
+        lambda params, batch_stats, x, y: memory_at_task_start(
+            strategy, config, t, (x, y),
+            make_forward(model, BatchStatsChain(batch_stats), phase.fixed_bn),
+            make_eval_forward(model), params, batch_stats, stream.classes_per_task,
+            task_ended=position.task_done),
+        params, batch_stats, x, y)
+    before = None
+    if config.layer_metrics is not None and t >= 1 and not position.task_done:
+        before = {"params": params, "batch_stats": batch_stats}
+    return _payload(TrainState(params=params, batch_stats=batch_stats,
+                               opt_state=jax.eval_shape(tx.init, params),
+                               step=jax.ShapeDtypeStruct((), jnp.int32)), memory, before)
+
+
+def _payload(state: TrainState, memory, before_task) -> dict:
+    """The arrays a checkpoint holds: train state, strategy memory, the model before the task."""
+    return {"state": state, "memory": memory, "before_task": before_task}
+
+
 def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                        init_variables: dict | None = None, progress: Progress | None = None,
                        step_wrapper: Callable[[Callable], Callable] | None = None,
-                       on_task_end: Callable[[int, TrainState], None] | None = None) -> dict:
+                       on_task_end: Callable[[int, TrainState], None] | None = None,
+                       checkpoints: RunCheckpoints | None = None) -> dict:
     """Runs a strategy over a task stream and evaluates after every task.
 
     Args:
@@ -535,7 +626,12 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         `chex.assert_max_traces` here).
       on_task_end: called as ``on_task_end(task_index, state)`` after each
         task's training and evaluation (the state must not be kept: the next
-        step donates it; copy what you need).
+        step donates it; copy what you need). Not called again for tasks
+        that a resumed run restored.
+      checkpoints: where the run saves its whole state (after every task, and
+        every ``checkpoints.every`` steps within one), and resumes from: when
+        it holds a checkpoint of this run (`run_identity`), the run goes on
+        from the newest one and gives the numbers an uninterrupted run would.
 
     Returns:
       The results: ``acc_til``/``acc_cil`` accuracy matrices in percent (row
@@ -545,12 +641,16 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
       ``layer_metrics`` (with ``config.layer_metrics``: per task t >= 1, LP
       and MS per layer between the models before and after task t, on
       held-out samples of task t and of the earlier tasks: as many per set as
-      the smallest task's evaluation split holds, at most `PROBE_SIZE`) and
-      ``wall_time_s``.
+      the smallest task's evaluation split holds, at most `PROBE_SIZE`),
+      ``identity`` (`run_identity`), ``resumed_at_steps`` (the global steps
+      a resumed run went on from; empty when uninterrupted) and
+      ``wall_time_s`` (over all the processes that ran it).
 
     Raises:
       ValueError: bad configuration or data.
-      DivergenceError: the loss became NaN or Inf (names task and step).
+      CheckpointError: the newest checkpoint is unreadable or of another run.
+      DivergenceError: the loss became NaN or Inf (names task and step); the
+        checkpoints saved before it hold finite states only.
     """
     start = time.perf_counter()
     config = config.resolved()
@@ -562,6 +662,8 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
     strategy = get_strategy(config.strategy)
     pretrained = init_variables is not None
     augment = stream.augment if config.augment is None else config.augment
+    identity = run_identity(config, stream, pretrained)
+    resume = find_resume_point(checkpoints, identity) if checkpoints is not None else None
 
     model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
     state = create_train_state(model, stream.image_shape, jax.random.PRNGKey(config.seed),
@@ -577,32 +679,76 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
     compiled: dict[Phase, CompiledStep] = {}
     phase_tasks: dict[Phase, list[int]] = {}
 
-    memory = None
+    memory = before_task = None
     acc_til, acc_cil, phases, layer_metrics = [], [], [], []
     freeze_auto = None
     run_config = config  # config with "auto" replaced by the probe's choice
-    for task in stream.tasks:
+    elapsed_before, resumed_at = 0.0, []
+    first_task, position, global_step = 0, None, 0
+    if resume is not None:
+        kind, ckpt_step, resume_meta = resume
+        position = Position(**resume_meta["position"])
+        done = resume_meta["results"]
+        acc_til, acc_cil, phases = done["acc_til"], done["acc_cil"], done["phases"]
+        layer_metrics, freeze_auto = done["layer_metrics"], done["freeze_auto"]
+        if freeze_auto is not None:
+            run_config = dataclasses.replace(config, freeze=freeze_auto["chosen"])
+        for entry in resume_meta["train_steps"]:
+            phase = Phase(frozen=tuple(entry["frozen"]), fixed_bn=tuple(entry["fixed_bn"]),
+                          uses_memory=entry["memory"])
+            compiled[phase] = CompiledStep(None, calls=entry["calls"], cost=entry["cost"])
+            phase_tasks[phase] = entry["tasks"]
+        eval_step.calls = resume_meta["eval_step"]["calls"]
+        eval_step.cost = resume_meta["eval_step"]["cost"]
+        payload = checkpoints.restore(kind, ckpt_step, _payload_template(
+            model, strategy, run_config, stream, state, position, pretrained, masks))
+        state, memory, before_task = (payload["state"], payload["memory"],
+                                      payload["before_task"])
+        elapsed_before = resume_meta["elapsed_s"]
+        resumed_at = resume_meta["resumed_at_steps"] + [position.global_step]
+        global_step = position.global_step
+        first_task = position.task + 1 if position.task_done else position.task
+
+    def save(position: Position, rng_state=None):
+        meta = {
+            "identity": identity,
+            "position": dataclasses.asdict(position),
+            "rng_state": rng_state,
+            "results": {"acc_til": acc_til, "acc_cil": acc_cil, "phases": phases,
+                        "layer_metrics": layer_metrics, "freeze_auto": freeze_auto},
+            "train_steps": [{"frozen": list(p.frozen), "fixed_bn": list(p.fixed_bn),
+                             "memory": p.uses_memory, "tasks": phase_tasks[p],
+                             "calls": c.calls, "cost": c.cost} for p, c in compiled.items()],
+            "eval_step": {"calls": eval_step.calls, "cost": eval_step.cost},
+            "elapsed_s": elapsed_before + time.perf_counter() - start,
+            "resumed_at_steps": resumed_at,
+        }
+        checkpoints.save(_payload(state, memory, before_task), meta,
+                         task_done=position.task_done)
+
+    for task in stream.tasks[first_task:]:
         t = task.index
-        if (config.freeze == "auto" and freeze_auto is None and strategy.frozen_groups(
+        # Resuming within this task: its probe, phase bookkeeping and begin_task are done.
+        mid = position is not None and not position.task_done and position.task == t
+        if not mid and (config.freeze == "auto" and freeze_auto is None and strategy.frozen_groups(
                 dataclasses.replace(config, freeze="all-but-head"), t, pretrained)):
             chosen, probe_metrics = probe_freeze(model, state, stream, t, config,
                                                  augment=augment, masks=masks)
             freeze_auto = {"task": t, "chosen": chosen, "threshold": config.freeze_threshold,
                            "similarity": config.similarity, "metrics": probe_metrics}
             run_config = dataclasses.replace(config, freeze=chosen)
-        if config.layer_metrics is not None and t >= 1:
+        if not mid and config.layer_metrics is not None and t >= 1:
             before_task = _variables(state)
         phase, tx, step_fn = phase_step(model, strategy, run_config, state.params, t,
                                         pretrained, classes_per_task, masks)
-        if phase not in compiled:
+        if compiled.get(phase) is None or compiled[phase].jitted is None:
             if step_wrapper is not None:
                 step_fn = step_wrapper(step_fn)
-            compiled[phase] = CompiledStep(jax.jit(step_fn, donate_argnums=(0, 1)))
-        phase_tasks.setdefault(phase, []).append(t)
+            restored = compiled.get(phase)
+            compiled[phase] = CompiledStep(
+                jax.jit(step_fn, donate_argnums=(0, 1)),
+                calls=restored.calls if restored else 0, cost=restored.cost if restored else None)
         train_step = compiled[phase]
-        phases.append({"task": t, "frozen": list(phase.frozen), "memory": phase.uses_memory})
-        # SGD keeps no state, but the masked optimizer's structure follows the phase.
-        state = state.replace(opt_state=tx.init(state.params))
         rng = np.random.default_rng([config.seed, t])
 
         x_train, y_train = strategy.training_arrays(stream, t)
@@ -622,25 +768,52 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
             state = state.replace(batch_stats=chain.latest)
             return result
 
-        # As the reference's next(iter(loader)): a fresh shuffled batch of the new task.
-        memory = at_boundary(strategy.begin_task, next(batches()))
         per_epoch = steps_per_epoch(len(x_train), config.batch_size)
-        progress.start_task(t, per_epoch * config.epochs)
+        total_steps = per_epoch * config.epochs
+        if mid:
+            first_epoch, batches_done, step_in_task = (position.epoch, position.batch,
+                                                       position.step_in_task)
+            rng.bit_generator.state = resume_meta["rng_state"]
+        else:
+            phase_tasks.setdefault(phase, []).append(t)
+            phases.append({"task": t, "frozen": list(phase.frozen),
+                           "memory": phase.uses_memory})
+            # SGD keeps no state, but the masked optimizer's structure follows the phase.
+            state = state.replace(opt_state=tx.init(state.params))
+            # As the reference's next(iter(loader)): a fresh shuffled batch of the new task.
+            memory = at_boundary(strategy.begin_task, next(batches()))
+            first_epoch, batches_done, step_in_task = 0, 0, 0
+        progress.start_task(t, total_steps)
+        if step_in_task:
+            progress.advance(step_in_task)
         offset = jnp.asarray(task.class_offset, jnp.int32)
-        step_in_task = 0
-        for epoch in range(config.epochs):
+        for epoch in range(first_epoch, config.epochs):
+            epoch_rng_state = rng.bit_generator.state
+            epoch_iter = batches()
+            skip = batches_done if epoch == first_epoch else 0
+            for _ in range(skip):  # batches a resumed run already trained on: same draws
+                next(epoch_iter)
             losses, epoch_metrics = [], {}
-            for x, y in batches():
+            for batch_index, (x, y) in enumerate(epoch_iter, start=skip + 1):
                 step_memory = memory if phase.uses_memory else None
                 state, step_memory, metrics = train_step(state, step_memory, x, y, offset)
                 if phase.uses_memory:
                     memory = step_memory
                 losses.append(metrics)
                 step_in_task += 1
+                global_step += 1
                 progress.advance(1)
-                if len(losses) == CHECK_EVERY:
+                checkpoint_now = (checkpoints is not None and checkpoints.every
+                                  and global_step % checkpoints.every == 0
+                                  and step_in_task < total_steps)
+                if len(losses) == CHECK_EVERY or (checkpoint_now and losses):
+                    # A checkpoint only ever holds a state whose losses were all finite.
                     epoch_metrics = _check_finite(losses, step_in_task - len(losses), t)
                     losses = []
+                if checkpoint_now:
+                    save(Position(task=t, task_done=False, epoch=epoch, batch=batch_index,
+                                  step_in_task=step_in_task, global_step=global_step),
+                         epoch_rng_state)
             if losses:
                 epoch_metrics = _check_finite(losses, step_in_task - len(losses), t)
             progress.advance(0, {"epoch": epoch + 1, **epoch_metrics})
@@ -657,6 +830,10 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                 _probe_set([p.x_eval for p in stream.tasks[:t]], size),
                 _probe_set([task.x_eval], size), config.layer_metrics)
             layer_metrics.append({"task": t, "layers": layers})
+        before_task = None
+        if checkpoints is not None:
+            save(Position(task=t, task_done=True, epoch=config.epochs - 1, batch=per_epoch,
+                          step_in_task=step_in_task, global_step=global_step))
         progress.end_task(t, til_row, cil_row)
         if on_task_end is not None:
             on_task_end(t, state)
@@ -682,5 +859,7 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         **({"layer_metrics": layer_metrics} if config.layer_metrics is not None else {}),
         **({"sparsity": sparsity_report(state.params)} if config.sparse else {}),
         "resources": run_resources(compiled, phase_tasks, eval_step, config.eval_batch_size),
-        "wall_time_s": time.perf_counter() - start,
+        "identity": identity,
+        "resumed_at_steps": resumed_at,
+        "wall_time_s": elapsed_before + time.perf_counter() - start,
     }

@@ -1,0 +1,348 @@
+"""Checkpoints, exact resume, determinism, divergence and the refusals of bad files.
+
+Runs are tiny (nf=4, the 5 digits tasks, 1 epoch of 10 steps each) so each one
+compiles and trains in seconds. "The same results" means the same
+results.json but for ``wall_time_s`` and ``resumed_at_steps`` (which record
+how the run went, not what it computed).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import run
+from lightcl_jax.config import Config
+from lightcl_jax.training.checkpoint import (CheckpointError, Position, RunCheckpoints,
+                                             identity_differences)
+from lightcl_jax.training.loop import DivergenceError, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The digits tasks have 325, 325, 327, 324 and 317 training samples: at batch 32 and 1 epoch,
+# tasks end at steps 10, 20, 30, 40 and 49. Same settings as tests/test_cli.py's CLI run.
+STEPS_PER_TASK = 10
+TINY = dict(nf=4, epochs=1)
+
+
+def _same(results):
+    return {k: v for k, v in results.items() if k not in ("wall_time_s", "resumed_at_steps")}
+
+
+class _SnapshotAfter:
+    """Progress that copies the checkpoint directory after ``steps`` train steps.
+
+    The copy is what a kill at that moment leaves on disk; the run itself goes
+    on uninterrupted, so one run gives both the clean results and the wreck.
+    """
+
+    def __init__(self, steps, source, target):
+        self.steps, self.source, self.target, self.done = steps, source, target, 0
+
+    def start_task(self, task_index, num_steps):
+        pass
+
+    def advance(self, steps, metrics=None):
+        self.done += steps
+        if steps and self.done == self.steps:
+            shutil.copytree(self.source, self.target)
+
+    def end_task(self, task_index, til, cil):
+        pass
+
+
+@pytest.fixture(scope="module")
+def stream(digits_stream):
+    return digits_stream
+
+
+# Plain LightCL is resumed mid-task in the divergence and SIGKILL tests below. These two
+# run on test_training's random stream and config (3 tasks, 3 steps per epoch), whose
+# compiled steps other tests share.
+@pytest.mark.parametrize("strategy,config_changes", [
+    ("derpp", {}),
+    ("lightcl", dict(freeze="auto", layer_metrics="cosine", sparse=True)),
+])
+def test_resume_mid_task_gives_the_uninterrupted_results(tmp_path, strategy, config_changes):
+    from test_training import TINY as TRAINING_TINY, _tiny_stream
+    stream = _tiny_stream(num_tasks=3)
+    config = dataclasses.replace(TRAINING_TINY, strategy=strategy, epochs=2, **config_changes)
+    # Tasks run steps 1-6, 7-12 and 13-18. The disk as a kill after step 9 leaves it: the
+    # newest checkpoint is at step 8, the second step of task 1.
+    clean = train_and_evaluate(
+        config, stream, progress=_SnapshotAfter(9, tmp_path / "run", tmp_path / "killed"),
+        checkpoints=RunCheckpoints(tmp_path / "run", every=8))
+    latest = RunCheckpoints(tmp_path / "killed").latest()
+    assert latest == ("steps", 8)
+    meta = RunCheckpoints(tmp_path / "killed").read_meta(*latest)
+    assert (meta["position"]["task"], meta["position"]["step_in_task"]) == (1, 2)
+    resumed = train_and_evaluate(config, stream,
+                                 checkpoints=RunCheckpoints(tmp_path / "killed", every=8))
+    assert resumed["resumed_at_steps"] == [8] and clean["resumed_at_steps"] == []
+    assert _same(resumed) == _same(clean)
+
+
+@pytest.fixture(scope="module")
+def lightcl_run(tmp_path_factory, stream):
+    """A finished LightCL run that checkpointed every 14 steps: (directory, results)."""
+    directory = tmp_path_factory.mktemp("lightcl")
+    results = train_and_evaluate(Config(strategy="lightcl", **TINY), stream,
+                                 checkpoints=RunCheckpoints(directory, every=14))
+    return directory, results
+
+
+def test_same_seed_gives_identical_results(lightcl_run, finished_workdir):
+    """The library run and the CLI run of one config agree exactly, in one process.
+
+    The SIGKILL test below compares runs in two processes.
+    """
+    with open(finished_workdir / "results.json") as f:
+        cli = json.load(f)
+    assert lightcl_run[1]["resumed_at_steps"] == []
+    assert _same(lightcl_run[1]) == _same(cli)
+
+
+def test_checkpoint_layout_and_retention(lightcl_run):
+    directory, _ = lightcl_run
+    # One checkpoint per finished task is kept; mid-task ones go once their task ends.
+    assert sorted(os.listdir(directory / "tasks"), key=int) == ["10", "20", "30", "40", "49"]
+    assert os.listdir(directory / "steps") == []
+    meta = RunCheckpoints(directory).read_meta("tasks", 10)
+    assert Position(**meta["position"]) == Position(task=0, task_done=True, epoch=0,
+                                                    batch=STEPS_PER_TASK,
+                                                    step_in_task=STEPS_PER_TASK, global_step=10)
+    assert len(meta["results"]["acc_til"]) == 1 and meta["identity"]["config"]["nf"] == 4
+
+
+def test_resume_from_a_task_boundary_and_from_a_finished_run(tmp_path, stream, lightcl_run):
+    config = Config(strategy="lightcl", **TINY)
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(lightcl_run[0], directory)
+    # A finished run's checkpoint gives its results back without training.
+    calls = []
+    again = train_and_evaluate(config, stream, checkpoints=RunCheckpoints(directory),
+                               step_wrapper=lambda f: calls.append(1) or f)
+    assert calls == [] and again["resumed_at_steps"] == [49]
+    assert _same(again) == _same(lightcl_run[1])
+    # Without the last task's checkpoint, the run goes on from the end of task 3.
+    shutil.rmtree(directory / "tasks" / "49")
+    resumed = train_and_evaluate(config, stream, checkpoints=RunCheckpoints(directory))
+    assert resumed["resumed_at_steps"] == [40]
+    assert _same(resumed) == _same(lightcl_run[1])
+
+
+def _nan_at_step(bad_step):
+    """Wraps a train step so that the step numbered ``bad_step`` gives NaN params and loss."""
+    def wrap(step_fn):
+        def poisoned(state, memory, x, y, offset):
+            state, memory, metrics = step_fn(state, memory, x, y, offset)
+            bad = state.step == bad_step
+            params = jax.tree_util.tree_map(lambda p: jnp.where(bad, jnp.nan, p), state.params)
+            metrics = {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
+            return state.replace(params=params), memory, metrics
+        return poisoned
+    return wrap
+
+
+def test_divergence_names_task_and_step_keeps_the_last_good_checkpoint_and_resumes(
+        tmp_path, stream, lightcl_run):
+    config = Config(strategy="lightcl", **TINY)
+    bad_step = STEPS_PER_TASK + 6  # the 6th step of task 1: step 5, counting from 0
+    with pytest.raises(DivergenceError, match=r"non-finite at task 1, step 5 of the task"):
+        train_and_evaluate(config, stream, checkpoints=RunCheckpoints(tmp_path, every=14),
+                           step_wrapper=_nan_at_step(bad_step))
+    checkpoints = RunCheckpoints(tmp_path, every=14)
+    # The checkpoints at steps 10 (end of task 0) and 14 were finite; the NaN (step 16) was
+    # found at the end of the epoch, before task 1's checkpoint at step 20 was written.
+    assert checkpoints.latest() == ("steps", 14)
+    resumed = train_and_evaluate(config, stream, checkpoints=checkpoints)
+    assert resumed["resumed_at_steps"] == [14]
+    # Not "resources": task 0 compiled the wrapped step, whose extra ops XLA counts.
+    del resumed["resources"]
+    assert _same(resumed) == {k: v for k, v in _same(lightcl_run[1]).items() if k != "resources"}
+
+
+def _tree_digest(path):
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(full.encode())
+            with open(full, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+CLI_TINY = ["--nf", "4", "--epochs", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished_workdir(tmp_path_factory):
+    """A workdir of a finished CLI run (results.json and checkpoints)."""
+    workdir = tmp_path_factory.mktemp("finished")
+    assert run.main([*CLI_TINY, "--workdir", str(workdir)]) == 0
+    return workdir
+
+
+def _copy(workdir, tmp_path):
+    copy = tmp_path / "w"
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+def _refused(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "python -m experiments.run: error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_cli_rerun_of_a_finished_run_prints_it_and_trains_nothing(finished_workdir, capsys):
+    before = _tree_digest(finished_workdir)
+    capsys.readouterr()
+    assert run.main([*CLI_TINY, "--workdir", str(finished_workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "already holds this run's results; pass --overwrite to run it again" in out
+    assert "TIL accuracy" in out and _tree_digest(finished_workdir) == before
+
+
+def test_cli_refuses_a_workdir_with_another_runs_results_unless_overwrite(
+        finished_workdir, tmp_path, capsys):
+    workdir = _copy(finished_workdir, tmp_path)
+    before = _tree_digest(workdir)
+    line = _refused([*CLI_TINY, "--seed", "1", "--workdir", str(workdir)], capsys)
+    assert "holds another run's results (seed 0 there, 1 here)" in line
+    assert "--overwrite" in line and _tree_digest(workdir) == before
+    # Without results.json the checkpoints are refused the same way.
+    os.unlink(workdir / "results.json")
+    line = _refused([*CLI_TINY, "--seed", "1", "--workdir", str(workdir)], capsys)
+    assert "is of another run (seed 0 there, 1 here)" in line
+    assert sorted(os.listdir(workdir / "checkpoints" / "tasks"), key=int) == [
+        "10", "20", "30", "40", "49"]
+    # --overwrite replaces both.
+    assert run.main([*CLI_TINY, "--seed", "1", "--overwrite", "--workdir", str(workdir)]) == 0
+    with open(workdir / "results.json") as f:
+        assert json.load(f)["config"]["seed"] == 1
+
+
+# Reading damaged arrays leaves orbax callbacks that fire after its event loop closed:
+# noise from orbax's error path, not a failure of the refusal.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage,words", [
+    ("meta", "is unreadable"),
+    ("arrays", "is unreadable"),
+    ("format", "has format 99; this version reads format 1"),
+])
+def test_cli_refuses_a_corrupt_checkpoint_and_changes_nothing(finished_workdir, tmp_path,
+                                                              capsys, damage, words):
+    workdir = _copy(finished_workdir, tmp_path)
+    os.unlink(workdir / "results.json")
+    newest = workdir / "checkpoints" / "tasks" / "49"
+    if damage == "meta":
+        (newest / "meta" / "metadata").write_text("{not json")
+    elif damage == "format":
+        meta = json.loads((newest / "meta" / "metadata").read_text())
+        (newest / "meta" / "metadata").write_text(json.dumps({**meta, "format": 99}))
+    else:  # truncate every stored array chunk
+        for root, _, files in os.walk(newest / "state"):
+            for name in files:
+                if os.path.basename(root) == "d":
+                    with open(os.path.join(root, name), "wb") as f:
+                        f.write(b"\0")
+    before = _tree_digest(workdir)
+    line = _refused([*CLI_TINY, "--workdir", str(workdir)], capsys)
+    assert f"checkpoint {newest}" in line and words in line, line
+    assert _tree_digest(workdir) == before
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path, finished_workdir, stream):
+    checkpoints = RunCheckpoints(finished_workdir / "checkpoints")
+    template = {"state": {"params": {"stem": {"conv": {"kernel": jax.ShapeDtypeStruct(
+        (3, 3, 1, 8), jnp.float32)}}}}}
+    with pytest.raises(CheckpointError, match=r"does not fit this run: memory/\S+ is "
+                                              r"float32\[[\d, ]+\] there, absent here"):
+        checkpoints.restore("tasks", 49, template)
+
+
+def test_crash_during_a_write_leaves_the_previous_checkpoint(finished_workdir, tmp_path):
+    workdir = _copy(finished_workdir, tmp_path)
+    # What orbax leaves when killed while writing step 60: a temporary directory.
+    partial = workdir / "checkpoints" / "tasks" / "60.orbax-checkpoint-tmp-1234"
+    os.makedirs(partial / "state")
+    (partial / "state" / "junk").write_bytes(b"\0" * 10)
+    checkpoints = RunCheckpoints(workdir / "checkpoints")
+    assert checkpoints.latest() == ("tasks", 49)
+    assert checkpoints.read_meta("tasks", 49)["position"]["global_step"] == 49
+
+
+def test_identity_differences_name_each_changed_setting():
+    a = {"config": {"lr": 0.01, "seed": 0}, "pretrained": False}
+    b = {"config": {"lr": 0.02, "seed": 0}, "pretrained": True}
+    assert identity_differences(a, a) == ""
+    assert identity_differences(a, b) == "lr 0.01 there, 0.02 here; pretrained False there, True here"
+
+
+def test_checkpoint_interval_must_be_a_non_negative_integer():
+    with pytest.raises(ValueError, match="checkpoint interval must be an integer >= 0"):
+        RunCheckpoints("unused", every=-1)
+
+
+def test_sigkill_mid_task_then_rerun_writes_the_clean_results(tmp_path, finished_workdir):
+    """Kills ``python -m experiments.run`` with SIGKILL mid-task and reruns the same command.
+
+    The clean reference is ``finished_workdir``: the same flags, run uninterrupted
+    (with the default checkpoint interval, which changes no number).
+    """
+    args = [sys.executable, "-m", "experiments.run", *CLI_TINY, "--ckpt-every", "5"]
+    env = dict(os.environ)  # with conftest's XLA flags and compilation cache
+    killed_dir = tmp_path / "killed"
+    # Mid-task checkpoints come at steps 5, 15, 25, 35 and 45; kill after one from task 1 on.
+    proc = subprocess.Popen([*args, "--workdir", str(killed_dir)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps_dir = killed_dir / "checkpoints" / "steps"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if steps_dir.is_dir() and any(name.isdigit() and int(name) >= 15
+                                      for name in os.listdir(steps_dir)):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed mid-task"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "results.json").exists()
+
+    resumed = subprocess.run([*args, "--workdir", str(killed_dir)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "epoch 1/1" in resumed.stderr
+    with open(finished_workdir / "results.json") as f:
+        want = json.load(f)
+    with open(killed_dir / "results.json") as f:
+        got = json.load(f)
+    assert len(got["resumed_at_steps"]) == 1 and got["resumed_at_steps"][0] >= 15
+    assert _same(got) == _same(want)
+    np.testing.assert_array_equal(got["acc_cil"][-1], want["acc_cil"][-1])
+
+
+def test_cli_refuses_an_unreadable_results_file_and_a_workdir_that_is_a_file(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "results.json").write_text("{half a file")
+    line = _refused([*CLI_TINY, "--workdir", str(workdir)], capsys)
+    assert "results.json is not a readable results file of this version" in line
+    assert (workdir / "results.json").read_text() == "{half a file"
+    line = _refused([*CLI_TINY, "--workdir", str(workdir / "results.json")], capsys)
+    assert "results.json is a file; it must be a directory (or not exist)" in line
