@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="discard results.json and checkpoints/ in --workdir before running "
                         "(without it, those of another run are refused)")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="split each batch over the first N visible devices (data parallel; "
+                        "default: all of them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -196,8 +199,11 @@ def main(argv=None) -> int:
     from lightcl_jax.training.checkpoint import CheckpointError, Position, RunCheckpoints
     from lightcl_jax.training.loop import (DivergenceError, find_resume_point, run_identity,
                                            train_and_evaluate, validate_stream)
+    from lightcl_jax.training.parallel import data_parallel
 
     try:
+        parallel = data_parallel(args.devices, {"--batch-size": config.batch_size,
+                                                "--eval-batch-size": config.eval_batch_size})
         stream = make_stream(config.dataset, data_dir=config.data_dir,
                              num_tasks=config.num_tasks, eval_split=config.eval_split)
         validate_stream(stream, config.resolved())
@@ -207,7 +213,8 @@ def main(argv=None) -> int:
     path = os.path.join(workdir, "results.json")
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
     try:
-        identity = run_identity(config, stream, pretrained=False)
+        identity = run_identity(config, stream, pretrained=False,
+                            num_devices=parallel.num_devices)
         if args.overwrite:
             discard_run(path, checkpoints.directory)
         else:
@@ -228,7 +235,8 @@ def main(argv=None) -> int:
         try:
             results = train_and_evaluate(config, stream,
                                          progress=_Bars(stream.num_tasks, not args.no_progress),
-                                         checkpoints=checkpoints)
+                                         checkpoints=checkpoints,
+                                         devices=parallel.num_devices)
         except DivergenceError as err:
             latest = checkpoints.latest()
             kept = (f"; the last good checkpoint is {checkpoints.path(*latest)}" if latest

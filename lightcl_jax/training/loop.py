@@ -40,6 +40,7 @@ from lightcl_jax.strategies import Strategy, get_strategy
 from lightcl_jax.strategies.base import task_cross_entropy
 from lightcl_jax.training.checkpoint import Position, RunCheckpoints
 from lightcl_jax.training.freezing import TRAINABLE, freeze_labels, masked_optimizer
+from lightcl_jax.training.parallel import DataParallel, data_parallel
 from lightcl_jax.training.sparsity import (apply_masks, channel_prune_masks, keep_pruned,
                                            sparsity_report)
 
@@ -402,13 +403,19 @@ def memory_at_task_start(strategy: Strategy, config: Config, task_index: int, ba
 
 
 def evaluate(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
-             batch_size: int) -> tuple[list[float], list[float]]:
-    """TIL and CIL accuracy in percent on each of the first ``num_seen`` tasks."""
+             batch_size: int, parallel: DataParallel | None = None
+             ) -> tuple[list[float], list[float]]:
+    """TIL and CIL accuracy in percent on each of the first ``num_seen`` tasks.
+
+    With ``parallel``, each batch is split over its devices.
+    """
     til_row, cil_row = [], []
     for task in stream.tasks[:num_seen]:
         til_correct = cil_correct = 0
         offset = jnp.asarray(task.class_offset, jnp.int32)
         for x, y, valid in eval_batches(task.x_eval, task.y_eval, batch_size):
+            if parallel is not None:
+                x, y, valid = parallel.batch(x, y, valid)
             til, cil = eval_step(state.params, state.batch_stats, x, y, valid, offset)
             til_correct += int(til)
             cil_correct += int(cil)
@@ -545,11 +552,14 @@ def stream_fingerprint(stream: TaskStream) -> str:
     return digest.hexdigest()
 
 
-def run_identity(config: Config, stream: TaskStream, pretrained: bool) -> dict:
+def run_identity(config: Config, stream: TaskStream, pretrained: bool,
+                 num_devices: int = 1) -> dict:
     """What makes two runs the same run: a checkpoint resumes only its own run.
 
     The resolved config, the stream (name, shapes, and a fingerprint of its
-    data) and whether it started from a pre-trained backbone, as JSON values.
+    data), whether it started from a pre-trained backbone, and the number of
+    devices the batch is split over (which changes the order of float sums),
+    as JSON values.
     """
     identity = {
         "config": config.resolved().to_dict(),
@@ -557,6 +567,7 @@ def run_identity(config: Config, stream: TaskStream, pretrained: bool) -> dict:
                    "num_classes": stream.num_classes, "image_shape": list(stream.image_shape),
                    "eval_split": stream.eval_split, "fingerprint": stream_fingerprint(stream)},
         "pretrained": pretrained,
+        "devices": num_devices,
     }
     return json.loads(json.dumps(identity))
 
@@ -613,7 +624,8 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                        init_variables: dict | None = None, progress: Progress | None = None,
                        step_wrapper: Callable[[Callable], Callable] | None = None,
                        on_task_end: Callable[[int, TrainState], None] | None = None,
-                       checkpoints: RunCheckpoints | None = None) -> dict:
+                       checkpoints: RunCheckpoints | None = None,
+                       devices: int | None = None) -> dict:
     """Runs a strategy over a task stream and evaluates after every task.
 
     Args:
@@ -632,6 +644,8 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         every ``checkpoints.every`` steps within one), and resumes from: when
         it holds a checkpoint of this run (`run_identity`), the run goes on
         from the newest one and gives the numbers an uninterrupted run would.
+      devices: how many of the visible devices to split each batch over
+        (data parallel, `lightcl_jax.training.parallel`); None: all of them.
 
     Returns:
       The results: ``acc_til``/``acc_cil`` accuracy matrices in percent (row
@@ -662,7 +676,9 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
     strategy = get_strategy(config.strategy)
     pretrained = init_variables is not None
     augment = stream.augment if config.augment is None else config.augment
-    identity = run_identity(config, stream, pretrained)
+    parallel = data_parallel(devices, {"batch_size": config.batch_size,
+                                       "eval_batch_size": config.eval_batch_size})
+    identity = run_identity(config, stream, pretrained, parallel.num_devices)
     resume = find_resume_point(checkpoints, identity) if checkpoints is not None else None
 
     model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
@@ -674,7 +690,10 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         masks = channel_prune_masks(state.params)
         state = state.replace(params=apply_masks(state.params, masks))
     classes_per_task = stream.classes_per_task
-    eval_step = CompiledStep(jax.jit(make_eval_step(model, classes_per_task)))
+    rep, split = parallel.replicated, parallel.split
+    eval_step = CompiledStep(jax.jit(make_eval_step(model, classes_per_task),
+                                     in_shardings=(rep, rep, split, split, split, rep),
+                                     out_shardings=rep))
     eval_forward = jitted_eval_forward(model)
     compiled: dict[Phase, CompiledStep] = {}
     phase_tasks: dict[Phase, list[int]] = {}
@@ -746,7 +765,8 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                 step_fn = step_wrapper(step_fn)
             restored = compiled.get(phase)
             compiled[phase] = CompiledStep(
-                jax.jit(step_fn, donate_argnums=(0, 1)),
+                jax.jit(step_fn, donate_argnums=(0, 1), in_shardings=(rep, rep, split, split, rep),
+                        out_shardings=rep),
                 calls=restored.calls if restored else 0, cost=restored.cost if restored else None)
         train_step = compiled[phase]
         rng = np.random.default_rng([config.seed, t])
@@ -783,6 +803,9 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
             # As the reference's next(iter(loader)): a fresh shuffled batch of the new task.
             memory = at_boundary(strategy.begin_task, next(batches()))
             first_epoch, batches_done, step_in_task = 0, 0, 0
+        # The compiled steps take replicated state and memory; host-side work (init,
+        # restore, boundary hooks) may leave them elsewhere.
+        state, memory = parallel.replicate(state), parallel.replicate(memory)
         progress.start_task(t, total_steps)
         if step_in_task:
             progress.advance(step_in_task)
@@ -796,6 +819,7 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
             losses, epoch_metrics = [], {}
             for batch_index, (x, y) in enumerate(epoch_iter, start=skip + 1):
                 step_memory = memory if phase.uses_memory else None
+                x, y = parallel.batch(x, y)
                 state, step_memory, metrics = train_step(state, step_memory, x, y, offset)
                 if phase.uses_memory:
                     memory = step_memory
@@ -819,7 +843,9 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
             progress.advance(0, {"epoch": epoch + 1, **epoch_metrics})
 
         memory = at_boundary(strategy.end_task, next(batches()))
-        til_row, cil_row = evaluate(eval_step, state, stream, t + 1, config.eval_batch_size)
+        state = parallel.replicate(state)
+        til_row, cil_row = evaluate(eval_step, state, stream, t + 1, config.eval_batch_size,
+                                    parallel)
         acc_til.append(til_row)
         acc_cil.append(cil_row)
         if config.layer_metrics is not None and t >= 1:

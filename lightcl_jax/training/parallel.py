@@ -1,0 +1,86 @@
+"""Data-parallel training with jax.sharding: one mesh axis, the batch split along it.
+
+The train and eval steps are the same jitted functions on one device or many:
+`DataParallel` gives them shardings -- params, BatchNorm statistics,
+optimizer state and the strategy's memory replicated on every device, each
+batch split along its first axis -- and XLA inserts the cross-device sums
+(of gradients, of BatchNorm's batch statistics, of correct predictions). The
+numbers are those of one device up to the order of floating-point sums.
+
+Several processes (``jax.distributed.initialize``, see BUILD.md): every
+process draws the same global batch from the same seed and hands in its own
+contiguous slice of it (`DataParallel.batch`), which
+``jax.make_array_from_process_local_data`` assembles into the global array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """Shardings of a data-parallel run over ``mesh``'s ``data`` axis."""
+
+    mesh: Mesh
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def split(self) -> NamedSharding:
+        """Split along the first axis: a batch."""
+        return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+
+    def replicate(self, tree):
+        """``tree``'s arrays on every device of the mesh."""
+        return jax.device_put(tree, self.replicated)
+
+    def batch(self, *arrays: np.ndarray):
+        """Global batch arrays, split along their first axis over the mesh.
+
+        Each process passes the whole global batch and contributes its own
+        contiguous slice of it.
+        """
+        count, index = jax.process_count(), jax.process_index()
+        out = []
+        for array in arrays:
+            per_process = len(array) // count
+            local = array[index * per_process:(index + 1) * per_process]
+            out.append(jax.make_array_from_process_local_data(self.split, local, array.shape))
+        return tuple(out)
+
+
+def data_parallel(devices: int | None, batch_sizes: dict[str, int]) -> DataParallel:
+    """A `DataParallel` over the first ``devices`` visible devices (None: all of them).
+
+    Args:
+      devices: how many devices to use, or None for every visible one.
+      batch_sizes: {flag name: batch size}; each must split evenly over the devices.
+
+    Raises:
+      ValueError: ``devices`` is not in [1, visible devices], or a batch
+        size is not a multiple of it.
+    """
+    available = jax.devices()
+    count = len(available) if devices is None else devices
+    if not (isinstance(count, int) and not isinstance(count, bool)
+            and 1 <= count <= len(available)):
+        raise ValueError(f"devices must be an integer in [1, {len(available)}] (the visible "
+                         f"{jax.default_backend()} devices); got {devices!r}")
+    for name, size in batch_sizes.items():
+        if size % count:
+            raise ValueError(f"{name}={size} does not split over {count} devices; use a "
+                             f"multiple of {count} or fewer devices")
+    return DataParallel(Mesh(np.array(available[:count]), (DATA_AXIS,)))
