@@ -10,7 +10,7 @@ A run's checkpoint is two orbax items:
     point (`restore` takes a template), so NamedTuples and dataclasses come
     back as themselves.
   * ``meta``: JSON -- the run's identity (resolved config, stream, whether it
-    started pre-trained), the position (task, epoch, batch, global step), the
+    started pre-trained, device count), the position (task, epoch, batch, global step), the
     data-order generator's state at the start of the epoch, the accuracy
     matrices and other results so far, compiled-step counts and figures, and
     the time spent.
