@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=d.ratio, help="vital channel ratio, (0, 1]")
     p.add_argument("--nf", type=int, default=None, help="ResNet width (default: digits 16, cifar 64)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train seeds --seed .. --seed+N-1 together in one compiled program "
+                        "(vmapped); results.json then holds per-seed results and mean/std")
     p.add_argument("--freeze", default=d.freeze, choices=list(FREEZE_POINTS) + ["auto"],
                    help="deepest frozen layer group (stage3 = the reference), or auto: "
                         "chosen from measured LP/MS by a one-epoch probe (see README)")
@@ -127,7 +130,10 @@ class _Bars:
 
 
 def format_table(results: dict) -> str:
-    """The accuracy matrices and summary as plain text."""
+    """The accuracy matrices and summary as plain text (per seed and mean +/- std
+    for several seeds)."""
+    if "seeds" in results:
+        return _format_seeds(results)
     n = results["num_tasks"]
     lines = [f"{results['strategy']} on {results['dataset']} ({n} tasks, seed {results['seed']}, "
              f"eval split {results['eval_split']})", ""]
@@ -149,6 +155,26 @@ def format_table(results: dict) -> str:
     if results.get("sparsity"):
         lines.append(f"sparse: {100 * results['sparsity']['sparsity']:.1f}% of the parameters "
                      f"are zero ({results['sparsity']['nonzero_mb']:.2f} MB of nonzero weights)")
+    lines.append(f"wall time {results['wall_time_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def _format_seeds(results: dict) -> str:
+    runs = results["seeds"]
+    lines = [f"{results['strategy']} on {results['dataset']} ({results['num_tasks']} tasks, "
+             f"seeds {runs[0]['seed']}..{runs[-1]['seed']} trained together, eval split "
+             f"{results['eval_split']})", "",
+             f"{'seed':<8}{'avg TIL':>10}{'avg CIL':>10}{'forget TIL':>12}{'forget CIL':>12}"]
+    for run in runs:
+        lines.append(f"{run['seed']:<8}{run['avg_til']:10.2f}{run['avg_cil']:10.2f}"
+                     f"{run['forgetting_til']:12.2f}{run['forgetting_cil']:12.2f}")
+    lines.append("")
+    lines.append(f"avg TIL {results['avg_til_mean']:.2f} +/- {results['avg_til_std']:.2f}, "
+                 f"avg CIL {results['avg_cil_mean']:.2f} +/- {results['avg_cil_std']:.2f} "
+                 f"(mean +/- std over {len(runs)} seeds)")
+    chosen = {run["freeze_auto"]["chosen"] for run in runs if run.get("freeze_auto")}
+    if chosen:
+        lines.append(f"--freeze auto chose {', '.join(sorted(chosen))}")
     lines.append(f"wall time {results['wall_time_s']:.1f} s")
     return "\n".join(lines)
 
@@ -183,11 +209,16 @@ def main(argv=None) -> int:
                     derpp_beta=args.derpp_beta, ewc_lambda=args.ewc_lambda,
                     ewc_gamma=args.ewc_gamma, lwf_alpha=args.lwf_alpha,
                     lwf_temperature=args.lwf_temperature)
-    workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{args.strategy}-seed{args.seed}")
     try:
         config.validate()
     except ValueError as err:
         parser.error(str(err))
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1 (how many seeds from --seed on to train "
+                     f"together); got {args.seeds}")
+    seeds = (f"seed{args.seed}" if args.seeds == 1
+             else f"seeds{args.seed}-{args.seed + args.seeds - 1}")
+    workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{args.strategy}-{seeds}")
     if args.ckpt_every < 0:
         parser.error(f"--ckpt-every must be >= 0 (0: checkpoint only after each task); "
                      f"got {args.ckpt_every}")
@@ -196,7 +227,7 @@ def main(argv=None) -> int:
 
     # Import JAX only once the flags are known to be good: a bad flag fails fast.
     from lightcl_jax.data.streams import make_stream
-    from lightcl_jax.training.checkpoint import CheckpointError, Position, RunCheckpoints
+    from lightcl_jax.training.checkpoint import Position, RunCheckpoints
     from lightcl_jax.training.loop import (DivergenceError, find_resume_point, run_identity,
                                            train_and_evaluate, validate_stream)
     from lightcl_jax.training.parallel import data_parallel
@@ -214,7 +245,7 @@ def main(argv=None) -> int:
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
     try:
         identity = run_identity(config, stream, pretrained=False,
-                            num_devices=parallel.num_devices)
+                                num_devices=parallel.num_devices, seeds=args.seeds)
         if args.overwrite:
             discard_run(path, checkpoints.directory)
         else:
@@ -236,14 +267,14 @@ def main(argv=None) -> int:
             results = train_and_evaluate(config, stream,
                                          progress=_Bars(stream.num_tasks, not args.no_progress),
                                          checkpoints=checkpoints,
-                                         devices=parallel.num_devices)
+                                         devices=parallel.num_devices, seeds=args.seeds)
         except DivergenceError as err:
             latest = checkpoints.latest()
             kept = (f"; the last good checkpoint is {checkpoints.path(*latest)}" if latest
                     else "; no checkpoint was written before it")
             print(f"{parser.prog}: error: {err}{kept}", file=sys.stderr)
             return 1
-        except CheckpointError as err:
+        except ValueError as err:  # CheckpointError, or seeds whose --freeze auto disagree
             parser.error(str(err))
         write_json_atomic(path, results)
         print(format_table(results))

@@ -78,6 +78,7 @@ def test_cli_on_mock_cifar10_through_tfds(tmp_path):
     (["--freeze", "stage9"], "invalid choice: 'stage9'"),
     (["--layer-metrics", "nope"], "invalid choice: 'nope'"),
     (["--ckpt-every", "-1"], "--ckpt-every must be >= 0"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "'/nonexistent' is missing or empty"),
 ])
 def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, args, words):

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from lightcl_jax.data.pipeline import augment_batch, epoch_batches, eval_batches
-from lightcl_jax.data.streams import make_stream, split_into_tasks
+from lightcl_jax.data.pipeline import augment_batch, epoch_batches, eval_batches, prefetch
+from lightcl_jax.data.sources import RecordImages, concatenate
+from lightcl_jax.data.streams import CIFAR10_MEAN, CIFAR10_STD, make_stream, split_into_tasks
 
 
 def test_digits_stream(digits_stream):
@@ -112,6 +113,70 @@ def test_tfds_streams_through_data_source(name, num_tasks, classes_per_task):
     assert sum(len(t.y_train) for t in test_stream) == 1000
     for task in stream:
         assert task.y_train.min() >= task.classes[0] and task.y_train.max() <= task.classes[-1]
+
+
+def test_tfds_images_are_read_batch_by_batch_from_the_source():
+    mean, std = np.array(CIFAR10_MEAN, np.float32), np.array(CIFAR10_STD, np.float32)
+    # Images are read when indexed: inside the mock, whose source serves the records.
+    with tfds.testing.mock_data(num_examples=200, policy=tfds.testing.MockPolicy.USE_CODE):
+        stream = make_stream("cifar10")
+        source = tfds.data_source("cifar10", split="train")
+        task = stream.tasks[1]
+        assert isinstance(task.x_train, RecordImages)
+        assert task.x_train.shape == (len(task.y_train), 32, 32, 3) and len(task.x_train) > 3
+        records = task.x_train.indices
+
+        def by_hand(record):
+            return (np.asarray(source[int(record)]["image"], np.float32) / 255.0 - mean) / std
+
+        np.testing.assert_allclose(task.x_train[2], by_hand(records[2]), atol=1e-6)
+        picked = np.array([3, 0, 1])
+        np.testing.assert_allclose(task.x_train[picked], [by_hand(r) for r in records[picked]],
+                                   atol=1e-6)
+        np.testing.assert_allclose(task.x_train[1:3], [by_hand(r) for r in records[1:3]],
+                                   atol=1e-6)
+        for i, record in enumerate(records):
+            assert int(source[int(record)]["label"]) == task.y_train[i]
+        # Batching indexes the source; joint training concatenates without reading.
+        x, y = next(epoch_batches(task.x_train, task.y_train, 4, np.random.default_rng(0),
+                                  augment=False))
+        assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32
+        both = concatenate([stream.tasks[0].x_train, task.x_train])
+        assert isinstance(both, RecordImages) and len(both) == len(stream.tasks[0].x_train) + len(
+            task.x_train)
+        np.testing.assert_array_equal(both[len(stream.tasks[0].x_train)], task.x_train[0])
+    assert task.x_train.fingerprint() != task.x_train.subset(np.arange(2)).fingerprint()
+
+
+def test_prefetch_keeps_order_and_draws_and_stops():
+    import threading
+    x = np.arange(40 * 6 * 6, dtype=np.float32).reshape(40, 6, 6, 1)
+    y = np.arange(40)
+    direct_rng, fetched_rng = np.random.default_rng(7), np.random.default_rng(7)
+    direct = list(epoch_batches(x, y, 8, direct_rng, augment=True))
+    fetched = list(prefetch(epoch_batches(x, y, 8, fetched_rng, augment=True), 2,
+                            lambda b: (b[0] * 2, b[1])))
+    assert len(fetched) == len(direct) == 5
+    for (xa, ya), (xb, yb) in zip(direct, fetched):
+        np.testing.assert_array_equal(xa * 2, xb)
+        np.testing.assert_array_equal(ya, yb)
+    # The generator has drawn exactly what iterating it directly draws.
+    assert direct_rng.random() == fetched_rng.random()
+
+    def failing():
+        yield 1
+        raise RuntimeError("bad record 17")
+    it = prefetch(failing())
+    assert next(it) == 1
+    with pytest.raises(RuntimeError, match="bad record 17"):
+        next(it)
+    before = threading.active_count()
+    it = prefetch(iter(range(1000)), 1)
+    assert next(it) == 0
+    it.close()  # stops the thread, which was blocked a batch ahead
+    assert threading.active_count() == before
+    with pytest.raises(ValueError, match="prefetch size must be an integer >= 1"):
+        next(prefetch([], 0))
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):

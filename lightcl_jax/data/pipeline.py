@@ -1,12 +1,17 @@
-"""Batching and augmentation in NumPy, deterministic from a seed.
+"""Batching and augmentation in NumPy, deterministic from a seed; prefetching.
 
 Every batch has exactly ``batch_size`` samples (the remainder of an epoch is
-dropped), so a jitted step sees one shape and compiles once.
+dropped), so a jitted step sees one shape and compiles once. The images may
+be an array or a `lightcl_jax.data.sources.RecordImages` (read when indexed).
+`prefetch` moves reading, augmentation and the transfer to the device into
+a background thread, a few batches ahead of the train step.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -81,3 +86,57 @@ def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
         yield xb, yb, valid
+
+
+def prefetch(batches: Iterable, size: int = 2, transform: Callable[[Any], Any] | None = None
+             ) -> Iterator:
+    """Yields ``transform(batch)`` for each batch, computed in a background thread.
+
+    The thread runs at most ``size`` batches ahead, so while the device trains
+    on one batch the next ones are read, augmented and (with a ``transform``
+    such as `DataParallel.batch`) already on their way to the device. The
+    order, and every random draw of ``batches``, is that of iterating it
+    directly -- provided nothing else draws from its generator until this
+    iterator is exhausted or closed. An exception in the thread is raised
+    here, at the batch it happened on. Closing (or dropping) this iterator
+    stops the thread.
+
+    Raises:
+      ValueError: ``size`` < 1.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"prefetch size must be an integer >= 1; got {size!r}")
+    ready: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for batch in batches:
+                if not put(("batch", transform(batch) if transform is not None else batch)):
+                    return
+            put(("end", None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put(("error", err))
+
+    thread = threading.Thread(target=produce, name="lightcl-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()

@@ -1,8 +1,11 @@
 """Class-incremental task streams: disjoint class groups, one after another.
 
 `make_stream(name, ...)` is the one entry point. It returns a `TaskStream`
-whose `tasks` each hold NumPy training and evaluation arrays (already
-normalised, NHWC float32) and the contiguous class range of the task.
+whose `tasks` each hold training and evaluation images (normalised, NHWC
+float32), their labels, and the contiguous class range of the task. The
+digits' images are NumPy arrays; a TFDS dataset's are `RecordImages`, read
+from its ``data_source`` batch by batch (only labels and record indices are
+held in memory).
 
 Sources:
   * ``digits`` -- scikit-learn's bundled handwritten digits (1,797 real 8x8
@@ -27,6 +30,8 @@ import dataclasses
 import os
 import numpy as np
 
+from lightcl_jax.data.sources import RecordImages, read_labels, take
+
 HOLDOUT_FRACTION = 0.1
 _SPLIT_SEED = 0
 
@@ -45,9 +50,10 @@ class Task:
     Attributes:
       index: position of the task in the stream, from 0.
       classes: the task's global class ids, a contiguous range.
-      x_train: (N, H, W, C) float32, normalised.
+      x_train: (N, H, W, C) float32, normalised: an array, or `RecordImages`
+        that read them from a TFDS source when indexed.
       y_train: (N,) int32, global class ids.
-      x_eval: (M, H, W, C) float32, normalised.
+      x_eval: (M, H, W, C) float32, normalised (array or `RecordImages`).
       y_eval: (M,) int32, global class ids.
     """
 
@@ -132,15 +138,19 @@ def make_stream(name: str, *, data_dir: str | None = None, num_tasks: int | None
         if data_dir is not None:
             raise ValueError("dataset 'digits' is bundled with scikit-learn and takes no data_dir")
         x, y, num_classes = _load_digits()
-        splits = _holdout(x, y)
+        (x_train, y_train), (x_eval, y_eval) = _holdout(x, y)
+        # Statistics of its own training part (a fixed split, so fixed numbers).
+        mean, std = x_train.mean(axis=(0, 1, 2)), x_train.std(axis=(0, 1, 2))
+        x_train = ((x_train - mean) / std).astype(np.float32)
+        x_eval = ((x_eval - mean) / std).astype(np.float32)
         augment = False
     else:
-        splits, num_classes = _load_tfds(name, data_dir, eval_split)
+        mean, std = _NORMALISATION[name]
+        mean, std = np.array(mean, np.float32), np.array(std, np.float32)
+        # Images stay in the TFDS source and are read (and normalised) batch by batch.
+        (x_train, y_train), (x_eval, y_eval), num_classes = _load_tfds(
+            name, data_dir, eval_split, mean, std)
         augment = True
-    (x_train, y_train), (x_eval, y_eval) = splits
-    mean, std = _normalisation(name, x_train)
-    x_train = ((x_train - mean) / std).astype(np.float32)
-    x_eval = ((x_eval - mean) / std).astype(np.float32)
     return split_into_tasks(name, x_train, y_train, x_eval, y_eval, num_classes, num_tasks,
                             eval_split=eval_split, augment=augment,
                             pad_value=tuple(float(v) for v in np.ravel(-mean / std)))
@@ -169,9 +179,9 @@ def split_into_tasks(name: str, x_train, y_train, x_eval, y_eval, num_classes: i
         if y.size and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"{name} {split} labels must lie in [0, {num_classes}); "
                              f"got [{y.min()}, {y.max()}]")
-        if not np.all(np.isfinite(x)):
+        if isinstance(x, np.ndarray) and not np.all(np.isfinite(x)):
             raise ValueError(f"{name} {split} images contain NaN or Inf pixels")
-    if x_train.shape[1:] != x_eval.shape[1:]:
+    if tuple(x_train.shape[1:]) != tuple(x_eval.shape[1:]):
         raise ValueError(f"{name}: train images {x_train.shape[1:]} and eval images "
                          f"{x_eval.shape[1:]} differ in shape")
     per_task = num_classes // num_tasks
@@ -184,11 +194,8 @@ def split_into_tasks(name: str, x_train, y_train, x_eval, y_eval, num_classes: i
             raise ValueError(f"{name}: task {t} (classes {classes[0]}..{classes[-1]}) has "
                              f"{train_idx.size} training and {eval_idx.size} evaluation samples; "
                              "every task needs both")
-        tasks.append(Task(t, classes,
-                          np.ascontiguousarray(x_train[train_idx], np.float32),
-                          y_train[train_idx].astype(np.int32),
-                          np.ascontiguousarray(x_eval[eval_idx], np.float32),
-                          y_eval[eval_idx].astype(np.int32)))
+        tasks.append(Task(t, classes, take(x_train, train_idx), y_train[train_idx].astype(np.int32),
+                          take(x_eval, eval_idx), y_eval[eval_idx].astype(np.int32)))
     if pad_value is None:
         pad_value = (0.0,) * x_train.shape[-1]
     if len(pad_value) != x_train.shape[-1]:
@@ -207,22 +214,17 @@ def _load_digits():
 
 def _holdout(x, y):
     """The reference's evaluation split: the first int(10% x N) of a fixed permutation."""
-    perm = np.random.default_rng(_SPLIT_SEED).permutation(len(x))
-    num_eval = int(HOLDOUT_FRACTION * len(x))
+    perm = np.random.default_rng(_SPLIT_SEED).permutation(len(y))
+    num_eval = int(HOLDOUT_FRACTION * len(y))
     held, train = perm[:num_eval], perm[num_eval:]
-    return (x[train], y[train]), (x[held], y[held])
+    return (take(x, train), y[train]), (take(x, held), y[held])
 
 
-def _normalisation(name, x_train):
-    if name == "cifar10":
-        return np.array(CIFAR10_MEAN, np.float32), np.array(CIFAR10_STD, np.float32)
-    if name == "cifar100":
-        return np.array(CIFAR100_MEAN, np.float32), np.array(CIFAR100_STD, np.float32)
-    # digits: statistics of its own training part (a fixed split, so fixed numbers).
-    return x_train.mean(axis=(0, 1, 2)), x_train.std(axis=(0, 1, 2))
+_NORMALISATION = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
 
 
-def _load_tfds(name, data_dir, eval_split):
+def _load_tfds(name, data_dir, eval_split, mean, std):
+    """Train and evaluation (`RecordImages`, labels) of a TFDS dataset, and its classes."""
     import tensorflow_datasets as tfds
 
     if data_dir is not None and (not os.path.isdir(data_dir) or not os.listdir(data_dir)):
@@ -239,24 +241,18 @@ def _load_tfds(name, data_dir, eval_split):
         raise ValueError(f"dataset {name!r} is not available in {where}: {err}. Prepare it "
                          f"with `tfds build {name} --file_format=array_record` and pass "
                          "--data-dir") from err
-    x_train, y_train = _read_source(train_source)
     num_classes = {"cifar10": 10, "cifar100": 100}[name]
+    train = _record_split(train_source, name, "train", mean, std)
     if test_source is None:
-        return _holdout(x_train, y_train), num_classes
-    return ((x_train, y_train), _read_source(test_source)), num_classes
+        return (*_holdout(*train), num_classes)
+    return train, _record_split(test_source, name, "test", mean, std), num_classes
 
 
-def _read_source(source) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a whole random-access source into uint8-derived float arrays in [0, 1]."""
-    n = len(source)
-    if n == 0:
-        raise ValueError("the TFDS split is empty")
-    first = source[0]
-    images = np.empty((n, *np.shape(first["image"])), np.uint8)
-    labels = np.empty((n,), np.int32)
-    for i in range(n):
-        example = source[i]
-        images[i] = example["image"]
-        labels[i] = example["label"]
-    return images.astype(np.float32) / 255.0, labels
-
+def _record_split(source, name, split, mean, std):
+    """(`RecordImages` of every record, labels) of one split; reads each record once."""
+    labels = read_labels(source)
+    shape = np.shape(source[0]["image"])
+    version = getattr(getattr(source, "dataset_info", None), "version", "unknown")
+    images = RecordImages(source, np.arange(len(labels)), mean, std, shape,
+                          f"{name}:{version}/{split}")
+    return images, labels

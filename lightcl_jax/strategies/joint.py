@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lightcl_jax.data.sources import concatenate
 from lightcl_jax.strategies.base import Strategy
 
 
@@ -12,5 +13,5 @@ class Joint(Strategy):
 
     def training_arrays(self, stream, task_index):
         seen = stream.tasks[:task_index + 1]
-        return (np.concatenate([t.x_train for t in seen]),
+        return (concatenate([t.x_train for t in seen]),
                 np.concatenate([t.y_train for t in seen]))

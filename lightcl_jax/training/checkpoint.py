@@ -249,7 +249,7 @@ def identity_differences(stored: dict, current: dict) -> str:
     """'' when two run identities agree, else the differing entries, one clause each."""
     out = []
     for section in sorted(set(stored) | set(current)):
-        a, b = stored.get(section), current.get(section)
+        a, b = stored.get(section, "absent"), current.get(section, "absent")
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 if a.get(key, "absent") != b.get(key, "absent"):

@@ -29,7 +29,8 @@ import numpy as np
 import optax
 
 from lightcl_jax.config import Config
-from lightcl_jax.data.pipeline import epoch_batches, eval_batches, steps_per_epoch
+from lightcl_jax.data.pipeline import epoch_batches, eval_batches, prefetch, steps_per_epoch
+from lightcl_jax.data.sources import RecordImages
 from lightcl_jax.data.streams import TaskStream, make_stream
 from lightcl_jax.metrics.generalizability import choose_freeze, generalizability
 from lightcl_jax.metrics.continual import (average_accuracy, backward_transfer, cil_predictions,
@@ -40,6 +41,7 @@ from lightcl_jax.strategies import Strategy, get_strategy
 from lightcl_jax.strategies.base import task_cross_entropy
 from lightcl_jax.training.checkpoint import Position, RunCheckpoints
 from lightcl_jax.training.freezing import TRAINABLE, freeze_labels, masked_optimizer
+from lightcl_jax.training.lanes import Lanes, seed_statistics
 from lightcl_jax.training.parallel import DataParallel, data_parallel
 from lightcl_jax.training.sparsity import (apply_masks, channel_prune_masks, keep_pruned,
                                            sparsity_report)
@@ -409,20 +411,36 @@ def evaluate(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
 
     With ``parallel``, each batch is split over its devices.
     """
-    til_row, cil_row = [], []
+    til, cil = correct_counts(eval_step, state, stream, num_seen, batch_size, parallel)
+    return ([100.0 * float(c) / len(t.y_eval) for c, t in zip(til, stream.tasks)],
+            [100.0 * float(c) / len(t.y_eval) for c, t in zip(cil, stream.tasks)])
+
+
+def correct_counts(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
+                   batch_size: int, parallel: DataParallel | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Correct TIL and CIL predictions on each of the first ``num_seen`` tasks.
+
+    Returns two int64 arrays of shape (num_seen, *E), E being the shape of
+    what ``eval_step`` counts: () for one model, (lanes,) for a vmapped one.
+    """
+    til_counts, cil_counts = [], []
     for task in stream.tasks[:num_seen]:
         til_correct = cil_correct = 0
         offset = jnp.asarray(task.class_offset, jnp.int32)
-        for x, y, valid in eval_batches(task.x_eval, task.y_eval, batch_size):
-            if parallel is not None:
-                x, y, valid = parallel.batch(x, y, valid)
+        batches = eval_batches(task.x_eval, task.y_eval, batch_size)
+        for x, y, valid in prefetch(batches, PREFETCH,
+                                    None if parallel is None else lambda b: parallel.batch(*b)):
             til, cil = eval_step(state.params, state.batch_stats, x, y, valid, offset)
-            til_correct += int(til)
-            cil_correct += int(cil)
-        til_row.append(100.0 * til_correct / len(task.y_eval))
-        cil_row.append(100.0 * cil_correct / len(task.y_eval))
-    return til_row, cil_row
+            til_correct = til_correct + np.asarray(til, np.int64)
+            cil_correct = cil_correct + np.asarray(cil, np.int64)
+        til_counts.append(til_correct)
+        cil_counts.append(cil_correct)
+    return np.stack(til_counts), np.stack(cil_counts)
 
+
+# Training batches read, augmented and sent to the devices ahead of the step.
+PREFETCH = 2
 
 # Losses stay on the device and are checked for NaN/Inf every this many steps
 # (and at the end of each epoch): often enough not to train long on a
@@ -430,15 +448,21 @@ def evaluate(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
 CHECK_EVERY = 50
 
 
-def _check_finite(losses: list[dict], first_step: int, task_index: int) -> dict[str, float]:
-    """Raises DivergenceError at the first non-finite loss; returns the mean terms."""
+def _check_finite(losses: list[dict], first_step: int, task_index: int,
+                  seeds: tuple[int, ...] | None = None) -> dict[str, float]:
+    """Raises DivergenceError at the first non-finite loss; returns the mean terms.
+
+    With ``seeds`` the terms are (lanes,) arrays, and the message names the seed.
+    """
     stacked = {k: np.asarray(jnp.stack([m[k] for m in losses])) for k in losses[0]}
-    bad = ~np.all([np.isfinite(v) for v in stacked.values()], axis=0)
+    finite = np.all([np.isfinite(v) for v in stacked.values()], axis=0)
+    bad = ~finite.reshape(len(losses), -1)
     if bad.any():
-        i = int(np.argmax(bad))
-        terms = ", ".join(f"{k}={v[i]:.4g}" for k, v in stacked.items())
+        i, lane = (int(v) for v in np.unravel_index(np.argmax(bad), bad.shape))
+        terms = ", ".join(f"{k}={np.reshape(v[i], -1)[lane]:.4g}" for k, v in stacked.items())
+        seed = f" (seed {seeds[lane]})" if seeds is not None else ""
         raise DivergenceError(f"training diverged: the loss became non-finite at task "
-                              f"{task_index}, step {first_step + i} of the task ({terms})")
+                              f"{task_index}, step {first_step + i} of the task{seed} ({terms})")
     return {k: float(v.mean()) for k, v in stacked.items()}
 
 
@@ -473,7 +497,8 @@ def validate_stream(stream: TaskStream, config: Config) -> None:
                 expected = ", ".join(map(str, stream.image_shape))
                 raise ValueError(f"{where}: {split} images are {tuple(x.shape)} with "
                                  f"{len(y)} labels; expected (N, {expected}) with N labels")
-            if not np.all(np.isfinite(x)):
+            if isinstance(x, np.ndarray) and not np.all(np.isfinite(x)):
+                # (`RecordImages` are decoded uint8 pixels: finite.)
                 raise ValueError(f"{where}: {split} images contain NaN or Inf pixels")
             outside = ~np.isin(y, task.classes)
             if outside.any():
@@ -541,11 +566,18 @@ def probe_freeze(model, state: TrainState, stream: TaskStream, task_index: int, 
 
 
 def stream_fingerprint(stream: TaskStream) -> str:
-    """A hash of every task's classes, images and labels (BLAKE2b, hex)."""
+    """A hash of every task's classes, images and labels (BLAKE2b, hex).
+
+    Images a TFDS source holds (`RecordImages`) count by their source's name
+    and version, record indices and normalisation, without being read.
+    """
     digest = hashlib.blake2b(digest_size=16)
     for task in stream.tasks:
         digest.update(repr((task.index, tuple(task.classes))).encode())
         for array in (task.x_train, task.y_train, task.x_eval, task.y_eval):
+            if isinstance(array, RecordImages):
+                digest.update(array.fingerprint())
+                continue
             array = np.ascontiguousarray(array)
             digest.update(repr((array.dtype.str, array.shape)).encode())
             digest.update(memoryview(array).cast("B"))
@@ -553,13 +585,14 @@ def stream_fingerprint(stream: TaskStream) -> str:
 
 
 def run_identity(config: Config, stream: TaskStream, pretrained: bool,
-                 num_devices: int = 1) -> dict:
+                 num_devices: int = 1, seeds: int = 1) -> dict:
     """What makes two runs the same run: a checkpoint resumes only its own run.
 
     The resolved config, the stream (name, shapes, and a fingerprint of its
-    data), whether it started from a pre-trained backbone, and the number of
+    data), whether it started from a pre-trained backbone, the number of
     devices the batch is split over (which changes the order of float sums),
-    as JSON values.
+    and, for more than one, the number of seeds trained together, as JSON
+    values.
     """
     identity = {
         "config": config.resolved().to_dict(),
@@ -568,6 +601,7 @@ def run_identity(config: Config, stream: TaskStream, pretrained: bool,
                    "eval_split": stream.eval_split, "fingerprint": stream_fingerprint(stream)},
         "pretrained": pretrained,
         "devices": num_devices,
+        **({"seeds": seeds} if seeds > 1 else {}),
     }
     return json.loads(json.dumps(identity))
 
@@ -625,7 +659,7 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                        step_wrapper: Callable[[Callable], Callable] | None = None,
                        on_task_end: Callable[[int, TrainState], None] | None = None,
                        checkpoints: RunCheckpoints | None = None,
-                       devices: int | None = None) -> dict:
+                       devices: int | None = None, seeds: int = 1) -> dict:
     """Runs a strategy over a task stream and evaluates after every task.
 
     Args:
@@ -638,14 +672,20 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         `chex.assert_max_traces` here).
       on_task_end: called as ``on_task_end(task_index, state)`` after each
         task's training and evaluation (the state must not be kept: the next
-        step donates it; copy what you need). Not called again for tasks
-        that a resumed run restored.
+        step donates it; copy what you need). With ``seeds`` > 1 the state's
+        arrays carry a leading seed axis. Not called again for tasks that a
+        resumed run restored.
       checkpoints: where the run saves its whole state (after every task, and
         every ``checkpoints.every`` steps within one), and resumes from: when
         it holds a checkpoint of this run (`run_identity`), the run goes on
         from the newest one and gives the numbers an uninterrupted run would.
       devices: how many of the visible devices to split each batch over
         (data parallel, `lightcl_jax.training.parallel`); None: all of them.
+      seeds: train seeds ``config.seed, ..., config.seed + seeds - 1`` as
+        independent runs in one compiled program (`lightcl_jax.training.lanes`:
+        the steps are vmapped over a leading seed axis). Every seed must
+        train in the same phases: with ``freeze="auto"``, seeds whose probes
+        choose different freeze points are refused.
 
     Returns:
       The results: ``acc_til``/``acc_cil`` accuracy matrices in percent (row
@@ -660,14 +700,22 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
       a resumed run went on from; empty when uninterrupted) and
       ``wall_time_s`` (over all the processes that ran it).
 
+      With ``seeds`` > 1, the per-run entries (``seed``, accuracy matrices,
+      their averages, forgetting, backward transfer, ``freeze_auto``,
+      ``layer_metrics``, ``sparsity``) are in a ``seeds`` list, one entry per
+      seed, and ``avg_til_mean``, ``avg_til_std``, ``avg_cil_mean`` and
+      ``avg_cil_std`` summarise them (population standard deviation, ddof=0).
+
     Raises:
-      ValueError: bad configuration or data.
+      ValueError: bad configuration or data, or seeds whose ``--freeze auto``
+        probes disagree.
       CheckpointError: the newest checkpoint is unreadable or of another run.
       DivergenceError: the loss became NaN or Inf (names task and step); the
         checkpoints saved before it hold finite states only.
     """
     start = time.perf_counter()
     config = config.resolved()
+    lanes = Lanes.of(config.seed, seeds)
     progress = progress or _NoProgress()
     if stream is None:
         stream = make_stream(config.dataset, data_dir=config.data_dir,
@@ -678,40 +726,47 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
     augment = stream.augment if config.augment is None else config.augment
     parallel = data_parallel(devices, {"batch_size": config.batch_size,
                                        "eval_batch_size": config.eval_batch_size})
-    identity = run_identity(config, stream, pretrained, parallel.num_devices)
+    identity = run_identity(config, stream, pretrained, parallel.num_devices, lanes.size)
     resume = find_resume_point(checkpoints, identity) if checkpoints is not None else None
 
     model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
-    state = create_train_state(model, stream.image_shape, jax.random.PRNGKey(config.seed),
-                               init_variables=init_variables)
-    masks = None
+    # Each lane is the run of its own seed: its config, initialisation and masks.
+    lane_configs = [dataclasses.replace(config, seed=s) for s in lanes.seeds]
+    states = [create_train_state(model, stream.image_shape, jax.random.PRNGKey(s),
+                                 init_variables=init_variables) for s in lanes.seeds]
+    masks = [None] * lanes.size
     if config.sparse:
         # Fixed once from the starting weights (the pre-trained ones when given).
-        masks = channel_prune_masks(state.params)
-        state = state.replace(params=apply_masks(state.params, masks))
+        masks = [channel_prune_masks(s.params) for s in states]
+        states = [s.replace(params=apply_masks(s.params, m)) for s, m in zip(states, masks)]
+    state = lanes.join(states)
     classes_per_task = stream.classes_per_task
     rep, split = parallel.replicated, parallel.split
-    eval_step = CompiledStep(jax.jit(make_eval_step(model, classes_per_task),
-                                     in_shardings=(rep, rep, split, split, split, rep),
-                                     out_shardings=rep))
+    eval_step = CompiledStep(jax.jit(
+        lanes.vmap(make_eval_step(model, classes_per_task), in_axes=(0, 0, None, None, None, None)),
+        in_shardings=(rep, rep, split, split, split, rep), out_shardings=rep))
     eval_forward = jitted_eval_forward(model)
     compiled: dict[Phase, CompiledStep] = {}
     phase_tasks: dict[Phase, list[int]] = {}
 
     memory = before_task = None
-    acc_til, acc_cil, phases, layer_metrics = [], [], [], []
-    freeze_auto = None
-    run_config = config  # config with "auto" replaced by the probe's choice
+    # Per lane: accuracy matrices, the --freeze auto choice, layer metrics.
+    acc_til, acc_cil = [[] for _ in lanes.seeds], [[] for _ in lanes.seeds]
+    layer_metrics = [[] for _ in lanes.seeds]
+    freeze_auto, phases = [None] * lanes.size, []
+    run_configs = lane_configs  # configs with "auto" replaced by the probe's choice
     elapsed_before, resumed_at = 0.0, []
     first_task, position, global_step = 0, None, 0
     if resume is not None:
         kind, ckpt_step, resume_meta = resume
         position = Position(**resume_meta["position"])
         done = resume_meta["results"]
-        acc_til, acc_cil, phases = done["acc_til"], done["acc_cil"], done["phases"]
-        layer_metrics, freeze_auto = done["layer_metrics"], done["freeze_auto"]
-        if freeze_auto is not None:
-            run_config = dataclasses.replace(config, freeze=freeze_auto["chosen"])
+        acc_til, acc_cil = lanes.from_values(done["acc_til"]), lanes.from_values(done["acc_cil"])
+        layer_metrics = lanes.from_values(done["layer_metrics"])
+        freeze_auto, phases = lanes.from_values(done["freeze_auto"]), done["phases"]
+        if freeze_auto[0] is not None:
+            run_configs = [dataclasses.replace(c, freeze=freeze_auto[0]["chosen"])
+                           for c in lane_configs]
         for entry in resume_meta["train_steps"]:
             phase = Phase(frozen=tuple(entry["frozen"]), fixed_bn=tuple(entry["fixed_bn"]),
                           uses_memory=entry["memory"])
@@ -719,22 +774,24 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
             phase_tasks[phase] = entry["tasks"]
         eval_step.calls = resume_meta["eval_step"]["calls"]
         eval_step.cost = resume_meta["eval_step"]["cost"]
-        payload = checkpoints.restore(kind, ckpt_step, _payload_template(
-            model, strategy, run_config, stream, state, position, pretrained, masks))
+        payload = checkpoints.restore(kind, ckpt_step, lanes.abstract(_payload_template(
+            model, strategy, run_configs[0], stream, states[0], position, pretrained, masks[0])))
         state, memory, before_task = (payload["state"], payload["memory"],
                                       payload["before_task"])
         elapsed_before = resume_meta["elapsed_s"]
         resumed_at = resume_meta["resumed_at_steps"] + [position.global_step]
         global_step = position.global_step
         first_task = position.task + 1 if position.task_done else position.task
+    del states
 
-    def save(position: Position, rng_state=None):
+    def save(position: Position, rng_states=None):
         meta = {
             "identity": identity,
             "position": dataclasses.asdict(position),
-            "rng_state": rng_state,
-            "results": {"acc_til": acc_til, "acc_cil": acc_cil, "phases": phases,
-                        "layer_metrics": layer_metrics, "freeze_auto": freeze_auto},
+            "rng_state": None if rng_states is None else lanes.values(rng_states),
+            "results": {"acc_til": lanes.values(acc_til), "acc_cil": lanes.values(acc_cil),
+                        "phases": phases, "layer_metrics": lanes.values(layer_metrics),
+                        "freeze_auto": lanes.values(freeze_auto)},
             "train_steps": [{"frozen": list(p.frozen), "fixed_bn": list(p.fixed_bn),
                              "memory": p.uses_memory, "tasks": phase_tasks[p],
                              "calls": c.calls, "cost": c.cost} for p, c in compiled.items()],
@@ -749,60 +806,86 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         t = task.index
         # Resuming within this task: its probe, phase bookkeeping and begin_task are done.
         mid = position is not None and not position.task_done and position.task == t
-        if not mid and (config.freeze == "auto" and freeze_auto is None and strategy.frozen_groups(
-                dataclasses.replace(config, freeze="all-but-head"), t, pretrained)):
-            chosen, probe_metrics = probe_freeze(model, state, stream, t, config,
-                                                 augment=augment, masks=masks)
-            freeze_auto = {"task": t, "chosen": chosen, "threshold": config.freeze_threshold,
-                           "similarity": config.similarity, "metrics": probe_metrics}
-            run_config = dataclasses.replace(config, freeze=chosen)
+        if not mid and (config.freeze == "auto" and freeze_auto[0] is None and
+                        strategy.frozen_groups(dataclasses.replace(config, freeze="all-but-head"),
+                                               t, pretrained)):
+            for lane, (lane_state, lane_config, lane_masks) in enumerate(
+                    zip(lanes.split(state), lane_configs, masks)):
+                chosen, probe_metrics = probe_freeze(model, lane_state, stream, t, lane_config,
+                                                     augment=augment, masks=lane_masks)
+                freeze_auto[lane] = {"task": t, "chosen": chosen,
+                                     "threshold": config.freeze_threshold,
+                                     "similarity": config.similarity, "metrics": probe_metrics}
+            choices = {auto["chosen"] for auto in freeze_auto}
+            if len(choices) > 1:
+                each = ", ".join(f"seed {s}: {auto['chosen']}"
+                                 for s, auto in zip(lanes.seeds, freeze_auto))
+                raise ValueError(f"--freeze auto chose different freeze points for the seeds "
+                                 f"trained together ({each}); seeds share one compiled step, "
+                                 "so run them separately or give --freeze explicitly")
+            run_configs = [dataclasses.replace(c, freeze=freeze_auto[0]["chosen"])
+                           for c in lane_configs]
         if not mid and config.layer_metrics is not None and t >= 1:
             before_task = _variables(state)
-        phase, tx, step_fn = phase_step(model, strategy, run_config, state.params, t,
-                                        pretrained, classes_per_task, masks)
+        lane_states = lanes.split(state)
+        phase, _, step_fn = phase_step(model, strategy, run_configs[0], lane_states[0].params, t,
+                                       pretrained, classes_per_task, masks[0])
         if compiled.get(phase) is None or compiled[phase].jitted is None:
             if step_wrapper is not None:
                 step_fn = step_wrapper(step_fn)
             restored = compiled.get(phase)
+            batch_split = parallel.split_along(lanes.batch_axis)
             compiled[phase] = CompiledStep(
-                jax.jit(step_fn, donate_argnums=(0, 1), in_shardings=(rep, rep, split, split, rep),
+                jax.jit(lanes.vmap(step_fn, in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1),
+                        in_shardings=(rep, rep, batch_split, batch_split, rep),
                         out_shardings=rep),
                 calls=restored.calls if restored else 0, cost=restored.cost if restored else None)
         train_step = compiled[phase]
-        rng = np.random.default_rng([config.seed, t])
+        rngs = [np.random.default_rng([s, t]) for s in lanes.seeds]
 
         x_train, y_train = strategy.training_arrays(stream, t)
 
         def batches():
-            return epoch_batches(x_train, y_train, config.batch_size, rng,
-                                 augment=augment, fill=stream.pad_value)
+            return lanes.zip_batches([
+                epoch_batches(x_train, y_train, config.batch_size, rng, augment=augment,
+                              fill=stream.pad_value) for rng in rngs])
 
         def at_boundary(hook, batch):
-            """Runs a strategy hook on the host; its forwards update BatchNorm statistics."""
+            """Runs a strategy hook on the host, lane by lane; its forwards update
+            BatchNorm statistics."""
             nonlocal state
-            chain = BatchStatsChain(state.batch_stats)
-            result = hook(memory, config=run_config, task_index=t, batch=batch,
-                          forward=jitted_forward(model, chain, phase.fixed_bn),
-                          eval_forward=eval_forward, params=state.params,
-                          batch_stats=state.batch_stats, classes_per_task=classes_per_task)
-            state = state.replace(batch_stats=chain.latest)
-            return result
+            lane_states, memories = lanes.split(state), lanes.split(memory)
+            for lane, lane_batch in enumerate(lanes.split(batch)):
+                chain = BatchStatsChain(lane_states[lane].batch_stats)
+                memories[lane] = hook(
+                    memories[lane], config=run_configs[lane], task_index=t, batch=lane_batch,
+                    forward=jitted_forward(model, chain, phase.fixed_bn),
+                    eval_forward=eval_forward, params=lane_states[lane].params,
+                    batch_stats=lane_states[lane].batch_stats, classes_per_task=classes_per_task)
+                lane_states[lane] = lane_states[lane].replace(batch_stats=chain.latest)
+            state = lanes.join(lane_states)
+            return lanes.join(memories)
 
         per_epoch = steps_per_epoch(len(x_train), config.batch_size)
         total_steps = per_epoch * config.epochs
         if mid:
             first_epoch, batches_done, step_in_task = (position.epoch, position.batch,
                                                        position.step_in_task)
-            rng.bit_generator.state = resume_meta["rng_state"]
+            for rng, rng_state in zip(rngs, lanes.from_values(resume_meta["rng_state"])):
+                rng.bit_generator.state = rng_state
         else:
             phase_tasks.setdefault(phase, []).append(t)
             phases.append({"task": t, "frozen": list(phase.frozen),
                            "memory": phase.uses_memory})
-            # SGD keeps no state, but the masked optimizer's structure follows the phase.
-            state = state.replace(opt_state=tx.init(state.params))
+            # SGD keeps no state, but the masked optimizer's structure follows the phase
+            # (and with --sparse it holds the lane's masks).
+            state = state.replace(opt_state=lanes.join([
+                phase_optimizer(c, s.params, phase.frozen, m).init(s.params)
+                for c, s, m in zip(run_configs, lane_states, masks)]))
             # As the reference's next(iter(loader)): a fresh shuffled batch of the new task.
             memory = at_boundary(strategy.begin_task, next(batches()))
             first_epoch, batches_done, step_in_task = 0, 0, 0
+        del lane_states
         # The compiled steps take replicated state and memory; host-side work (init,
         # restore, boundary hooks) may leave them elsewhere.
         state, memory = parallel.replicate(state), parallel.replicate(memory)
@@ -810,16 +893,19 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         if step_in_task:
             progress.advance(step_in_task)
         offset = jnp.asarray(task.class_offset, jnp.int32)
+        check_seeds = lanes.seeds if lanes.stacked else None
         for epoch in range(first_epoch, config.epochs):
-            epoch_rng_state = rng.bit_generator.state
-            epoch_iter = batches()
+            epoch_rng_states = [rng.bit_generator.state for rng in rngs]
+            # Read, augment and send to the devices in a background thread, ahead of
+            # the steps; the epoch is drawn in full before anything else draws again.
+            epoch_iter = prefetch(batches(), PREFETCH,
+                                  lambda batch: parallel.batch(*batch, axis=lanes.batch_axis))
             skip = batches_done if epoch == first_epoch else 0
             for _ in range(skip):  # batches a resumed run already trained on: same draws
                 next(epoch_iter)
             losses, epoch_metrics = [], {}
             for batch_index, (x, y) in enumerate(epoch_iter, start=skip + 1):
                 step_memory = memory if phase.uses_memory else None
-                x, y = parallel.batch(x, y)
                 state, step_memory, metrics = train_step(state, step_memory, x, y, offset)
                 if phase.uses_memory:
                     memory = step_memory
@@ -832,39 +918,66 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
                                   and step_in_task < total_steps)
                 if len(losses) == CHECK_EVERY or (checkpoint_now and losses):
                     # A checkpoint only ever holds a state whose losses were all finite.
-                    epoch_metrics = _check_finite(losses, step_in_task - len(losses), t)
+                    epoch_metrics = _check_finite(losses, step_in_task - len(losses), t,
+                                                  check_seeds)
                     losses = []
                 if checkpoint_now:
                     save(Position(task=t, task_done=False, epoch=epoch, batch=batch_index,
                                   step_in_task=step_in_task, global_step=global_step),
-                         epoch_rng_state)
+                         epoch_rng_states)
             if losses:
-                epoch_metrics = _check_finite(losses, step_in_task - len(losses), t)
+                epoch_metrics = _check_finite(losses, step_in_task - len(losses), t, check_seeds)
             progress.advance(0, {"epoch": epoch + 1, **epoch_metrics})
 
         memory = at_boundary(strategy.end_task, next(batches()))
         state = parallel.replicate(state)
-        til_row, cil_row = evaluate(eval_step, state, stream, t + 1, config.eval_batch_size,
-                                    parallel)
-        acc_til.append(til_row)
-        acc_cil.append(cil_row)
+        til_counts, cil_counts = correct_counts(eval_step, state, stream, t + 1,
+                                                config.eval_batch_size, parallel)
+        sizes = np.array([len(p.y_eval) for p in stream.tasks[:t + 1]], np.float64)
+        til_rows = 100.0 * til_counts.reshape(t + 1, -1) / sizes[:, None]
+        cil_rows = 100.0 * cil_counts.reshape(t + 1, -1) / sizes[:, None]
+        for lane in range(lanes.size):
+            acc_til[lane].append([float(v) for v in til_rows[:, lane]])
+            acc_cil[lane].append([float(v) for v in cil_rows[:, lane]])
         if config.layer_metrics is not None and t >= 1:
             # One probe size for every task and both sets, so the measurement compiles once.
             size = min(PROBE_SIZE, min(len(p.x_eval) for p in stream.tasks))
-            layers = generalizability(
-                model, before_task, {"params": state.params, "batch_stats": state.batch_stats},
-                _probe_set([p.x_eval for p in stream.tasks[:t]], size),
-                _probe_set([task.x_eval], size), config.layer_metrics)
-            layer_metrics.append({"task": t, "layers": layers})
+            old, new = (_probe_set([p.x_eval for p in stream.tasks[:t]], size),
+                        _probe_set([task.x_eval], size))
+            for lane, (lane_before, lane_state) in enumerate(
+                    zip(lanes.split(before_task), lanes.split(state))):
+                layers = generalizability(
+                    model, lane_before,
+                    {"params": lane_state.params, "batch_stats": lane_state.batch_stats},
+                    old, new, config.layer_metrics)
+                layer_metrics[lane].append({"task": t, "layers": layers})
         before_task = None
         if checkpoints is not None:
             save(Position(task=t, task_done=True, epoch=config.epochs - 1, batch=per_epoch,
                           step_in_task=step_in_task, global_step=global_step))
-        progress.end_task(t, til_row, cil_row)
+        progress.end_task(t, [float(v) for v in til_rows.mean(axis=1)],
+                          [float(v) for v in cil_rows.mean(axis=1)])
         if on_task_end is not None:
             on_task_end(t, state)
 
-    return {
+    runs = []
+    for lane, lane_state in enumerate(lanes.split(state)):
+        runs.append({
+            "seed": lanes.seeds[lane],
+            "acc_til": acc_til[lane],
+            "acc_cil": acc_cil[lane],
+            "avg_til": average_accuracy(acc_til[lane]),
+            "avg_cil": average_accuracy(acc_cil[lane]),
+            "forgetting_til": forgetting(acc_til[lane]),
+            "forgetting_cil": forgetting(acc_cil[lane]),
+            "bwt_til": backward_transfer(acc_til[lane]),
+            "bwt_cil": backward_transfer(acc_cil[lane]),
+            "freeze_auto": freeze_auto[lane],
+            **({"layer_metrics": layer_metrics[lane]} if config.layer_metrics is not None
+               else {}),
+            **({"sparsity": sparsity_report(lane_state.params)} if config.sparse else {}),
+        })
+    common = {
         "strategy": config.strategy,
         "dataset": stream.name,
         "num_tasks": stream.num_tasks,
@@ -872,18 +985,21 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
         "eval_split": stream.eval_split,
         "pretrained": pretrained,
         "config": config.to_dict(),
-        "acc_til": acc_til,
-        "acc_cil": acc_cil,
-        "avg_til": average_accuracy(acc_til),
-        "avg_cil": average_accuracy(acc_cil),
-        "forgetting_til": forgetting(acc_til),
-        "forgetting_cil": forgetting(acc_cil),
-        "bwt_til": backward_transfer(acc_til),
-        "bwt_cil": backward_transfer(acc_cil),
-        "phases": phases,
-        "freeze_auto": freeze_auto,
-        **({"layer_metrics": layer_metrics} if config.layer_metrics is not None else {}),
-        **({"sparsity": sparsity_report(state.params)} if config.sparse else {}),
+    }
+    if lanes.stacked:
+        til_mean, til_std = seed_statistics([r["avg_til"] for r in runs])
+        cil_mean, cil_std = seed_statistics([r["avg_cil"] for r in runs])
+        summary = {"seeds": runs, "avg_til_mean": til_mean, "avg_til_std": til_std,
+                   "avg_cil_mean": cil_mean, "avg_cil_std": cil_std, "phases": phases}
+    else:
+        (run,) = runs
+        summary = {**{k: v for k, v in run.items() if k not in
+                      ("seed", "freeze_auto", "layer_metrics", "sparsity")},
+                   "phases": phases, "freeze_auto": run["freeze_auto"],
+                   **{k: run[k] for k in ("layer_metrics", "sparsity") if k in run}}
+    return {
+        **common,
+        **summary,
         "resources": run_resources(compiled, phase_tasks, eval_step, config.eval_batch_size),
         "identity": identity,
         "resumed_at_steps": resumed_at,

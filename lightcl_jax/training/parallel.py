@@ -41,24 +41,30 @@ class DataParallel:
     @property
     def split(self) -> NamedSharding:
         """Split along the first axis: a batch."""
-        return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+        return self.split_along(0)
+
+    def split_along(self, axis: int) -> NamedSharding:
+        """Split along ``axis`` (1: the samples of seed-stacked batches)."""
+        return NamedSharding(self.mesh, PartitionSpec(*(None,) * axis, DATA_AXIS))
 
     def replicate(self, tree):
         """``tree``'s arrays on every device of the mesh."""
         return jax.device_put(tree, self.replicated)
 
-    def batch(self, *arrays: np.ndarray):
-        """Global batch arrays, split along their first axis over the mesh.
+    def batch(self, *arrays: np.ndarray, axis: int = 0):
+        """Global batch arrays, split along ``axis`` (their samples) over the mesh.
 
         Each process passes the whole global batch and contributes its own
         contiguous slice of it.
         """
         count, index = jax.process_count(), jax.process_index()
+        sharding = self.split_along(axis)
         out = []
         for array in arrays:
-            per_process = len(array) // count
-            local = array[index * per_process:(index + 1) * per_process]
-            out.append(jax.make_array_from_process_local_data(self.split, local, array.shape))
+            per_process = array.shape[axis] // count
+            local = np.take(array, np.arange(index * per_process, (index + 1) * per_process),
+                            axis=axis) if count > 1 else array
+            out.append(jax.make_array_from_process_local_data(sharding, local, array.shape))
         return tuple(out)
 
 

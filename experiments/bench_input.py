@@ -1,0 +1,148 @@
+"""Is the input pipeline the bottleneck? Train steps/s with real input against a fixed batch.
+
+    python -m experiments.bench_input [--dataset cifar10] [--data-dir DIR] [--steps 40]
+                                      [--nf 16] [--batch-size 32] [--strategy finetune]
+
+Builds the stream as a run does (TFDS ``data_source``: images are read,
+decoded and normalised batch by batch, not held in memory), then times the
+same compiled train step of task 0 fed three ways:
+
+  * real input: shuffled batches read from the source, augmented (random
+    crop + flip) and sent to the device by `prefetch`'s background thread;
+  * real input without prefetch: the same work on the main thread, between steps;
+  * a fixed batch already on the device (no input work at all);
+
+and the input alone (batches read, augmented and transferred, no training).
+Real input at the fixed batch's steps/s means the input is not the bottleneck.
+
+Without ``--data-dir`` the dataset is TFDS's mock (``tfds.testing.mock_data``,
+``--examples`` random records, no download): its records come already
+decoded, so the PNG decode of a prepared dataset is not in its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+
+_DATASETS = ("cifar10", "cifar100")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_input",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="cifar10", choices=_DATASETS)
+    p.add_argument("--data-dir", default=None,
+                   help="a prepared TFDS data_dir (default: TFDS's mock data, no download)")
+    p.add_argument("--examples", type=int, default=2000, help="mock records (without --data-dir)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
+    p.add_argument("--nf", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--strategy", default="finetune",
+                   help="whose task-0 step to time (finetune trains every layer)")
+    args = p.parse_args(argv)
+    for flag in ("examples", "steps", "nf", "batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    from lightcl_jax.config import Config
+    from lightcl_jax.data.pipeline import epoch_batches, prefetch
+    from lightcl_jax.data.streams import make_stream
+    from lightcl_jax.model.resnet import ResNet18
+    from lightcl_jax.strategies import get_strategy
+    from lightcl_jax.training.loop import PREFETCH, create_train_state, phase_step
+    from lightcl_jax.training.parallel import data_parallel
+
+    config = Config(strategy=args.strategy, dataset=args.dataset, data_dir=args.data_dir,
+                    nf=args.nf, batch_size=args.batch_size)
+    try:
+        config = config.resolved()
+    except ValueError as err:
+        p.error(str(err))
+    mock = (tfds.testing.mock_data(num_examples=args.examples,
+                                   policy=tfds.testing.MockPolicy.USE_CODE)
+            if args.data_dir is None else contextlib.nullcontext())
+    with mock:  # the mock serves records only inside this block
+        try:
+            stream = make_stream(args.dataset, data_dir=args.data_dir)
+        except ValueError as err:
+            p.error(str(err))
+        task = stream.tasks[0]
+        parallel = data_parallel(None, {"--batch-size": config.batch_size})
+        model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
+        state = create_train_state(model, stream.image_shape, jax.random.PRNGKey(0))
+        phase, tx, step = phase_step(model, get_strategy(config.strategy), config, state.params,
+                                     0, False, stream.classes_per_task)
+        if phase.uses_memory:
+            p.error(f"--strategy {config.strategy} needs its memory in task 0; pick one that "
+                    "does not (finetune, lightcl, ewc, lwf)")
+        state = parallel.replicate(state.replace(opt_state=tx.init(state.params)))
+        train_step = jax.jit(step, donate_argnums=(0,))
+        offset = jnp.asarray(task.class_offset, jnp.int32)
+        rng = np.random.default_rng(0)
+
+        def to_device(batch):
+            return parallel.batch(*batch)
+
+        def real_batches(with_prefetch: bool):
+            """Endless epochs of the task, as the training loop draws them."""
+            while True:
+                epoch = epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
+                                      augment=True, fill=stream.pad_value)
+                yield from (prefetch(epoch, PREFETCH, to_device) if with_prefetch
+                            else map(to_device, epoch))
+
+        def timed(batches) -> float:
+            nonlocal state
+            x, y = next(batches)  # compiles on the first measurement
+            state, _, metrics = train_step(state, None, x, y, offset)
+            jax.block_until_ready(metrics)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                x, y = next(batches)
+                state, _, metrics = train_step(state, None, x, y, offset)
+            jax.block_until_ready((state, metrics))
+            rate = args.steps / (time.perf_counter() - start)
+            if hasattr(batches, "close"):
+                batches.close()  # stops its prefetch thread before the next figure
+            return rate
+
+        fixed = to_device(next(epoch_batches(task.x_train, task.y_train, config.batch_size,
+                                             np.random.default_rng(1), augment=True,
+                                             fill=stream.pad_value)))
+        fixed_rate = timed(iter(lambda: fixed, None))
+        real_rate = timed(real_batches(True))
+        sync_rate = timed(real_batches(False))
+        batches = real_batches(True)
+        jax.block_until_ready(next(batches))
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            last = next(batches)
+        jax.block_until_ready(last)
+        input_rate = args.steps / (time.perf_counter() - start)
+        batches.close()
+
+    source = ("TFDS mock data (records come decoded)" if args.data_dir is None
+              else f"{args.data_dir} (records decoded as read)")
+    print(f"{args.dataset} from {source}: task 0 has {len(task.y_train)} training images "
+          f"{stream.image_shape}, read batch by batch; ResNet-18 nf={config.nf}, batch "
+          f"{config.batch_size}, {config.strategy}'s task-0 step, {jax.default_backend()} "
+          f"({jax.devices()[0].device_kind}), {args.steps} steps per figure")
+    print(f"  fixed batch on the device:         {fixed_rate:8.2f} steps/s")
+    print(f"  real input, prefetched:            {real_rate:8.2f} steps/s "
+          f"({100 * real_rate / fixed_rate:.0f}% of the fixed batch)")
+    print(f"  real input, read between steps:    {sync_rate:8.2f} steps/s "
+          f"({100 * sync_rate / fixed_rate:.0f}%)")
+    print(f"  input alone (read, augment, send): {input_rate:8.2f} batches/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

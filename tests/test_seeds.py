@@ -1,0 +1,143 @@
+"""Several seeds in one compiled program (`train_and_evaluate(..., seeds=N)`).
+
+Each seed of a vmapped run must compute what a single run of that seed
+computes, up to the order of float sums in XLA's batched kernels. The runs
+are tiny (test_training's random stream and config: 3 tasks of 3 steps).
+
+The runs use lr 1e-3: at lr 0.01 this nf=4 net on random 8x8 images meets
+ReLU kinks, where a 1e-7 change of a weight flips an activation and moves
+the next update by up to ~1e-3 (checked by hand: a single run with its
+weights scaled by 1 - 1e-7 moved as far as the vmapped one), and over a few
+steps the float-order differences of batched kernels grow past any tight
+tolerance. At lr 1e-3 the seeds' final parameters agree to ~1e-7.
+"""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import run
+from lightcl_jax.training import loop
+from lightcl_jax.training.checkpoint import RunCheckpoints
+from lightcl_jax.training.lanes import Lanes
+from lightcl_jax.model.resnet import ResNet18
+from lightcl_jax.training.loop import DivergenceError, create_train_state, train_and_evaluate
+from test_checkpoint import _SnapshotAfter, _same
+from test_training import TINY, _tiny_stream
+
+
+def _final_params(store, key):
+    def keep(task, state):
+        store[key] = jax.tree_util.tree_map(np.asarray, state.params)
+    return keep
+
+
+def _final_memory(directory):
+    """The strategy's memory in a run's last checkpoint, as nested dicts of arrays."""
+    checkpoints = RunCheckpoints(directory)
+    kind, step = checkpoints.latest()
+    state = ocp.StandardCheckpointer().restore(os.path.join(checkpoints.path(kind, step), "state"))
+    return state["memory"]
+
+
+@pytest.mark.parametrize("strategy", ["lightcl", "derpp"])
+def test_seeds_in_one_program_equal_single_runs(tmp_path, strategy):
+    stream = _tiny_stream(num_tasks=3)
+    config = dataclasses.replace(TINY, strategy=strategy, seed=3, lr=1e-3)
+    params = {}
+    multi = train_and_evaluate(config, stream, seeds=2, on_task_end=_final_params(params, "multi"),
+                               checkpoints=RunCheckpoints(tmp_path / "multi"))
+    singles = [train_and_evaluate(dataclasses.replace(config, seed=s), stream,
+                                  on_task_end=_final_params(params, s),
+                                  checkpoints=RunCheckpoints(tmp_path / str(s)))
+               for s in (3, 4)]
+    # The memories (LightCL's buffer, reference outputs and vital masks; DER++'s reservoir
+    # of samples, labels, logits and PRNG key) are each seed's own.
+    memory = _final_memory(tmp_path / "multi")
+    for lane, seed in enumerate((3, 4)):
+        alone = _final_memory(tmp_path / str(seed))
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(memory),
+                                jax.tree_util.tree_leaves(alone)):
+            if np.issubdtype(b.dtype, np.floating):
+                np.testing.assert_allclose(a[lane], b, rtol=1e-4, atol=1e-4,
+                                           err_msg=jax.tree_util.keystr(path))
+            else:
+                np.testing.assert_array_equal(a[lane], b, err_msg=jax.tree_util.keystr(path))
+
+    assert [entry["seed"] for entry in multi["seeds"]] == [3, 4]
+    assert multi["identity"]["seeds"] == 2 and "seeds" not in singles[0]["identity"]
+    assert multi["phases"] == singles[0]["phases"]
+    scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree_util.tree_leaves(params[3]))
+    for lane, (seed, single) in enumerate(zip((3, 4), singles)):
+        entry = multi["seeds"][lane]
+        for a, b in zip(jax.tree_util.tree_leaves(params["multi"]),
+                        jax.tree_util.tree_leaves(params[seed])):
+            assert a.shape[0] == 2
+            np.testing.assert_allclose(a[lane], b, rtol=0, atol=1e-5 * scale)
+        for key in ("acc_til", "acc_cil"):
+            np.testing.assert_allclose(entry[key][-1], single[key][-1], rtol=0, atol=1e-9)
+        for key in ("avg_til", "avg_cil", "forgetting_til", "bwt_cil"):
+            assert entry[key] == pytest.approx(single[key], abs=1e-9)
+    # Mean and (population) standard deviation over the seeds, by hand.
+    for mode in ("til", "cil"):
+        a, b = (single[f"avg_{mode}"] for single in singles)
+        assert multi[f"avg_{mode}_mean"] == pytest.approx((a + b) / 2)
+        assert multi[f"avg_{mode}_std"] == pytest.approx(abs(a - b) / 2)
+    table = run.format_table(multi)
+    assert "seeds 3..4 trained together" in table
+    assert (f"avg TIL {multi['avg_til_mean']:.2f} +/- {multi['avg_til_std']:.2f}" in table)
+
+
+def test_seeds_resume_mid_task_to_the_uninterrupted_results(tmp_path):
+    stream = _tiny_stream(num_tasks=3)
+    config = dataclasses.replace(TINY, strategy="lightcl", epochs=2, sparse=True)
+    clean = train_and_evaluate(
+        config, stream, seeds=2, progress=_SnapshotAfter(9, tmp_path / "run", tmp_path / "killed"),
+        checkpoints=RunCheckpoints(tmp_path / "run", every=8))
+    meta = RunCheckpoints(tmp_path / "killed").read_meta("steps", 8)
+    assert len(meta["rng_state"]) == 2 and len(meta["results"]["acc_til"]) == 2
+    resumed = train_and_evaluate(config, stream, seeds=2,
+                                 checkpoints=RunCheckpoints(tmp_path / "killed", every=8))
+    assert resumed["resumed_at_steps"] == [8]
+    assert _same(resumed) == _same(clean)
+    # Each seed pruned from its own starting weights.
+    assert all("sparsity" in entry for entry in clean["seeds"])
+    # A checkpoint of two seeds does not resume a single run.
+    with pytest.raises(ValueError, match="seeds 2 there, 'absent' here"):
+        train_and_evaluate(config, stream, checkpoints=RunCheckpoints(tmp_path / "killed"))
+
+
+def test_seeds_whose_freeze_auto_disagrees_are_refused(monkeypatch):
+    def probe(model, state, stream, task_index, config, *, augment, masks=None):
+        return ("stage2" if config.seed == 0 else "stage3"), {}
+    monkeypatch.setattr(loop, "probe_freeze", probe)
+    config = dataclasses.replace(TINY, freeze="auto").resolved()
+    # Pre-trained: LightCL freezes, and probes, from task 0.
+    model = ResNet18(num_classes=4, nf=config.nf)
+    state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(9))
+    backbone = {"params": state.params, "batch_stats": state.batch_stats}
+    with pytest.raises(ValueError, match=r"different freeze points for the seeds trained "
+                                         r"together \(seed 0: stage2, seed 1: stage3\)"):
+        train_and_evaluate(config, _tiny_stream(num_tasks=2), seeds=2, init_variables=backbone)
+
+
+def test_lanes_split_join_and_divergence_names_the_seed():
+    lanes = Lanes.of(5, 3)
+    assert lanes.seeds == (5, 6, 7) and lanes.batch_axis == 1
+    tree = {"a": np.arange(6.0).reshape(3, 2), "b": None}
+    parts = lanes.split(tree)
+    np.testing.assert_array_equal(parts[2]["a"], [4.0, 5.0])
+    np.testing.assert_array_equal(lanes.join(parts)["a"], tree["a"])
+    assert Lanes.of(5).split(tree) == [tree] and Lanes.of(5).values([1]) == 1
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
+            Lanes.of(0, bad)
+    losses = [{"loss": np.array([1.0, 2.0, 3.0])}, {"loss": np.array([1.0, np.nan, 3.0])}]
+    with pytest.raises(DivergenceError, match=r"task 4, step 11 of the task \(seed 6\) "
+                                              r"\(loss=nan\)"):
+        loop._check_finite(losses, 10, 4, lanes.seeds)
+    assert loop._check_finite(losses[:1], 0, 0, lanes.seeds) == {"loss": 2.0}
