@@ -194,21 +194,25 @@ def write_json_atomic(path: str, payload: dict) -> None:
         raise
 
 
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The `Config` that parsed flags describe (not validated yet)."""
+    return Config(strategy=args.strategy, dataset=args.dataset, data_dir=args.data_dir,
+                  num_tasks=args.num_tasks, eval_split=args.eval_split, epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr, beta=args.beta,
+                  buffer_size=args.buffer_size, ratio=args.ratio, nf=args.nf, seed=args.seed,
+                  freeze=args.freeze, freeze_threshold=args.freeze_threshold,
+                  similarity=args.similarity, layer_metrics=args.layer_metrics,
+                  frozen_bn=args.frozen_bn, augment=args.augment,
+                  eval_batch_size=args.eval_batch_size, sparse=args.sparse,
+                  derpp_alpha=args.derpp_alpha, derpp_beta=args.derpp_beta,
+                  ewc_lambda=args.ewc_lambda, ewc_gamma=args.ewc_gamma,
+                  lwf_alpha=args.lwf_alpha, lwf_temperature=args.lwf_temperature)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = Config(strategy=args.strategy, dataset=args.dataset, data_dir=args.data_dir,
-                    num_tasks=args.num_tasks, eval_split=args.eval_split, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, beta=args.beta,
-                    buffer_size=args.buffer_size, ratio=args.ratio, nf=args.nf, seed=args.seed,
-                    freeze=args.freeze, freeze_threshold=args.freeze_threshold,
-                    similarity=args.similarity, layer_metrics=args.layer_metrics,
-                    frozen_bn=args.frozen_bn, augment=args.augment,
-                    eval_batch_size=args.eval_batch_size, sparse=args.sparse,
-                    derpp_alpha=args.derpp_alpha,
-                    derpp_beta=args.derpp_beta, ewc_lambda=args.ewc_lambda,
-                    ewc_gamma=args.ewc_gamma, lwf_alpha=args.lwf_alpha,
-                    lwf_temperature=args.lwf_temperature)
+    config = config_from_args(args)
     try:
         config.validate()
     except ValueError as err:

@@ -233,3 +233,17 @@ def test_validate_stream_refuses_hand_built_streams_with_bad_data():
             validate_stream(stream, config)
     with pytest.raises(ValueError, match="fewer than one batch of 64"):
         validate_stream(good, Config(batch_size=64))
+
+
+def test_bench_input_prints_every_figure(capsys):
+    from experiments import bench_input
+    assert bench_input.main(["--steps", "2", "--nf", "2", "--batch-size", "8",
+                             "--examples", "200"]) == 0
+    out = capsys.readouterr().out
+    for words in ("fixed batch on the device:", "real input, prefetched:",
+                  "real input, read between steps:", "input alone (read, augment, send):",
+                  "PNG decode"):
+        assert words in out, out
+    with pytest.raises(SystemExit) as exit_info:
+        bench_input.main(["--steps", "0"])
+    assert exit_info.value.code == 2

@@ -2,7 +2,7 @@
 
 Each seed of a vmapped run must compute what a single run of that seed
 computes, up to the order of float sums in XLA's batched kernels. The runs
-are tiny (test_training's random stream and config: 3 tasks of 3 steps).
+are tiny (test_training's random stream and config: 2 tasks of 3 steps an epoch).
 
 The runs use lr 1e-3: at lr 0.01 this nf=4 net on random 8x8 images meets
 ReLU kinks, where a 1e-7 change of a weight flips an activation and moves
@@ -46,7 +46,7 @@ def _final_memory(directory):
 
 @pytest.mark.parametrize("strategy", ["lightcl", "derpp"])
 def test_seeds_in_one_program_equal_single_runs(tmp_path, strategy):
-    stream = _tiny_stream(num_tasks=3)
+    stream = _tiny_stream(num_tasks=2)
     config = dataclasses.replace(TINY, strategy=strategy, seed=3, lr=1e-3)
     params = {}
     multi = train_and_evaluate(config, stream, seeds=2, on_task_end=_final_params(params, "multi"),
@@ -93,8 +93,9 @@ def test_seeds_in_one_program_equal_single_runs(tmp_path, strategy):
 
 
 def test_seeds_resume_mid_task_to_the_uninterrupted_results(tmp_path):
-    stream = _tiny_stream(num_tasks=3)
+    stream = _tiny_stream(num_tasks=2)
     config = dataclasses.replace(TINY, strategy="lightcl", epochs=2, sparse=True)
+    # Tasks run steps 1-6 and 7-12; a kill after step 9 leaves the checkpoint of step 8.
     clean = train_and_evaluate(
         config, stream, seeds=2, progress=_SnapshotAfter(9, tmp_path / "run", tmp_path / "killed"),
         checkpoints=RunCheckpoints(tmp_path / "run", every=8))
@@ -141,3 +142,12 @@ def test_lanes_split_join_and_divergence_names_the_seed():
                                               r"\(loss=nan\)"):
         loop._check_finite(losses, 10, 4, lanes.seeds)
     assert loop._check_finite(losses[:1], 0, 0, lanes.seeds) == {"loss": 2.0}
+
+
+def test_bench_seeds_refuses_what_it_sets(capsys):
+    from experiments import bench_seeds
+    for argv, words in ((["--seeds", "1"], "--seeds must be >= 2"),
+                        (["--", "--workdir", "x"], "--workdir is set by the benchmark")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_seeds.main(argv)
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err
