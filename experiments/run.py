@@ -11,6 +11,7 @@ diverged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="discard results.json and checkpoints/ in --workdir before running "
                         "(without it, those of another run are refused)")
+    p.add_argument("--init-from", default=None, metavar="BACKBONE",
+                   help="start from a pre-trained backbone directory (written by "
+                        "experiments.pretrain or experiments.convert_torch) with a fresh head; "
+                        "--nf defaults to the backbone's")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N visible devices (data parallel; "
                         "default: all of them)")
@@ -231,25 +236,38 @@ def main(argv=None) -> int:
 
     # Import JAX only once the flags are known to be good: a bad flag fails fast.
     from lightcl_jax.data.streams import make_stream
+    from lightcl_jax.model.backbone import load_backbone
     from lightcl_jax.training.checkpoint import Position, RunCheckpoints
     from lightcl_jax.training.loop import (DivergenceError, find_resume_point, run_identity,
                                            train_and_evaluate, validate_stream)
     from lightcl_jax.training.parallel import data_parallel
 
+    init_variables = backbone = None
     try:
+        if args.init_from is not None:
+            init_variables, backbone = load_backbone(args.init_from)
+            if args.nf is None:
+                config = dataclasses.replace(config, nf=backbone["nf"])
+            elif args.nf != backbone["nf"]:
+                raise ValueError(f"--nf {args.nf} differs from the backbone's nf="
+                                 f"{backbone['nf']} ({args.init_from}); leave --nf out to use it")
         parallel = data_parallel(args.devices, {"--batch-size": config.batch_size,
                                                 "--eval-batch-size": config.eval_batch_size})
         stream = make_stream(config.dataset, data_dir=config.data_dir,
                              num_tasks=config.num_tasks, eval_split=config.eval_split)
         validate_stream(stream, config.resolved())
+        if backbone is not None and backbone["in_channels"] != stream.image_shape[-1]:
+            raise ValueError(f"the backbone {args.init_from} takes {backbone['in_channels']}-"
+                             f"channel images; {config.dataset} has {stream.image_shape[-1]}")
     except ValueError as err:
         parser.error(str(err))
 
     path = os.path.join(workdir, "results.json")
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
     try:
-        identity = run_identity(config, stream, pretrained=False,
-                                num_devices=parallel.num_devices, seeds=args.seeds)
+        identity = run_identity(config, stream, pretrained=backbone is not None,
+                                num_devices=parallel.num_devices, seeds=args.seeds,
+                                init_digest=backbone and backbone["digest"])
         if args.overwrite:
             discard_run(path, checkpoints.directory)
         else:
@@ -270,7 +288,7 @@ def main(argv=None) -> int:
         try:
             results = train_and_evaluate(config, stream,
                                          progress=_Bars(stream.num_tasks, not args.no_progress),
-                                         checkpoints=checkpoints,
+                                         checkpoints=checkpoints, init_variables=init_variables,
                                          devices=parallel.num_devices, seeds=args.seeds)
         except DivergenceError as err:
             latest = checkpoints.latest()
@@ -280,6 +298,9 @@ def main(argv=None) -> int:
             return 1
         except ValueError as err:  # CheckpointError, or seeds whose --freeze auto disagree
             parser.error(str(err))
+        if backbone is not None:
+            results["init_from"] = {"path": os.path.abspath(args.init_from),
+                                    "source": backbone.get("source"), "digest": backbone["digest"]}
         write_json_atomic(path, results)
         print(format_table(results))
         print(f"results written to {path} (checkpoints in {checkpoints.directory})")

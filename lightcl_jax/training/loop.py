@@ -35,6 +35,7 @@ from lightcl_jax.data.streams import TaskStream, make_stream
 from lightcl_jax.metrics.generalizability import choose_freeze, generalizability
 from lightcl_jax.metrics.continual import (average_accuracy, backward_transfer, cil_predictions,
                                            forgetting, til_predictions)
+from lightcl_jax.model.backbone import variables_digest
 from lightcl_jax.model.resnet import (LAYER_GROUPS, ResNet18, fold_statistics, fresh_head,
                                       layer_group)
 from lightcl_jax.strategies import Strategy, get_strategy
@@ -585,14 +586,15 @@ def stream_fingerprint(stream: TaskStream) -> str:
 
 
 def run_identity(config: Config, stream: TaskStream, pretrained: bool,
-                 num_devices: int = 1, seeds: int = 1) -> dict:
+                 num_devices: int = 1, seeds: int = 1, init_digest: str | None = None) -> dict:
     """What makes two runs the same run: a checkpoint resumes only its own run.
 
     The resolved config, the stream (name, shapes, and a fingerprint of its
-    data), whether it started from a pre-trained backbone, the number of
-    devices the batch is split over (which changes the order of float sums),
-    and, for more than one, the number of seeds trained together, as JSON
-    values.
+    data), whether it started from a pre-trained backbone and, when it did,
+    the digest of that backbone's arrays (``init_digest``,
+    `lightcl_jax.model.backbone.variables_digest`), the number of devices the
+    batch is split over (which changes the order of float sums), and, for
+    more than one, the number of seeds trained together, as JSON values.
     """
     identity = {
         "config": config.resolved().to_dict(),
@@ -600,6 +602,7 @@ def run_identity(config: Config, stream: TaskStream, pretrained: bool,
                    "num_classes": stream.num_classes, "image_shape": list(stream.image_shape),
                    "eval_split": stream.eval_split, "fingerprint": stream_fingerprint(stream)},
         "pretrained": pretrained,
+        **({"init_from": init_digest} if init_digest is not None else {}),
         "devices": num_devices,
         **({"seeds": seeds} if seeds > 1 else {}),
     }
@@ -726,7 +729,9 @@ def train_and_evaluate(config: Config, stream: TaskStream | None = None, *,
     augment = stream.augment if config.augment is None else config.augment
     parallel = data_parallel(devices, {"batch_size": config.batch_size,
                                        "eval_batch_size": config.eval_batch_size})
-    identity = run_identity(config, stream, pretrained, parallel.num_devices, lanes.size)
+    identity = run_identity(config, stream, pretrained, parallel.num_devices, lanes.size,
+                            init_digest=None if init_variables is None
+                            else variables_digest(init_variables))
     resume = find_resume_point(checkpoints, identity) if checkpoints is not None else None
 
     model = ResNet18(num_classes=stream.num_classes, nf=config.nf)

@@ -1,0 +1,179 @@
+"""Pre-train the ResNet-18 backbone on a TFDS image dataset: ``python -m experiments.pretrain``.
+
+Defaults are the reference's (SPEC section 2): ``imagenet_resized/32x32``, 50
+epochs, SGD lr 0.01, batch 256, horizontal flips, nf 64. The dataset must be
+prepared in ``--data-dir`` (``tfds build imagenet_resized/32x32
+--file_format=array_record`` on a machine with the data); a small dataset
+such as ``--dataset cifar10`` works for trying it.
+
+Writes, under ``--workdir`` (default ``runs/pretrain-<dataset>``):
+``checkpoints/`` every ``--ckpt-every`` steps and after every epoch (rerunning
+the same command resumes from the newest), ``pretrain.json`` (per-epoch loss
+and accuracies, normalisation, wall time) and ``backbone/``, which
+``python -m experiments.run --init-from <workdir>/backbone`` starts from.
+Exit codes: 0 done, 2 bad flag value, data, checkpoint or workdir, 1 diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lightcl_jax.training.pretrain import PretrainConfig
+    d = PretrainConfig()
+    p = _Parser(prog="python -m experiments.pretrain", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default=d.dataset,
+                   help="TFDS image dataset with 'image' and 'label' (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="TFDS data_dir holding the prepared dataset")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--nf", type=int, default=d.nf, help="ResNet-18 width (64 = the paper)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples,
+                   help="accuracy after each epoch on this many validation (else test) samples; "
+                        "0: none")
+    p.add_argument("--max-train-samples", type=int, default=None, metavar="N",
+                   help="train on the first N records only (to try the script)")
+    p.add_argument("--workdir", default=None,
+                   help="where pretrain.json, checkpoints/ and backbone/ go (default: "
+                        "runs/pretrain-<dataset>)")
+    p.add_argument("--ckpt-every", type=int, default=1000, metavar="N",
+                   help="checkpoint every N steps as well as after every epoch (0: epochs only)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard pretrain.json, checkpoints/ and backbone/ in --workdir first")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="split each batch over the first N visible devices (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+class _Bars:
+    """A tqdm bar per epoch on stderr."""
+
+    def __init__(self, epochs: int, enabled: bool):
+        self.epochs, self.enabled, self.bar = epochs, enabled, None
+
+    def start_epoch(self, epoch, num_steps, done):
+        if self.enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=num_steps, initial=done, desc=f"epoch {epoch + 1}/{self.epochs}",
+                            unit="step", file=sys.stderr, leave=True)
+
+    def advance(self, steps, metrics=None):
+        if self.bar is not None:
+            self.bar.update(steps)
+            if metrics:
+                self.bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+
+    def end_epoch(self, epoch, summary):
+        if self.bar is not None:
+            shown = {"loss": f"{summary['loss']:.4g}",
+                     "train": f"{summary['train_accuracy']:.1f}%"}
+            if summary.get("eval_accuracy") is not None:
+                shown["eval"] = f"{summary['eval_accuracy']:.1f}%"
+            self.bar.set_postfix(shown)
+            self.bar.close()
+            self.bar = None
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from lightcl_jax.training.pretrain import PretrainConfig
+    config = PretrainConfig(dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
+                            batch_size=args.batch_size, lr=args.lr, nf=args.nf, seed=args.seed,
+                            flip=not args.no_flip, eval_samples=args.eval_samples,
+                            max_train_samples=args.max_train_samples)
+    try:
+        config.validate()
+    except ValueError as err:
+        parser.error(str(err))
+    if args.ckpt_every < 0:
+        parser.error(f"--ckpt-every must be >= 0 (0: after every epoch only); got {args.ckpt_every}")
+    workdir = args.workdir or os.path.join("runs", "pretrain-" + args.dataset.replace("/", "-"))
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
+
+    from lightcl_jax.model.backbone import save_backbone
+    from lightcl_jax.training.checkpoint import RunCheckpoints, identity_differences
+    from lightcl_jax.training.loop import DivergenceError
+    from lightcl_jax.training.pretrain import load_tfds_data, pretrain, pretrain_identity
+    from lightcl_jax.training.parallel import data_parallel
+
+    results_path = os.path.join(workdir, "pretrain.json")
+    backbone_dir = os.path.join(workdir, "backbone")
+    try:
+        parallel = data_parallel(args.devices, {"--batch-size": config.batch_size})
+        data = load_tfds_data(config)
+        if len(data.y_train) < config.batch_size:
+            raise ValueError(f"{config.dataset} has {len(data.y_train)} training samples, fewer "
+                             f"than one batch of {config.batch_size}; lower --batch-size")
+        identity = pretrain_identity(config, data, parallel.num_devices)
+        if args.overwrite:
+            for path in (results_path, os.path.join(workdir, "checkpoints"), backbone_dir):
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.unlink(path)
+        elif os.path.exists(results_path):
+            with open(results_path) as f:
+                finished = json.load(f)
+            differences = identity_differences(finished.get("identity", {}), identity)
+            if differences:
+                raise ValueError(f"{results_path} holds another pre-training run ({differences}); "
+                                 "pass --overwrite to replace it, or choose another --workdir")
+            print(f"{results_path} already holds this run; its backbone is {backbone_dir} "
+                  "(pass --overwrite to run it again)")
+            return 0
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+
+    checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
+    try:
+        latest = checkpoints.latest()
+        if latest is not None:
+            print(f"resuming from {checkpoints.path(*latest)}", file=sys.stderr)
+        variables, history = pretrain(config, data, checkpoints=checkpoints,
+                                      progress=_Bars(config.epochs, not args.no_progress),
+                                      devices=parallel.num_devices)
+    except DivergenceError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # CheckpointError: unreadable, or another run's
+        parser.error(str(err))
+    finally:
+        checkpoints.close()
+    meta = save_backbone(backbone_dir, variables, {
+        "nf": config.nf, "num_classes": data.num_classes, "in_channels": data.image_shape[-1],
+        "image_shape": list(data.image_shape),
+        "source": {"kind": "pretrain", "dataset": config.dataset, "epochs": config.epochs,
+                   "final_eval_accuracy": history["epochs"][-1]["eval_accuracy"]},
+        "normalisation": history["normalisation"],
+    }, overwrite=True)
+    history["backbone"] = {"path": os.path.abspath(backbone_dir), "digest": meta["digest"]}
+    from experiments.run import write_json_atomic
+    write_json_atomic(results_path, history)
+    for entry in history["epochs"]:
+        accuracy = ("" if entry["eval_accuracy"] is None
+                    else f", eval accuracy {entry['eval_accuracy']:.2f}%")
+        print(f"epoch {entry['epoch']:>3}: loss {entry['loss']:.4f}, train accuracy "
+              f"{entry['train_accuracy']:.2f}%{accuracy}")
+    print(f"backbone written to {backbone_dir}; start a run from it: "
+          f"python -m experiments.run --init-from {backbone_dir} --dataset cifar10")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

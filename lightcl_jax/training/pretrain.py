@@ -1,0 +1,400 @@
+"""Pre-training the backbone on a TFDS image dataset, as the reference does before CL.
+
+SPEC section 2: ImageNet downsampled to 32x32 (TFDS ``imagenet_resized/32x32``,
+1000 classes), 50 epochs of plain SGD at lr 0.01, batch 256, random horizontal
+flips, cross-entropy over all classes, BatchNorm in training mode. Any TFDS
+image dataset with ``image`` and ``label`` features works the same way (a
+small one, such as ``cifar10``, to try it).
+
+Images are read batch by batch from the TFDS ``data_source``
+(`lightcl_jax.data.sources.RecordImages`) with a background prefetch, so the
+dataset never sits whole in memory. Every epoch's order and flips come from
+``(seed, epoch)`` alone, so a run resumed from a checkpoint mid-epoch
+continues exactly where the interrupted one was. `pretrain` returns the
+trained variables; `experiments.pretrain` saves them as a backbone
+(`lightcl_jax.model.backbone`) that ``experiments.run --init-from`` starts
+from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lightcl_jax.data.pipeline import eval_batches, prefetch
+from lightcl_jax.data.sources import RecordImages
+from lightcl_jax.model.resnet import ResNet18
+from lightcl_jax.training.loop import DivergenceError, TrainState, jitted_eval_forward
+from lightcl_jax.training.parallel import data_parallel
+
+# Per-channel statistics of images scaled to [0, 1]; other datasets get theirs
+# estimated from their first `STATISTICS_SAMPLES` training records.
+KNOWN_NORMALISATION = {
+    "imagenet_resized": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+STATISTICS_SAMPLES = 2048
+PREFETCH = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Settings of a pre-training run (defaults: the reference's, SPEC section 2).
+
+    Attributes:
+      dataset: TFDS name, with config if any (``imagenet_resized/32x32``).
+      data_dir: TFDS data directory holding it prepared (None: TFDS's default).
+      epochs, batch_size, lr: plain SGD, no momentum, no weight decay.
+      nf: width of the ResNet-18's first stage.
+      seed: initialisation, data order and flips.
+      flip: random horizontal flips of training images.
+      eval_samples: accuracy after every epoch on at most this many samples of
+        the dataset's ``validation`` (else ``test``) split; 0: none.
+      max_train_samples: train on only the first this many records (None: all),
+        for trying the script on a big dataset.
+    """
+
+    dataset: str = "imagenet_resized/32x32"
+    data_dir: str | None = None
+    epochs: int = 50
+    batch_size: int = 256
+    lr: float = 0.01
+    nf: int = 64
+    seed: int = 0
+    flip: bool = True
+    eval_samples: int = 10000
+    max_train_samples: int | None = None
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad setting and what is allowed."""
+        def need(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(isinstance(self.dataset, str) and self.dataset.strip(),
+             f"dataset must be a TFDS name such as imagenet_resized/32x32; got {self.dataset!r}")
+        for field in ("epochs", "batch_size", "nf"):
+            need(is_int(getattr(self, field)) and getattr(self, field) >= 1,
+                 f"{field} must be an integer >= 1; got {getattr(self, field)!r}")
+        need(self.lr > 0, f"lr must be > 0; got {self.lr!r}")
+        need(is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0; got {self.seed!r}")
+        need(is_int(self.eval_samples) and self.eval_samples >= 0,
+             f"eval_samples must be an integer >= 0; got {self.eval_samples!r}")
+        need(self.max_train_samples is None or (is_int(self.max_train_samples)
+                                                and self.max_train_samples >= self.batch_size),
+             f"max_train_samples must be an integer >= batch_size={self.batch_size}; got "
+             f"{self.max_train_samples!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainData:
+    """A labelled image dataset: training and (optional) evaluation images and labels."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    x_train: Any            # (N, H, W, C) normalised float32: array or RecordImages
+    y_train: np.ndarray
+    x_eval: Any | None
+    y_eval: np.ndarray | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def fingerprint(self) -> str:
+        """Identifies the data without reading the images (RecordImages) or from them (arrays)."""
+        import hashlib
+        digest = hashlib.blake2b(digest_size=16)
+        for part in (self.x_train, self.y_train, self.x_eval, self.y_eval):
+            if part is None:
+                digest.update(b"none")
+            elif isinstance(part, RecordImages):
+                digest.update(part.fingerprint())
+            else:
+                array = np.ascontiguousarray(part)
+                digest.update(repr((array.dtype.str, array.shape)).encode())
+                digest.update(memoryview(array).cast("B"))
+        return digest.hexdigest()
+
+
+def load_tfds_data(config: PretrainConfig) -> PretrainData:
+    """The training (and evaluation) split of ``config.dataset`` from its TFDS data_source.
+
+    Raises:
+      ValueError: the dataset is not prepared in ``data_dir``, lacks ``image``
+        or ``label`` features, or has images of several shapes.
+    """
+    import tensorflow_datasets as tfds
+
+    from lightcl_jax.data.sources import read_labels
+
+    try:
+        builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+        train_source = builder.as_data_source(split="train")
+    except Exception as err:  # TFDS raises several types for "unknown" and "not prepared"
+        where = config.data_dir or "TFDS's default data_dir"
+        raise ValueError(f"dataset {config.dataset!r} is not available in {where}: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+                         f"Prepare it with `tfds build {config.dataset} "
+                         "--file_format=array_record` and pass --data-dir") from err
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise ValueError(f"dataset {config.dataset!r} has features {sorted(features)}; "
+                         "pre-training needs 'image' and 'label'")
+    num_classes = features["label"].num_classes
+    image_shape = tuple(features["image"].shape)
+    if None in image_shape:
+        image_shape = tuple(np.shape(train_source[0]["image"]))
+    y_train = read_labels(train_source)
+    indices = np.arange(len(y_train))
+    if config.max_train_samples is not None:
+        indices, y_train = indices[:config.max_train_samples], y_train[:config.max_train_samples]
+    mean, std = _normalisation(config.dataset, train_source, image_shape)
+    x_train = RecordImages(train_source, indices, mean, std, image_shape,
+                           f"{config.dataset}:{builder.info.version}/train")
+    x_eval = y_eval = None
+    eval_split = eval_source = None
+    for split in ("validation", "test") if config.eval_samples else ():
+        try:
+            eval_source, eval_split = builder.as_data_source(split=split), split
+            break
+        except Exception:  # no such split: try the next
+            continue
+    if eval_source is not None:
+        count = min(config.eval_samples, len(eval_source))
+        # A fixed random subset: evaluation splits are often sorted by class.
+        chosen = np.sort(np.random.default_rng(0).permutation(len(eval_source))[:count])
+        y_eval = np.asarray([int(eval_source[int(i)]["label"]) for i in chosen], np.int32)
+        x_eval = RecordImages(eval_source, chosen, mean, std, image_shape,
+                              f"{config.dataset}:{builder.info.version}/{eval_split}")
+    return PretrainData(config.dataset, int(num_classes), image_shape, x_train, y_train,
+                        x_eval, y_eval, tuple(round(float(m), 6) for m in mean),
+                        tuple(round(float(s), 6) for s in std))
+
+
+def _normalisation(dataset: str, source, image_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Known per-channel mean/std, or those of the first `STATISTICS_SAMPLES` records."""
+    known = KNOWN_NORMALISATION.get(dataset.split("/")[0])
+    if known is not None and len(known[0]) == image_shape[-1]:
+        return np.array(known[0], np.float32), np.array(known[1], np.float32)
+    count = min(STATISTICS_SAMPLES, len(source))
+    images = np.stack([np.asarray(source[i]["image"]) for i in range(count)]).astype(np.float64)
+    images /= 255.0
+    mean = images.mean(axis=(0, 1, 2))
+    std = np.maximum(images.std(axis=(0, 1, 2)), 1e-3)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(permutation, flips) of one epoch: a function of (seed, epoch) only, so resumable."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(num_samples), rng.random(num_samples) < 0.5
+
+
+def make_pretrain_step(model, tx: optax.GradientTransformation):
+    """``step(state, x, y) -> (state, {"loss", "correct"})``: softmax cross-entropy over
+    all classes, BatchNorm in training mode, one optax update."""
+    def step(state: TrainState, x, y):
+        def loss_fn(params):
+            (logits, _), updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (updates["batch_stats"], jnp.sum(jnp.argmax(logits, -1) == y))
+
+        (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return TrainState(params=optax.apply_updates(state.params, updates),
+                          batch_stats=batch_stats, opt_state=opt_state,
+                          step=state.step + 1), {"loss": loss, "correct": correct}
+    return step
+
+
+class PretrainProgress(Protocol):
+    """What `pretrain` reports while it runs (a progress bar, or a test's probe)."""
+
+    def start_epoch(self, epoch: int, num_steps: int, done: int) -> None: ...
+    def advance(self, steps: int, metrics: dict[str, float] | None = None) -> None: ...
+    def end_epoch(self, epoch: int, summary: dict[str, float]) -> None: ...
+
+
+class _Quiet:
+    def start_epoch(self, epoch, num_steps, done):
+        pass
+
+    def advance(self, steps, metrics=None):
+        pass
+
+    def end_epoch(self, epoch, summary):
+        pass
+
+
+def pretrain_identity(config: PretrainConfig, data: PretrainData, num_devices: int) -> dict:
+    """What makes two pre-training runs the same run (a checkpoint resumes only its own)."""
+    return {"config": config.to_dict(), "data": {"name": data.name,
+                                                 "num_classes": data.num_classes,
+                                                 "image_shape": list(data.image_shape),
+                                                 "fingerprint": data.fingerprint()},
+            "devices": num_devices}
+
+
+def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
+             checkpoints=None, progress: PretrainProgress | None = None,
+             devices: int | None = None, log_every: int = 10) -> tuple[dict, dict]:
+    """Pre-trains a ResNet-18 on ``data`` (default: ``config.dataset`` from TFDS).
+
+    Args:
+      config: the settings.
+      data: the dataset; None loads ``config.dataset`` (`load_tfds_data`).
+      checkpoints: a `lightcl_jax.training.checkpoint.RunCheckpoints`: saves
+        every ``checkpoints.every`` steps and after every epoch, and resumes
+        from the newest checkpoint of this run when there is one.
+      progress: receives epochs and steps (e.g. a progress bar).
+      devices: devices to split each batch over (None: all visible).
+      log_every: steps between loss reports to ``progress``.
+
+    Returns:
+      ``(variables, history)``: the trained ``{params, batch_stats}`` (NumPy)
+      and ``{"epochs": [{"epoch", "loss", "train_accuracy", "eval_accuracy",
+      "wall_time_s"}...], "steps", "resumed_at_steps", "wall_time_s",
+      "identity", "normalisation", "eval_samples"}``.
+
+    Raises:
+      ValueError: bad config or data, or a checkpoint of another run
+        (CheckpointError).
+      DivergenceError: the loss became NaN or Inf.
+    """
+    from lightcl_jax.training.checkpoint import Position
+
+    start_time = time.perf_counter()
+    config.validate()
+    data = load_tfds_data(config) if data is None else data
+    if len(data.y_train) < config.batch_size:
+        raise ValueError(f"{data.name} has {len(data.y_train)} training samples, fewer than one "
+                         f"batch of {config.batch_size}; lower --batch-size")
+    progress = progress or _Quiet()
+    parallel = data_parallel(devices, {"batch_size": config.batch_size})
+    identity = pretrain_identity(config, data, parallel.num_devices)
+    model = ResNet18(num_classes=data.num_classes, nf=config.nf)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.PRNGKey(config.seed), jnp.zeros((1, *data.image_shape), jnp.float32))
+    tx = optax.sgd(config.lr)
+    state = TrainState(params=variables["params"], batch_stats=variables["batch_stats"],
+                       opt_state=tx.init(variables["params"]), step=jnp.zeros((), jnp.int32))
+    steps_per_epoch = len(data.y_train) // config.batch_size
+    history = {"epochs": [], "resumed_at_steps": []}
+    elapsed_before, first_epoch, first_batch = 0.0, 0, 0
+    # Loss and correct-prediction sums over the steps of the current epoch so far.
+    resumed_sums = {"loss": 0.0, "correct": 0, "steps": 0}
+    latest = checkpoints.latest() if checkpoints is not None else None
+    if latest is not None:
+        meta = checkpoints.read_meta(*latest)
+        checkpoints.check_identity(meta, identity, *latest)
+        state = checkpoints.restore(*latest, state)
+        position = meta["position"]
+        first_epoch, first_batch = position["epoch"], position["batch"]
+        history = meta["history"]
+        history["resumed_at_steps"] = history["resumed_at_steps"] + [position["global_step"]]
+        elapsed_before = meta["wall_time_s"]
+        resumed_sums = meta["epoch_sums"]
+
+    rep, split = parallel.replicated, parallel.split
+    state = parallel.replicate(state)
+    step_fn = jax.jit(make_pretrain_step(model, tx), donate_argnums=0,
+                      in_shardings=(rep, split, split), out_shardings=rep)
+
+    def save(epoch, batch, sums):
+        global_step = epoch * steps_per_epoch + batch
+        checkpoints.save(state, {
+            "identity": identity,
+            "position": dataclasses.asdict(Position(task=0, task_done=False, epoch=epoch,
+                                                    batch=batch, step_in_task=global_step,
+                                                    global_step=global_step)),
+            "history": history,
+            "epoch_sums": sums,
+            "wall_time_s": elapsed_before + time.perf_counter() - start_time,
+        }, task_done=False)
+
+    def batches(perm, flips, first):
+        for b in range(first, steps_per_epoch):
+            idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
+            x = data.x_train[idx]
+            if config.flip:
+                x = np.where(flips[idx][:, None, None, None], x[:, :, ::-1], x)
+            yield x, data.y_train[idx]
+
+    for epoch in range(first_epoch, config.epochs):
+        epoch_start = time.perf_counter()
+        perm, flips = epoch_order(len(data.y_train), config.seed, epoch)
+        first = first_batch if epoch == first_epoch else 0
+        sums = dict(resumed_sums) if epoch == first_epoch else {"loss": 0.0, "correct": 0,
+                                                                "steps": 0}
+        progress.start_epoch(epoch, steps_per_epoch, first)
+        pending = []
+        for b, (x, y) in enumerate(prefetch(batches(perm, flips, first), PREFETCH,
+                                            transform=lambda xy: parallel.batch(*xy)),
+                                   start=first):
+            state, metrics = step_fn(state, x, y)
+            pending.append(metrics)
+            done = b + 1
+            at_checkpoint = (checkpoints is not None and checkpoints.every
+                             and done < steps_per_epoch and
+                             (epoch * steps_per_epoch + done) % checkpoints.every == 0)
+            if len(pending) >= log_every or at_checkpoint or done == steps_per_epoch:
+                values = jax.device_get(pending)
+                pending = []
+                losses = [float(v["loss"]) for v in values]
+                if not np.all(np.isfinite(losses)):
+                    raise DivergenceError(f"pre-training loss became {losses[-1]} in epoch "
+                                          f"{epoch + 1} by step {epoch * steps_per_epoch + done}; "
+                                          "lower --lr")
+                sums = {"loss": sums["loss"] + sum(losses),
+                        "correct": sums["correct"] + sum(int(v["correct"]) for v in values),
+                        "steps": sums["steps"] + len(values)}
+                progress.advance(len(values), {"loss": losses[-1]})
+            if at_checkpoint:
+                save(epoch, done, sums)
+        summary = {"epoch": epoch + 1, "loss": sums["loss"] / sums["steps"],
+                   "train_accuracy": 100.0 * sums["correct"] / (sums["steps"] * config.batch_size),
+                   "eval_accuracy": _accuracy(model, state, data, config),
+                   "wall_time_s": time.perf_counter() - epoch_start}
+        history["epochs"].append(summary)
+        progress.end_epoch(epoch, summary)
+        if checkpoints is not None:
+            save(epoch + 1, 0, {"loss": 0.0, "correct": 0, "steps": 0})
+    history.update({
+        "steps": config.epochs * steps_per_epoch,
+        "wall_time_s": elapsed_before + time.perf_counter() - start_time,
+        "identity": identity,
+        "normalisation": {"mean": list(data.mean), "std": list(data.std)},
+        "eval_samples": 0 if data.y_eval is None else int(len(data.y_eval)),
+    })
+    variables = jax.tree_util.tree_map(np.asarray, {"params": state.params,
+                                                    "batch_stats": state.batch_stats})
+    return variables, history
+
+
+def _accuracy(model, state: TrainState, data: PretrainData, config: PretrainConfig):
+    """Top-1 accuracy (%) on the evaluation samples, or None when there are none."""
+    if data.y_eval is None or not len(data.y_eval):
+        return None
+    forward = jitted_eval_forward(model)
+    right = 0
+    for x, y, valid in eval_batches(data.x_eval, data.y_eval, config.batch_size):
+        logits, _ = forward(state.params, state.batch_stats, x)
+        right += int(np.sum((np.argmax(np.asarray(logits), -1) == y) & valid))
+    return 100.0 * right / len(data.y_eval)

@@ -1,0 +1,187 @@
+"""Pre-training (experiments.pretrain) and starting a run from a backbone (--init-from).
+
+Pre-training runs on TFDS's mock of its default dataset, imagenet_resized/32x32
+(random images, 1000 classes), so the TFDS path is the real one.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import pretrain as pretrain_cli
+from experiments import run as run_cli
+from lightcl_jax.model.backbone import load_backbone, save_backbone
+from lightcl_jax.model.resnet import ResNet18
+from lightcl_jax.training.checkpoint import RunCheckpoints
+from lightcl_jax.training.pretrain import (PretrainConfig, epoch_order, load_tfds_data,
+                                           pretrain)
+
+# 48 mock records, batch 16: 3 steps an epoch, 6 in all; checkpoints at steps 2, 3 (end of
+# epoch 1), 4 and 6 (end of epoch 2).
+FLAGS = ["--nf", "4", "--epochs", "2", "--batch-size", "16", "--eval-samples", "16",
+         "--ckpt-every", "2", "--no-progress"]
+CONFIG = PretrainConfig(nf=4, epochs=2, batch_size=16, eval_samples=16)
+
+
+def _mock():
+    return tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+class _SnapshotAt:
+    """Progress that copies the run's directory once ``steps`` train steps were reported."""
+
+    def __init__(self, steps, source, target):
+        self.steps, self.source, self.target, self.done = steps, source, target, 0
+
+    def start_epoch(self, epoch, num_steps, done):
+        pass
+
+    def advance(self, steps, metrics=None):
+        self.done += steps
+        if self.done >= self.steps and not os.path.exists(self.target):
+            shutil.copytree(self.source, self.target)
+
+    def end_epoch(self, epoch, summary):
+        pass
+
+
+def _without_times(history):
+    return [{k: v for k, v in e.items() if k != "wall_time_s"} for e in history["epochs"]]
+
+
+def test_pretrain_resumes_mid_epoch_to_the_uninterrupted_backbone(tmp_path, capsys):
+    with _mock():
+        data = load_tfds_data(CONFIG)
+        assert data.num_classes == 1000 and data.image_shape == (32, 32, 3)
+        assert len(data.y_eval) == 16
+        # Losses are reported at steps 2, 3, 4 and 6; at 6 the newest checkpoint is step 4's,
+        # batch 1 of epoch 2: what a kill during step 5 or 6 leaves.
+        variables, history = pretrain(
+            CONFIG, data, checkpoints=RunCheckpoints(tmp_path / "run" / "checkpoints", every=2),
+            progress=_SnapshotAt(6, tmp_path / "run", tmp_path / "killed"))
+        assert RunCheckpoints(tmp_path / "killed" / "checkpoints").latest() == ("steps", 4)
+        assert pretrain_cli.main(["--workdir", str(tmp_path / "killed"), *FLAGS]) == 0
+    assert "epoch   2: loss" in capsys.readouterr().out
+    with open(tmp_path / "killed" / "pretrain.json") as f:
+        resumed = json.load(f)
+    assert resumed["resumed_at_steps"] == [4] and history["resumed_at_steps"] == []
+    assert _without_times(resumed) == _without_times(history)
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert all(np.isfinite(e["loss"]) and e["eval_accuracy"] is not None
+               for e in history["epochs"])
+    backbone, meta = load_backbone(str(tmp_path / "killed" / "backbone"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, backbone, variables)
+    assert meta["source"]["kind"] == "pretrain" and meta["num_classes"] == 1000
+    assert meta["normalisation"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+    # Once finished, the same command says so and changes nothing; other flags are refused.
+    before = (tmp_path / "killed" / "pretrain.json").read_text()
+    with _mock():
+        assert pretrain_cli.main(["--workdir", str(tmp_path / "killed"), *FLAGS]) == 0
+        assert "already holds this run" in capsys.readouterr().out
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain_cli.main(["--workdir", str(tmp_path / "killed"), *FLAGS, "--lr", "0.02"])
+    assert exit_info.value.code == 2
+    assert "holds another pre-training run (lr 0.01 there, 0.02 here)" in capsys.readouterr().err
+    assert (tmp_path / "killed" / "pretrain.json").read_text() == before
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    perm, flips = epoch_order(10, 3, 1)
+    again, flips_again = epoch_order(10, 3, 1)
+    np.testing.assert_array_equal(perm, again)
+    np.testing.assert_array_equal(flips, flips_again)
+    assert sorted(perm.tolist()) == list(range(10))
+    assert not np.array_equal(perm, epoch_order(10, 3, 2)[0])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "epochs must be an integer >= 1; got 0"),
+    (["--max-train-samples", "8", "--batch-size", "16"],
+     "max_train_samples must be an integer >= batch_size=16; got 8"),
+    (["--dataset", "no_such_dataset"], "dataset 'no_such_dataset' is not available"),
+])
+def test_bad_pretrain_flags_are_refused(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_cli.main(["--workdir", str(tmp_path / "w"), "--no-progress", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "w" / "backbone")
+
+
+def _grey_backbone(directory, nf=4, in_channels=1, seed=7):
+    """A backbone as pre-training would write one: random ResNet-18 weights and statistics."""
+    model = ResNet18(num_classes=12, nf=nf)
+    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8, 8, in_channels)),
+                           train=False)
+    rng = np.random.default_rng(seed)
+    stats = variables["batch_stats"]      # means 0 and variances 1 at init: make them differ
+    variables = {"params": variables["params"], "batch_stats": jax.tree_util.tree_map(
+        lambda a: np.asarray(a) * rng.uniform(0.8, 1.2, a.shape).astype(np.float32)
+        + rng.normal(0, 0.05, a.shape).astype(np.float32), stats)}
+    save_backbone(str(directory), variables, {"nf": nf, "num_classes": 12,
+                                              "in_channels": in_channels,
+                                              "image_shape": [8, 8, in_channels],
+                                              "source": {"kind": "test"}})
+    return load_backbone(str(directory))
+
+
+def test_run_init_from_keeps_the_frozen_backbone_and_trains_a_fresh_head(tmp_path, capsys):
+    backbone, meta = _grey_backbone(tmp_path / "backbone")
+    workdir = tmp_path / "run"
+    # No --nf: the backbone's is used. BN fixed: frozen layers keep their statistics too.
+    flags = ["--init-from", str(tmp_path / "backbone"), "--epochs", "1", "--num-tasks", "2",
+             "--frozen-bn", "fixed", "--workdir", str(workdir), "--no-progress"]
+    assert run_cli.main(flags) == 0
+    capsys.readouterr()
+    with open(workdir / "results.json") as f:
+        results = json.load(f)
+    assert results["pretrained"] is True and results["config"]["nf"] == 4
+    assert results["identity"]["init_from"] == meta["digest"]
+    assert results["init_from"]["source"] == {"kind": "test"}
+    assert results["phases"][0]["frozen"] == ["stem", "stage1", "stage2", "stage3"]
+    checkpoints = RunCheckpoints(workdir / "checkpoints")
+    state = ocp.StandardCheckpointer().restore(
+        os.path.join(checkpoints.path(*checkpoints.latest()), "state"))["state"]
+    for group in ("stem_conv", "stem_bn", "stage1_block1", "stage3_block2"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, state["params"][group],
+                               backbone["params"][group])
+        if group in state["batch_stats"]:
+            jax.tree_util.tree_map(np.testing.assert_array_equal, state["batch_stats"][group],
+                                   backbone["batch_stats"][group])
+    assert state["params"]["head"]["kernel"].shape == (32, 10)      # a fresh 10-class head
+    # Stage 4 trained (its maps are 1x1 on digits: only the centre of a 3x3 kernel learns).
+    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b),
+                                     state["params"]["stage4_block2"],
+                                     backbone["params"]["stage4_block2"])
+    assert all(jax.tree_util.tree_leaves(changed)), changed
+
+    # The same workdir with another backbone is another run.
+    _grey_backbone(tmp_path / "other", seed=8)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli.main([*flags[:1], str(tmp_path / "other"), *flags[2:]])
+    assert exit_info.value.code == 2
+    assert "holds another run's results (init_from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, extra, message", [
+    ("grey", ["--nf", "8"], "--nf 8 differs from the backbone's nf=4"),
+    ("colour", [], "takes 3-channel images; digits has 1"),
+    (None, [], "does not exist; give a directory written by experiments.pretrain"),
+])
+def test_run_init_from_refuses_misfits(tmp_path, capsys, make, extra, message):
+    if make is not None:
+        _grey_backbone(tmp_path / "backbone", in_channels=1 if make == "grey" else 3)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli.main(["--init-from", str(tmp_path / "backbone"), "--workdir",
+                      str(tmp_path / "run"), "--no-progress", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")
