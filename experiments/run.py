@@ -41,21 +41,27 @@ def _bool(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
     p = _Parser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None, metavar="NAME",
+                   help="a paper configuration (split_cifar10, split_tinyimagenet; see "
+                        "experiments/configs/) or a .py file defining FLAGS: its values become "
+                        "the defaults, and flags given here override them")
     p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES))
     p.add_argument("--dataset", default=d.dataset, choices=DATASETS)
-    p.add_argument("--data-dir", default=None, help="TFDS data_dir holding the prepared dataset")
+    p.add_argument("--data-dir", default=None,
+                   help="TFDS data_dir holding the prepared dataset; tinyimagenet: the "
+                        "tiny-imagenet-200 folder")
     p.add_argument("--num-tasks", type=int, default=None,
-                   help="tasks to split the classes into (default: 5; cifar100: 10)")
+                   help="tasks to split the classes into (default: 5; cifar100, tinyimagenet: 10)")
     p.add_argument("--eval-split", default=d.eval_split, choices=EVAL_SPLITS,
                    help="holdout: the reference's 10%% of train; test: the official test split")
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs per task (default: digits 10, cifar 50)")
+                   help="epochs per task (default: digits 10, cifar 50, tinyimagenet 100)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--beta", type=float, default=d.beta, help="regulation loss weight")
     p.add_argument("--buffer-size", type=int, default=d.buffer_size)
     p.add_argument("--ratio", type=float, default=d.ratio, help="vital channel ratio, (0, 1]")
-    p.add_argument("--nf", type=int, default=None, help="ResNet width (default: digits 16, cifar 64)")
+    p.add_argument("--nf", type=int, default=None, help="ResNet width (default: digits 16, else 64)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train seeds --seed .. --seed+N-1 together in one compiled program "
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen-bn", default=d.frozen_bn, choices=FROZEN_BN_MODES,
                    help="frozen layers' BatchNorm statistics: update (reference) or fixed")
     p.add_argument("--augment", type=_bool, default=None,
-                   help="random crop + flip: on/off (default: on for cifar, off for digits)")
+                   help="random crop + flip: on/off (default: off for digits, else on)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--sparse", action="store_true",
                    help="the reference's channel pruning (sparsity 0.2/0.7/0.8 by stage)")
@@ -214,9 +220,32 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   lwf_alpha=args.lwf_alpha, lwf_temperature=args.lwf_temperature)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """(parser, flags): with ``--config``, its FLAGS are the defaults the flags given override."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.config is not None:
+        from experiments.configs import load_config
+        try:
+            module = load_config(args.config)
+        except ValueError as err:
+            parser.error(str(err))
+        known = {action.dest for action in parser._actions} - {"help", "config"}
+        unknown = sorted(set(module.FLAGS) - known)
+        if unknown:
+            parser.error(f"config {args.config} sets unknown flags {unknown}; flags are "
+                         f"experiments.run's, by argparse name: {', '.join(sorted(known))}")
+        parser.set_defaults(**module.FLAGS)
+        args = parser.parse_args(argv)
+        if getattr(module, "PRETRAINED", False) and args.init_from is None:
+            print(f"note: config {args.config} follows the paper, which starts from a "
+                  "pre-trained backbone; without --init-from this run trains from scratch",
+                  file=sys.stderr)
+    return parser, args
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
     config = config_from_args(args)
     try:
         config.validate()

@@ -17,6 +17,7 @@ DATASET_DEFAULTS = {
     "digits": {"epochs": 10, "nf": 16},
     "cifar10": {"epochs": 50, "nf": 64},
     "cifar100": {"epochs": 50, "nf": 64},
+    "tinyimagenet": {"epochs": 100, "nf": 64},
 }
 
 

@@ -1,5 +1,8 @@
 """Pre-training (experiments.pretrain) and starting a run from a backbone (--init-from).
 
+A run from a backbone is trained in tests/test_configs.py (the paper's TinyImageNet
+command on a converted checkpoint); here, the backbones it refuses.
+
 Pre-training runs on TFDS's mock of its default dataset, imagenet_resized/32x32
 (random images, 1000 classes), so the TFDS path is the real one.
 """
@@ -11,7 +14,6 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
@@ -131,44 +133,6 @@ def _grey_backbone(directory, nf=4, in_channels=1, seed=7):
                                               "image_shape": [8, 8, in_channels],
                                               "source": {"kind": "test"}})
     return load_backbone(str(directory))
-
-
-def test_run_init_from_keeps_the_frozen_backbone_and_trains_a_fresh_head(tmp_path, capsys):
-    backbone, meta = _grey_backbone(tmp_path / "backbone")
-    workdir = tmp_path / "run"
-    # No --nf: the backbone's is used. BN fixed: frozen layers keep their statistics too.
-    flags = ["--init-from", str(tmp_path / "backbone"), "--epochs", "1", "--num-tasks", "2",
-             "--frozen-bn", "fixed", "--workdir", str(workdir), "--no-progress"]
-    assert run_cli.main(flags) == 0
-    capsys.readouterr()
-    with open(workdir / "results.json") as f:
-        results = json.load(f)
-    assert results["pretrained"] is True and results["config"]["nf"] == 4
-    assert results["identity"]["init_from"] == meta["digest"]
-    assert results["init_from"]["source"] == {"kind": "test"}
-    assert results["phases"][0]["frozen"] == ["stem", "stage1", "stage2", "stage3"]
-    checkpoints = RunCheckpoints(workdir / "checkpoints")
-    state = ocp.StandardCheckpointer().restore(
-        os.path.join(checkpoints.path(*checkpoints.latest()), "state"))["state"]
-    for group in ("stem_conv", "stem_bn", "stage1_block1", "stage3_block2"):
-        jax.tree_util.tree_map(np.testing.assert_array_equal, state["params"][group],
-                               backbone["params"][group])
-        if group in state["batch_stats"]:
-            jax.tree_util.tree_map(np.testing.assert_array_equal, state["batch_stats"][group],
-                                   backbone["batch_stats"][group])
-    assert state["params"]["head"]["kernel"].shape == (32, 10)      # a fresh 10-class head
-    # Stage 4 trained (its maps are 1x1 on digits: only the centre of a 3x3 kernel learns).
-    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b),
-                                     state["params"]["stage4_block2"],
-                                     backbone["params"]["stage4_block2"])
-    assert all(jax.tree_util.tree_leaves(changed)), changed
-
-    # The same workdir with another backbone is another run.
-    _grey_backbone(tmp_path / "other", seed=8)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli.main([*flags[:1], str(tmp_path / "other"), *flags[2:]])
-    assert exit_info.value.code == 2
-    assert "holds another run's results (init_from" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("make, extra, message", [

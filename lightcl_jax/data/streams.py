@@ -15,6 +15,11 @@ Sources:
     needed), 5 tasks x 2 classes.
   * ``cifar100`` -- TFDS ``cifar100`` fine labels, ``num_tasks`` tasks
     (default 10 x 10 classes).
+  * ``tinyimagenet`` -- Split TinyImageNet: 200 classes at 64x64, 10 tasks x
+    20 classes, from a local copy of the standard ``tiny-imagenet-200``
+    folder (``data_dir``), turned into a TFDS dataset on first use
+    (`lightcl_jax.data.tiny_imagenet`). Its labelled ``val/`` images are the
+    ``test`` split.
 
 Evaluation split (``eval_split``):
   * ``holdout`` -- the reference's protocol: a fixed permutation of the
@@ -38,6 +43,9 @@ _SPLIT_SEED = 0
 # Per-channel normalisation constants (SPEC section 2).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2615)
+# SPEC section 2.
+TINYIMAGENET_MEAN = (0.4802, 0.4480, 0.3975)
+TINYIMAGENET_STD = (0.2770, 0.2691, 0.2821)
 # The CIFAR-100 training set's statistics, as commonly used.
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -107,9 +115,9 @@ class TaskStream:
         return len(self.tasks)
 
 
-DATASETS = ("digits", "cifar10", "cifar100")
+DATASETS = ("digits", "cifar10", "cifar100", "tinyimagenet")
 EVAL_SPLITS = ("holdout", "test")
-_DEFAULT_NUM_TASKS = {"digits": 5, "cifar10": 5, "cifar100": 10}
+_DEFAULT_NUM_TASKS = {"digits": 5, "cifar10": 5, "cifar100": 10, "tinyimagenet": 10}
 
 
 def make_stream(name: str, *, data_dir: str | None = None, num_tasks: int | None = None,
@@ -119,9 +127,11 @@ def make_stream(name: str, *, data_dir: str | None = None, num_tasks: int | None
     Args:
       name: one of `DATASETS`.
       data_dir: TFDS data directory holding the prepared dataset (TFDS sources
-        only; ``None`` uses TFDS's default location).
+        only; ``None`` uses TFDS's default location); for ``tinyimagenet``, the
+        Tiny ImageNet folder (required).
       num_tasks: how many tasks to split the classes into; must divide the
-        number of classes. Default: 5 for digits and cifar10, 10 for cifar100.
+        number of classes. Default: 5 for digits and cifar10, 10 for cifar100
+        and tinyimagenet.
       eval_split: one of `EVAL_SPLITS`.
 
     Raises:
@@ -220,13 +230,25 @@ def _holdout(x, y):
     return (take(x, train), y[train]), (take(x, held), y[held])
 
 
-_NORMALISATION = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
+_NORMALISATION = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+                  "tinyimagenet": (TINYIMAGENET_MEAN, TINYIMAGENET_STD)}
 
 
 def _load_tfds(name, data_dir, eval_split, mean, std):
     """Train and evaluation (`RecordImages`, labels) of a TFDS dataset, and its classes."""
     import tensorflow_datasets as tfds
 
+    if name == "tinyimagenet":
+        from lightcl_jax.data.tiny_imagenet import tiny_imagenet_sources
+        if data_dir is None:
+            raise ValueError("dataset 'tinyimagenet' needs --data-dir: the unpacked Tiny "
+                             "ImageNet folder (tiny-imagenet-200/, with wnids.txt, train/ and "
+                             "val/)")
+        sources, num_classes = tiny_imagenet_sources(data_dir)
+        train = _record_split(sources["train"], name, "train", mean, std)
+        if eval_split == "holdout":
+            return (*_holdout(*train), num_classes)
+        return train, _record_split(sources["test"], name, "test", mean, std), num_classes
     if data_dir is not None and (not os.path.isdir(data_dir) or not os.listdir(data_dir)):
         raise ValueError(f"data_dir {data_dir!r} is missing or empty; it must hold the "
                          f"prepared TFDS dataset {name!r} (e.g. `tfds build {name} "
