@@ -15,13 +15,16 @@ from lightcl_jax.metrics.similarity import (SIMILARITIES, Similarity, cosine_sim
                                             register_similarity)
 from lightcl_jax.metrics.continual import (average_accuracy, backward_transfer, cil_predictions,
                                            forgetting, til_predictions)
+from lightcl_jax.model.backbone import BackboneError, load_backbone, save_backbone
 from lightcl_jax.model.resnet import LAYER_GROUPS, TAP_NAMES, ResNet, ResNet18
+from lightcl_jax.model.torch_import import ConversionError, convert_state_dict
 from lightcl_jax.strategies import STRATEGIES, Strategy, get_strategy, register_strategy
 from lightcl_jax.training.checkpoint import CheckpointError, RunCheckpoints
 from lightcl_jax.training.freezing import FREEZE_POINTS, freeze_labels, masked_optimizer
 from lightcl_jax.training.loop import (DivergenceError, TrainState, create_train_state,
                                        make_eval_step, make_train_step, probe_freeze,
                                        train_and_evaluate)
+from lightcl_jax.training.pretrain import PretrainConfig, pretrain
 
 __version__ = "0.1.0"
 
@@ -33,6 +36,8 @@ __all__ = [
     "linear_cka", "param_similarity", "register_similarity", "probe_freeze",
     "average_accuracy", "backward_transfer", "cil_predictions", "forgetting", "til_predictions",
     "LAYER_GROUPS", "TAP_NAMES", "ResNet", "ResNet18",
+    "BackboneError", "load_backbone", "save_backbone", "ConversionError", "convert_state_dict",
+    "PretrainConfig", "pretrain",
     "STRATEGIES", "Strategy", "get_strategy", "register_strategy",
     "CheckpointError", "RunCheckpoints", "FREEZE_POINTS", "freeze_labels", "masked_optimizer",
     "DivergenceError", "TrainState", "create_train_state", "make_eval_step", "make_train_step",

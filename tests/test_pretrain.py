@@ -12,7 +12,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -20,7 +19,7 @@ import tensorflow_datasets as tfds
 from experiments import pretrain as pretrain_cli
 from experiments import run as run_cli
 from lightcl_jax.model.backbone import load_backbone, save_backbone
-from lightcl_jax.model.resnet import ResNet18
+from lightcl_jax.model.torch_import import convert_state_dict
 from lightcl_jax.training.checkpoint import RunCheckpoints
 from lightcl_jax.training.pretrain import (PretrainConfig, epoch_order, load_tfds_data,
                                            pretrain)
@@ -118,21 +117,12 @@ def test_bad_pretrain_flags_are_refused(tmp_path, capsys, flags, message):
     assert not os.path.exists(tmp_path / "w" / "backbone")
 
 
-def _grey_backbone(directory, nf=4, in_channels=1, seed=7):
-    """A backbone as pre-training would write one: random ResNet-18 weights and statistics."""
-    model = ResNet18(num_classes=12, nf=nf)
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8, 8, in_channels)),
-                           train=False)
-    rng = np.random.default_rng(seed)
-    stats = variables["batch_stats"]      # means 0 and variances 1 at init: make them differ
-    variables = {"params": variables["params"], "batch_stats": jax.tree_util.tree_map(
-        lambda a: np.asarray(a) * rng.uniform(0.8, 1.2, a.shape).astype(np.float32)
-        + rng.normal(0, 0.05, a.shape).astype(np.float32), stats)}
-    save_backbone(str(directory), variables, {"nf": nf, "num_classes": 12,
-                                              "in_channels": in_channels,
-                                              "image_shape": [8, 8, in_channels],
-                                              "source": {"kind": "test"}})
-    return load_backbone(str(directory))
+def _backbone(directory, in_channels):
+    """A backbone of random weights (nf 4), converted from the reference's tensor names."""
+    from test_convert_torch import _reference_state_dict
+    variables, info = convert_state_dict(_reference_state_dict(np.random.default_rng(0),
+                                                               cin=in_channels))
+    save_backbone(str(directory), variables, {**info, "image_shape": [8, 8, in_channels]})
 
 
 @pytest.mark.parametrize("make, extra, message", [
@@ -142,7 +132,7 @@ def _grey_backbone(directory, nf=4, in_channels=1, seed=7):
 ])
 def test_run_init_from_refuses_misfits(tmp_path, capsys, make, extra, message):
     if make is not None:
-        _grey_backbone(tmp_path / "backbone", in_channels=1 if make == "grey" else 3)
+        _backbone(tmp_path / "backbone", in_channels=1 if make == "grey" else 3)
     with pytest.raises(SystemExit) as exit_info:
         run_cli.main(["--init-from", str(tmp_path / "backbone"), "--workdir",
                       str(tmp_path / "run"), "--no-progress", *extra])
