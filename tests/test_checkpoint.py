@@ -210,6 +210,14 @@ def _refused(args, capsys):
     return lines[0]
 
 
+def test_cli_results_file_of_a_run(finished_workdir):
+    from test_cli import _check_results
+    results = _check_results(finished_workdir / "results.json", "lightcl", "digits", 5)
+    config = results["config"]
+    assert (config["nf"], config["epochs"], config["lr"], config["beta"], config["ratio"],
+            config["buffer_size"], config["freeze"]) == (4, 1, 0.01, 2e-4, 0.15, 15, "stage3")
+
+
 def test_cli_rerun_of_a_finished_run_prints_it_and_trains_nothing(finished_workdir, capsys):
     before = _tree_digest(finished_workdir)
     capsys.readouterr()
@@ -335,6 +343,9 @@ def test_sigkill_mid_task_then_rerun_writes_the_clean_results(tmp_path, finished
     assert len(got["resumed_at_steps"]) == 1 and got["resumed_at_steps"][0] >= 15
     assert _same(got) == _same(want)
     np.testing.assert_array_equal(got["acc_cil"][-1], want["acc_cil"][-1])
+    # The real command prints the tables and the averages it wrote.
+    assert "TIL accuracy" in resumed.stdout and "CIL accuracy" in resumed.stdout
+    assert f"{'TIL':14}{got['avg_til']:8.2f}" in resumed.stdout
 
 
 def test_cli_refuses_an_unreadable_results_file_and_a_workdir_that_is_a_file(tmp_path, capsys):

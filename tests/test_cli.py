@@ -10,7 +10,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import run
-from lightcl_jax.training.freezing import FREEZE_POINTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"strategy", "dataset", "num_tasks", "seed", "config", "acc_til", "acc_cil", "avg_til",
@@ -41,17 +40,6 @@ def _check_results(path, strategy, dataset, num_tasks):
     assert all(t >= c for rt, rc in zip(results["acc_til"], results["acc_cil"])
                for t, c in zip(rt, rc))
     return results
-
-
-def test_cli_on_digits(tmp_path):
-    proc = _cli("--epochs", "1", "--nf", "4", "--workdir", str(tmp_path), "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    results = _check_results(tmp_path / "results.json", "lightcl", "digits", 5)
-    config = results["config"]
-    assert (config["nf"], config["epochs"], config["lr"], config["beta"], config["ratio"],
-            config["buffer_size"], config["freeze"]) == (4, 1, 0.01, 2e-4, 0.15, 15, "stage3")
-    assert "TIL accuracy" in proc.stdout and "CIL accuracy" in proc.stdout
-    assert f"{results['avg_til']:8.2f}" in proc.stdout
 
 
 def test_cli_on_mock_cifar10_through_tfds(tmp_path):
@@ -88,13 +76,22 @@ def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, args, words):
     assert not (tmp_path / "w").exists()
 
 
-def test_cli_freeze_auto_and_layer_metrics(tmp_path, capsys):
-    args = ["--freeze", "auto", "--layer-metrics", "cosine", "--num-tasks", "2", "--epochs", "1",
-            "--nf", "4", "--workdir", str(tmp_path), "--no-progress"]
-    assert run.main(args) == 0
-    results = _check_results(tmp_path / "results.json", "lightcl", "digits", 2)
-    auto = results["freeze_auto"]
-    assert results["phases"][1]["frozen"] == list(FREEZE_POINTS[auto["chosen"]])
-    assert [e["task"] for e in results["layer_metrics"]] == [1]
-    assert set(results["layer_metrics"][0]["layers"]["stem"]) == {"lp", "ms"}
-    assert f"--freeze auto chose {auto['chosen']} at task 1" in capsys.readouterr().out
+def test_freeze_auto_and_layer_metrics_flags_reach_the_config_and_the_table():
+    """The flags' end of --freeze auto and --layer-metrics. The runs themselves are
+    tests/test_generalizability.py's and tests/test_checkpoint.py's (resumed mid-task)."""
+    _, args = run.parse_args(["--freeze", "auto", "--layer-metrics", "--freeze-threshold", "0.8",
+                              "--similarity", "cosine"])
+    config = run.config_from_args(args)
+    assert (config.freeze, config.freeze_threshold, config.similarity, config.layer_metrics) == (
+        "auto", 0.8, "cosine", "linear_cka_debiased")     # bare --layer-metrics: the default
+    results = {"strategy": "lightcl", "dataset": "digits", "num_tasks": 2, "seed": 0,
+               "eval_split": "holdout", "acc_til": [[90.0], [80.0, 70.0]],
+               "acc_cil": [[90.0], [40.0, 60.0]], "avg_til": 75.0, "avg_cil": 50.0,
+               "forgetting_til": 10.0, "forgetting_cil": 50.0, "bwt_til": -10.0,
+               "bwt_cil": -50.0, "wall_time_s": 1.5,
+               "freeze_auto": {"chosen": "stage2", "task": 1, "similarity": "cosine",
+                               "threshold": 0.8}}
+    table = run.format_table(results)
+    assert "--freeze auto chose stage2 at task 1 (cosine LP and MS >= 0.8)" in table
+    assert "after 1    80.00   70.00   75.00" in table
+    assert "CIL              50.00   50.00  -50.00" in table
