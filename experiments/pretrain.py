@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
 
-    from lightcl_jax.model.backbone import save_backbone
+    from lightcl_jax.model.backbone import META_FILE, BackboneError, save_backbone
     from lightcl_jax.training.checkpoint import RunCheckpoints, identity_differences
     from lightcl_jax.training.loop import DivergenceError
     from lightcl_jax.training.pretrain import load_tfds_data, pretrain, pretrain_identity
@@ -121,6 +121,15 @@ def main(argv=None) -> int:
             raise ValueError(f"{config.dataset} has {len(data.y_train)} training samples, fewer "
                              f"than one batch of {config.batch_size}; lower --batch-size")
         identity = pretrain_identity(config, data, parallel.num_devices)
+        if os.path.exists(backbone_dir) and not os.path.isfile(
+                os.path.join(backbone_dir, META_FILE)):
+            raise ValueError(f"{backbone_dir} exists and is not a backbone directory (no "
+                             f"{META_FILE}); move it away, or choose another --workdir")
+        if (os.path.exists(backbone_dir) and not args.overwrite
+                and not os.path.exists(results_path)
+                and not os.path.isdir(os.path.join(workdir, "checkpoints"))):
+            raise ValueError(f"{backbone_dir} holds a backbone that no run in this workdir "
+                             "wrote; pass --overwrite to replace it, or choose another --workdir")
         if args.overwrite:
             for path in (results_path, os.path.join(workdir, "checkpoints"), backbone_dir):
                 if os.path.isdir(path):
@@ -155,13 +164,16 @@ def main(argv=None) -> int:
         parser.error(str(err))
     finally:
         checkpoints.close()
-    meta = save_backbone(backbone_dir, variables, {
-        "nf": config.nf, "num_classes": data.num_classes, "in_channels": data.image_shape[-1],
-        "image_shape": list(data.image_shape),
-        "source": {"kind": "pretrain", "dataset": config.dataset, "epochs": config.epochs,
-                   "final_eval_accuracy": history["epochs"][-1]["eval_accuracy"]},
-        "normalisation": history["normalisation"],
-    }, overwrite=True)
+    try:
+        meta = save_backbone(backbone_dir, variables, {
+            "nf": config.nf, "num_classes": data.num_classes, "in_channels": data.image_shape[-1],
+            "image_shape": list(data.image_shape),
+            "source": {"kind": "pretrain", "dataset": config.dataset, "epochs": config.epochs,
+                       "final_eval_accuracy": history["epochs"][-1]["eval_accuracy"]},
+            "normalisation": history["normalisation"],
+        }, overwrite=True)
+    except BackboneError as err:  # the checkpoints keep the trained state: rerun to retry
+        parser.error(f"{err}; the trained state is in {checkpoints.directory}, rerun to save it")
     history["backbone"] = {"path": os.path.abspath(backbone_dir), "digest": meta["digest"]}
     from experiments.run import write_json_atomic
     write_json_atomic(results_path, history)

@@ -31,7 +31,8 @@ def test_paper_configs_hold_the_paper_hyperparameters_and_numbers(name):
                       eval_split="holdout", epochs=paper["epochs"], batch_size=32, lr=0.01,
                       beta=2e-4, buffer_size=15, ratio=0.15, nf=64, seed=0, freeze="stage3",
                       frozen_bn="update", sparse=False)
-    assert run.config_from_args(args) == expected
+    # nf is the dataset's default (64), or the backbone's with --init-from.
+    assert args.nf is None and run.config_from_args(args).resolved() == expected
     assert args.seeds == 5                               # the paper averages 5 runs
     doc = " ".join(load_config(name).__doc__.split())
     assert f"python -m experiments.run --config {name} --init-from BACKBONE" in doc
@@ -59,8 +60,9 @@ def test_config_files_and_bad_configs(tmp_path, capsys):
 
 
 def test_split_tinyimagenet_config_runs_from_a_converted_backbone(tmp_path, capsys):
-    """The paper's TinyImageNet command, shrunk: a fake folder, nf 2, one epoch, one seed,
-    2 tasks of 100 classes (tests/test_tiny_imagenet.py checks the 10 x 20 split)."""
+    """The paper's TinyImageNet command, shrunk: a fake folder, an nf 2 backbone (no --nf: the
+    backbone's is used), one epoch, one seed, 2 tasks of 100 classes (tests/test_tiny_imagenet.py
+    checks the 10 x 20 split)."""
     from test_convert_torch import _reference_state_dict
     from test_tiny_imagenet import _write_folder
     folder = tmp_path / "tiny-imagenet-200"
@@ -70,14 +72,14 @@ def test_split_tinyimagenet_config_runs_from_a_converted_backbone(tmp_path, caps
     assert convert_torch.main([str(tmp_path / "ref.npz"), str(tmp_path / "backbone")]) == 0
     workdir = tmp_path / "run"
     assert run.main(["--config", "split_tinyimagenet", "--init-from", str(tmp_path / "backbone"),
-                     "--data-dir", str(folder), "--nf", "2", "--epochs", "1", "--seeds", "1", "--num-tasks", "2",
+                     "--data-dir", str(folder), "--epochs", "1", "--seeds", "1", "--num-tasks", "2",
                      "--batch-size", "16", "--buffer-size", "8", "--workdir", str(workdir),
                      "--no-progress"]) == 0
     assert "note:" not in capsys.readouterr().err
     with open(workdir / "results.json") as f:
         results = json.load(f)
     assert results["dataset"] == "tinyimagenet" and results["num_tasks"] == 2
-    assert results["pretrained"] is True
+    assert results["pretrained"] is True and results["config"]["nf"] == 2   # the backbone's
     assert [len(row) for row in results["acc_til"]] == [1, 2]
     assert results["phases"][0] == {"task": 0, "frozen": ["stem", "stage1", "stage2", "stage3"],
                                     "memory": False}
@@ -103,7 +105,7 @@ def test_split_tinyimagenet_config_runs_from_a_converted_backbone(tmp_path, caps
     before = (workdir / "results.json").read_text()
     with pytest.raises(SystemExit) as exit_info:
         run.main(["--config", "split_tinyimagenet", "--init-from", str(tmp_path / "other"),
-                  "--data-dir", str(folder), "--nf", "2", "--epochs", "1", "--seeds", "1",
+                  "--data-dir", str(folder), "--epochs", "1", "--seeds", "1",
                   "--num-tasks", "2", "--batch-size", "16", "--buffer-size", "8",
                   "--workdir", str(workdir), "--no-progress"])
     assert exit_info.value.code == 2

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import convert_torch
-from lightcl_jax.model.backbone import BackboneError, load_backbone
+from lightcl_jax.model.backbone import BackboneError, load_backbone, save_backbone
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.model.torch_import import ConversionError, convert_state_dict
 
@@ -161,6 +161,10 @@ def test_aliases_without_the_relu_index_are_accepted():
      "1 tensors of a ResNet-18 with nf=4 are missing, e.g. layer3.1.bn2.running_var"),
     (lambda sd: sd.__setitem__("layer5.0.conv1.weight", np.zeros(1)),
      "1 keys are not the reference ResNet-18's, e.g. layer5.0.conv1.weight"),
+    (lambda sd: sd.update({"layer2.1.shortcut.0.weight": np.zeros((8, 8, 1, 1), np.float32)}),
+     "1 tensors are not in the reference ResNet-18 with nf=4, e.g. layer2.1.shortcut.0.weight"),
+    (lambda sd: [sd.pop(k) for k in list(sd) if not k.startswith(("_features", "classifier"))],
+     "holds only the _features.*/classifier.* aliases (122 keys)"),
     (lambda sd: sd.update({k: np.zeros((8, 8, 1, 1), np.float32)
                            for k in ("layer2.1.conv2.weight", "_features.4.1.conv2.weight")}),
      "layer2.1.conv2.weight is (8, 8, 1, 1); a ResNet-18 with nf=4"),
@@ -194,6 +198,13 @@ def test_existing_output_and_corrupt_backbones(tmp_path, capsys):
     assert (out / "backbone.json").read_text() == before
     assert convert_torch.main([str(other), str(out), "--overwrite"]) == 0
     assert (out / "backbone.json").read_text() != before
+
+    # Variables in another float type are stored as float32 and load back.
+    variables, info = convert_state_dict(_reference_state_dict(np.random.default_rng(6)))
+    wide = jax.tree_util.tree_map(lambda a: a.astype(np.float64), variables)
+    save_backbone(str(tmp_path / "wide"), wide, {**info, "image_shape": [32, 32, 3]})
+    loaded, _ = load_backbone(str(tmp_path / "wide"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, variables)
 
     meta = json.loads((out / "backbone.json").read_text())
     meta["digest"] = "0" * 32

@@ -139,3 +139,16 @@ def test_run_init_from_refuses_misfits(tmp_path, capsys, make, extra, message):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_pretrain_refuses_a_backbone_directory_it_did_not_write(tmp_path, capsys):
+    os.makedirs(tmp_path / "w" / "backbone")
+    _backbone(tmp_path / "v" / "backbone", in_channels=3)
+    for workdir, message in (("w", "backbone exists and is not a backbone directory"),
+                             ("v", "holds a backbone that no run in this workdir wrote")):
+        with _mock(), pytest.raises(SystemExit) as exit_info:
+            pretrain_cli.main(["--workdir", str(tmp_path / workdir), *FLAGS])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "v" / "checkpoints")
+    load_backbone(str(tmp_path / "v" / "backbone"))          # untouched

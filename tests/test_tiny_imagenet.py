@@ -108,3 +108,16 @@ def test_folder_problems_are_named(tmp_path):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(files["train"][2][0], format="JPEG")
     with pytest.raises(TinyImagenetError, match=r"_0.JPEG is 32x32; Tiny ImageNet images are 64x64"):
         make_stream("tinyimagenet", data_dir=str(root), num_tasks=2)
+
+
+def test_validation_rearranged_by_class_is_read(tmp_path):
+    """val/<wnid>/images/, as rearrangement scripts leave it (annotations file kept)."""
+    root = tmp_path / "tiny-imagenet-200"
+    wnids, files = _write_folder(root, classes=4)
+    for c, wnid in enumerate(wnids):
+        os.makedirs(root / "val" / wnid / "images")
+        os.replace(files["val"][c], root / "val" / wnid / "images" / f"val_{c}.JPEG")
+    os.rmdir(root / "val" / "images")
+    _, _, val = read_folder(str(root))
+    assert [(os.path.basename(path), wnid) for path, wnid in val] == [
+        (f"val_{c}.JPEG", wnid) for c, wnid in enumerate(wnids)]

@@ -10,7 +10,8 @@ The sparse row: add ``--sparse``. Baselines: add ``--strategy er`` (or
 
 Hyperparameters (SPEC section 2): plain SGD lr 0.01, batch 32, 50 epochs per
 task, beta 2e-4, buffer 15, vital ratio 0.15, stem + stages 1-3 frozen,
-frozen BatchNorm statistics updating as in the reference, evaluation on the
+frozen BatchNorm statistics updating as in the reference, nf 64 (the
+dataset's default, or the backbone's with ``--init-from``), evaluation on the
 reference's 10% holdout, 5 seeds trained together (mean +/- std).
 
 Targets, Table 1 of the paper (5 runs, %): LightCL CIL 55.53, TIL 96.28
@@ -20,7 +21,7 @@ TIL 86.19. Memory 92.8 MB (sparse 25.0 MB), 5.4 x 10^15 FLOPs for the run.
 
 FLAGS = dict(
     strategy="lightcl", dataset="cifar10", num_tasks=5, eval_split="holdout",
-    epochs=50, batch_size=32, lr=0.01, beta=2e-4, buffer_size=15, ratio=0.15, nf=64,
+    epochs=50, batch_size=32, lr=0.01, beta=2e-4, buffer_size=15, ratio=0.15,
     freeze="stage3", frozen_bn="update", seeds=5,
 )
 

@@ -9,7 +9,8 @@ The sparse row: add ``--sparse``.
 
 Hyperparameters (SPEC section 2): plain SGD lr 0.01, batch 32, 100 epochs per
 task, beta 2e-4, buffer 15, vital ratio 0.15, stem + stages 1-3 frozen,
-frozen BatchNorm statistics updating as in the reference, evaluation on the
+frozen BatchNorm statistics updating as in the reference, nf 64 (the
+dataset's default, or the backbone's with ``--init-from``), evaluation on the
 reference's 10% holdout of train (``--eval-split test``: the labelled val/
 images), 5 seeds trained together (mean +/- std).
 
@@ -20,7 +21,7 @@ TIL 34.24. Memory 128.0 MB (sparse 87.1 MB), 8.6 x 10^16 FLOPs for the run.
 
 FLAGS = dict(
     strategy="lightcl", dataset="tinyimagenet", num_tasks=10, eval_split="holdout",
-    epochs=100, batch_size=32, lr=0.01, beta=2e-4, buffer_size=15, ratio=0.15, nf=64,
+    epochs=100, batch_size=32, lr=0.01, beta=2e-4, buffer_size=15, ratio=0.15,
     freeze="stage3", frozen_bn="update", seeds=5,
 )
 

@@ -99,13 +99,30 @@ def concatenate(parts: Sequence) -> Any:
     return np.concatenate([np.asarray(p) for p in parts])
 
 
-def read_labels(source: Any) -> np.ndarray:
-    """(N,) int32 labels of every record of a source (reads each record once).
+def read_labels(source: Any, count: int | None = None, *, undecoded: Any = None) -> np.ndarray:
+    """(N,) int32 labels of the first ``count`` records of a source (None: all of them).
+
+    ``undecoded``: the same split opened with `skip_image_decoding()`'s
+    decoders; labels are read from it when it can be read, so no image is
+    decoded. (TFDS's mock data hands out undecoded images by encoding them
+    with TensorFlow; without TensorFlow the labels come from ``source``.)
 
     Raises:
       ValueError: the source is empty.
     """
     if len(source) == 0:
         raise ValueError("the TFDS split is empty")
-    return np.fromiter((int(source[i]["label"]) for i in range(len(source))), np.int32,
-                       count=len(source))
+    if undecoded is not None:
+        try:
+            undecoded[0]
+            source = undecoded
+        except ImportError:
+            pass
+    count = len(source) if count is None else min(count, len(source))
+    return np.fromiter((int(source[i]["label"]) for i in range(count)), np.int32, count=count)
+
+
+def skip_image_decoding() -> dict:
+    """TFDS ``decoders`` that leave ``image`` encoded: for sources read only for labels."""
+    import tensorflow_datasets as tfds
+    return {"image": tfds.decode.SkipDecoding()}

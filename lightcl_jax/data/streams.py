@@ -35,7 +35,7 @@ import dataclasses
 import os
 import numpy as np
 
-from lightcl_jax.data.sources import RecordImages, read_labels, take
+from lightcl_jax.data.sources import RecordImages, read_labels, skip_image_decoding, take
 
 HOLDOUT_FRACTION = 0.1
 _SPLIT_SEED = 0
@@ -239,40 +239,54 @@ def _load_tfds(name, data_dir, eval_split, mean, std):
     import tensorflow_datasets as tfds
 
     if name == "tinyimagenet":
-        from lightcl_jax.data.tiny_imagenet import tiny_imagenet_sources
+        from lightcl_jax.data.tiny_imagenet import tiny_imagenet_builder
         if data_dir is None:
             raise ValueError("dataset 'tinyimagenet' needs --data-dir: the unpacked Tiny "
                              "ImageNet folder (tiny-imagenet-200/, with wnids.txt, train/ and "
                              "val/)")
-        sources, num_classes = tiny_imagenet_sources(data_dir)
-        train = _record_split(sources["train"], name, "train", mean, std)
+        builder = tiny_imagenet_builder(data_dir)
+        num_classes = builder.info.features["label"].num_classes
+
+        def split_of(split):
+            return _record_split(builder.as_data_source(split=split), name, split, mean, std,
+                                 builder.as_data_source(split=split,
+                                                        decoders=skip_image_decoding()))
+        train = split_of("train")
         if eval_split == "holdout":
             return (*_holdout(*train), num_classes)
-        return train, _record_split(sources["test"], name, "test", mean, std), num_classes
+        return train, split_of("test"), num_classes
     if data_dir is not None and (not os.path.isdir(data_dir) or not os.listdir(data_dir)):
         raise ValueError(f"data_dir {data_dir!r} is missing or empty; it must hold the "
                          f"prepared TFDS dataset {name!r} (e.g. `tfds build {name} "
                          f"--file_format=array_record --data_dir {data_dir}` on a machine "
                          "with network)")
+    def open_split(split, **kwargs):
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False, **kwargs)
+
     try:
-        train_source = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
-        test_source = (tfds.data_source(name, split="test", data_dir=data_dir, download=False)
-                       if eval_split == "test" else None)
+        train_source = open_split("train")
+        test_source = open_split("test") if eval_split == "test" else None
     except Exception as err:  # TFDS raises several types for "not prepared".
         where = data_dir or "TFDS's default data_dir"
         raise ValueError(f"dataset {name!r} is not available in {where}: {err}. Prepare it "
                          f"with `tfds build {name} --file_format=array_record` and pass "
                          "--data-dir") from err
     num_classes = {"cifar10": 10, "cifar100": 100}[name]
-    train = _record_split(train_source, name, "train", mean, std)
+    train = _record_split(train_source, name, "train", mean, std,
+                          open_split("train", decoders=skip_image_decoding()))
     if test_source is None:
         return (*_holdout(*train), num_classes)
-    return train, _record_split(test_source, name, "test", mean, std), num_classes
+    return train, _record_split(test_source, name, "test", mean, std,
+                                open_split("test", decoders=skip_image_decoding())), num_classes
 
 
-def _record_split(source, name, split, mean, std):
-    """(`RecordImages` of every record, labels) of one split; reads each record once."""
-    labels = read_labels(source)
+def _record_split(source, name, split, mean, std, label_source=None):
+    """(`RecordImages` of every record, labels) of one split.
+
+    Labels are read from ``label_source`` (the same split, images left
+    encoded) when given, else from ``source``.
+    """
+    labels = read_labels(source, undecoded=label_source)
     shape = np.shape(source[0]["image"])
     version = getattr(getattr(source, "dataset_info", None), "version", "unknown")
     images = RecordImages(source, np.arange(len(labels)), mean, std, shape,

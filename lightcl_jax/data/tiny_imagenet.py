@@ -9,7 +9,7 @@ The folder (``tiny-imagenet-200``, as distributed) holds::
     test/images/*.JPEG                 unlabelled (not used)
 
 A validation folder already sorted into ``val/<wnid>/images/`` (a common
-rearrangement) is read too. Classes are numbered in sorted wnid order (as
+rearrangement; used when there is no ``val/images/``) is read too. Classes are numbered in sorted wnid order (as
 torchvision's ImageFolder numbers them). `TinyImagenetFolder` turns the
 folder into a TFDS dataset once (array_record files, by default in
 ``<folder>/tfds``); its ``train`` split is the training images and its
@@ -61,7 +61,7 @@ def read_folder(folder: str) -> tuple[list[str], list[tuple[str, str]], list[tup
         train += [(os.path.join(images, f), wnid) for f in files]
     val = []
     annotations = os.path.join(folder, "val", "val_annotations.txt")
-    if os.path.isfile(annotations):
+    if os.path.isdir(os.path.join(folder, "val", "images")) and os.path.isfile(annotations):
         with open(annotations) as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
@@ -79,14 +79,15 @@ def read_folder(folder: str) -> tuple[list[str], list[tuple[str, str]], list[tup
                     raise TinyImagenetError(f"{annotations} line {number}: {path} is missing")
                 val.append((path, wnid))
     else:
+        # Rearranged by class (the annotations file may still be there, unused).
         for wnid in wnids:
             images = os.path.join(folder, "val", wnid, "images")
             if os.path.isdir(images):
                 val += [(os.path.join(images, f), wnid)
                         for f in sorted(os.listdir(images)) if _is_image(f)]
         if not val:
-            raise TinyImagenetError(f"{folder}: no validation labels: expected "
-                                    "val/val_annotations.txt with val/images/, or val/<wnid>/images/")
+            raise TinyImagenetError(f"{folder}: no validation images: expected val/images/ "
+                                    "labelled by val/val_annotations.txt, or val/<wnid>/images/")
     return wnids, train, val
 
 
@@ -156,8 +157,10 @@ def _builder_class():
     return TinyImagenetFolder
 
 
-def tiny_imagenet_sources(folder: str, prepared_dir: str | None = None) -> tuple[dict, int]:
-    """({"train", "test"} TFDS data sources of the folder, classes), prepared on first use.
+def tiny_imagenet_builder(folder: str, prepared_dir: str | None = None):
+    """The folder's TFDS builder, prepared (on first use) and ready for ``as_data_source``.
+
+    Its splits are ``train`` and ``test`` (the labelled validation images).
 
     Args:
       folder: the Tiny ImageNet folder.
@@ -181,5 +184,4 @@ def tiny_imagenet_sources(folder: str, prepared_dir: str | None = None) -> tuple
         except OSError as err:
             raise TinyImagenetError(f"cannot write the prepared dataset to {prepared_dir}: "
                                     f"{err}") from err
-    sources = {split: builder.as_data_source(split=split) for split in ("train", "test")}
-    return sources, builder.info.features["label"].num_classes
+    return builder

@@ -97,8 +97,10 @@ def save_backbone(directory: str, variables, meta: dict[str, Any], *,
     for field in ("nf", "num_classes", "in_channels", "image_shape"):
         if field not in meta:
             raise BackboneError(f"backbone metadata needs {field!r}")
-    variables = jax.tree_util.tree_map(np.asarray, {"params": variables["params"],
-                                                    "batch_stats": variables["batch_stats"]})
+    # float32, as a ResNet-18's variables are (and as load_backbone restores them).
+    variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32),
+                                       {"params": variables["params"],
+                                        "batch_stats": variables["batch_stats"]})
     check_variables(variables, meta["nf"], meta["num_classes"], meta["in_channels"],
                     f"backbone for {directory}")
     if os.path.exists(directory):
@@ -122,9 +124,8 @@ def save_backbone(directory: str, variables, meta: dict[str, Any], *,
             json.dump(meta, f, indent=2)
             f.write("\n")
         if os.path.exists(directory):
-            old = directory + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}-old-")
+            os.replace(directory, os.path.join(old, "backbone"))
             os.replace(staging, directory)
             shutil.rmtree(old)
         else:

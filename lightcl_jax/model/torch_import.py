@@ -143,6 +143,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, dict
     for alias, key in aliases.items():
         if key not in primary or _target(key) is None:
             unknown.append(alias)
+    orphans = sorted(alias for alias, key in aliases.items() if key not in primary)
+    if orphans and len(orphans) == len(aliases) and not targets:
+        raise ConversionError(f"the state_dict holds only the _features.*/classifier.* aliases "
+                              f"({len(orphans)} keys) without the names they repeat (conv1.weight, "
+                              "layer1.0.*, linear.*, ...); save the model's full state_dict")
     if unknown:
         raise ConversionError(
             f"{len(unknown)} keys are not the reference ResNet-18's, e.g. "
@@ -158,9 +163,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, dict
     if "conv1.weight" not in primary or "linear.weight" not in primary:
         raise ConversionError("the state_dict lacks conv1.weight or linear.weight; it is not "
                               "a ResNet-18 of the reference")
-    stem = primary["conv1.weight"]
-    if stem.ndim != 4:
-        raise ConversionError(f"conv1.weight must be (out, in, 3, 3); got {stem.shape}")
+    stem, head = primary["conv1.weight"], primary["linear.weight"]
+    if stem.ndim != 4 or head.ndim != 2:
+        raise ConversionError(f"conv1.weight must be (out, in, 3, 3) and linear.weight "
+                              f"(classes, features); got {stem.shape} and {head.shape}")
     nf, in_channels = stem.shape[:2]
     num_classes = primary["linear.weight"].shape[0]
     expected = _expected_shapes(nf, in_channels, num_classes)
@@ -168,6 +174,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, dict
     if missing:
         raise ConversionError(f"{len(missing)} tensors of a ResNet-18 with nf={nf} are missing, "
                               f"e.g. {', '.join(missing[:5])}")
+    extra = sorted(set(targets) - set(expected))
+    if extra:
+        raise ConversionError(f"{len(extra)} tensors are not in the reference ResNet-18 with "
+                              f"nf={nf}, e.g. {', '.join(extra[:5])} (a shortcut only exists in "
+                              "the first block of stages 2-4)")
     variables: dict = {"params": {}, "batch_stats": {}}
     for key, (collection, path) in targets.items():
         value = primary[key]
@@ -233,7 +244,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
+                return {re.sub(r"^module\.", "", k): data[k] for k in data.files}
         except Exception as err:
             raise ValueError(f"{path} is not a readable .npz file ({type(err).__name__}: "
                              f"{err})") from err
@@ -250,7 +261,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+                         f"{str(err).splitlines()[0] if str(err) else ''}). It is read with "
+                         "weights_only=True, which refuses pickled objects other than tensors: "
+                         "re-save the model's state_dict alone (torch.save(model.state_dict(), "
+                         "...)), or as .npz with NumPy") from err
     if isinstance(loaded, Mapping):
         for wrapper in ("state_dict", "model", "net"):
             if isinstance(loaded.get(wrapper), Mapping):
@@ -259,4 +273,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if not isinstance(loaded, Mapping) or not all(hasattr(v, "detach") for v in loaded.values()):
         raise ValueError(f"{path} does not hold a state_dict of tensors (got "
                          f"{type(loaded).__name__})")
-    return {re.sub(r"^module\.", "", k): v.detach().cpu().numpy() for k, v in loaded.items()}
+    # float(): NumPy has no bfloat16; integer counters (num_batches_tracked) stay integers.
+    return {re.sub(r"^module\.", "", k): (v.detach().cpu().float() if v.is_floating_point()
+                                          else v.detach().cpu()).numpy()
+            for k, v in loaded.items()}

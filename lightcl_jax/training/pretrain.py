@@ -139,7 +139,7 @@ def load_tfds_data(config: PretrainConfig) -> PretrainData:
     """
     import tensorflow_datasets as tfds
 
-    from lightcl_jax.data.sources import read_labels
+    from lightcl_jax.data.sources import read_labels, skip_image_decoding
 
     try:
         builder = tfds.builder(config.dataset, data_dir=config.data_dir)
@@ -158,10 +158,10 @@ def load_tfds_data(config: PretrainConfig) -> PretrainData:
     image_shape = tuple(features["image"].shape)
     if None in image_shape:
         image_shape = tuple(np.shape(train_source[0]["image"]))
-    y_train = read_labels(train_source)
+    # Labels from a source that leaves images encoded; only the records trained on.
+    y_train = read_labels(train_source, config.max_train_samples, undecoded=builder.as_data_source(
+        split="train", decoders=skip_image_decoding()))
     indices = np.arange(len(y_train))
-    if config.max_train_samples is not None:
-        indices, y_train = indices[:config.max_train_samples], y_train[:config.max_train_samples]
     mean, std = _normalisation(config.dataset, train_source, image_shape)
     x_train = RecordImages(train_source, indices, mean, std, image_shape,
                            f"{config.dataset}:{builder.info.version}/train")
@@ -177,7 +177,12 @@ def load_tfds_data(config: PretrainConfig) -> PretrainData:
         count = min(config.eval_samples, len(eval_source))
         # A fixed random subset: evaluation splits are often sorted by class.
         chosen = np.sort(np.random.default_rng(0).permutation(len(eval_source))[:count])
-        y_eval = np.asarray([int(eval_source[int(i)]["label"]) for i in chosen], np.int32)
+        labels = builder.as_data_source(split=eval_split, decoders=skip_image_decoding())
+        try:
+            labels[0]
+        except ImportError:  # TFDS's mock data without TensorFlow: see read_labels
+            labels = eval_source
+        y_eval = np.asarray([int(labels[int(i)]["label"]) for i in chosen], np.int32)
         x_eval = RecordImages(eval_source, chosen, mean, std, image_shape,
                               f"{config.dataset}:{builder.info.version}/{eval_split}")
     return PretrainData(config.dataset, int(num_classes), image_shape, x_train, y_train,
