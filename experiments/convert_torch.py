@@ -17,10 +17,7 @@ import argparse
 import os
 import sys
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
+from experiments.run import _Parser
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m experiments.convert_torch", description=__doc__.splitlines()[0])

@@ -22,10 +22,7 @@ import os
 import shutil
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from experiments.run import _Parser, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,9 +114,7 @@ def main(argv=None) -> int:
     try:
         parallel = data_parallel(args.devices, {"--batch-size": config.batch_size})
         data = load_tfds_data(config)
-        if len(data.y_train) < config.batch_size:
-            raise ValueError(f"{config.dataset} has {len(data.y_train)} training samples, fewer "
-                             f"than one batch of {config.batch_size}; lower --batch-size")
+        data.check_batch_size(config.batch_size)  # before --overwrite discards anything
         identity = pretrain_identity(config, data, parallel.num_devices)
         if os.path.exists(backbone_dir) and not os.path.isfile(
                 os.path.join(backbone_dir, META_FILE)):
@@ -175,7 +170,6 @@ def main(argv=None) -> int:
     except BackboneError as err:  # the checkpoints keep the trained state: rerun to retry
         parser.error(f"{err}; the trained state is in {checkpoints.directory}, rerun to save it")
     history["backbone"] = {"path": os.path.abspath(backbone_dir), "digest": meta["digest"]}
-    from experiments.run import write_json_atomic
     write_json_atomic(results_path, history)
     for entry in history["epochs"]:
         accuracy = ("" if entry["eval_accuracy"] is None

@@ -83,6 +83,17 @@ class RecordImages:
         return digest.digest()
 
 
+def update_digest(digest, images) -> None:
+    """Adds ``images`` to a hashlib digest: `RecordImages` by their fingerprint (unread), an
+    array by dtype, shape and bytes."""
+    if isinstance(images, RecordImages):
+        digest.update(images.fingerprint())
+        return
+    array = np.ascontiguousarray(images)
+    digest.update(repr((array.dtype.str, array.shape)).encode())
+    digest.update(memoryview(array).cast("B"))
+
+
 def take(images, positions: np.ndarray):
     """``images[positions]``: a float32 array, or a `RecordImages` still unread."""
     if isinstance(images, RecordImages):

@@ -33,14 +33,12 @@ class TinyImagenetError(ValueError):
     """A folder that is not a usable copy of Tiny ImageNet."""
 
 
-def read_folder(folder: str) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
-    """(sorted wnids, [(train image path, wnid)], [(validation image path, wnid)]).
+def read_wnids(folder: str) -> list[str]:
+    """The class ids of ``wnids.txt``, sorted: label i is the i-th.
 
     Raises:
-      TinyImagenetError: a missing ``wnids.txt``, ``train/<wnid>/images`` or
-        validation labels, or a validation label naming an unknown class.
+      TinyImagenetError: no ``wnids.txt``, or one that lists no class.
     """
-    folder = os.path.abspath(folder)
     wnids_path = os.path.join(folder, "wnids.txt")
     if not os.path.isfile(wnids_path):
         raise TinyImagenetError(f"{folder} is not a Tiny ImageNet folder: it has no wnids.txt "
@@ -49,6 +47,18 @@ def read_folder(folder: str) -> tuple[list[str], list[tuple[str, str]], list[tup
         wnids = sorted({line.strip() for line in f if line.strip()})
     if not wnids:
         raise TinyImagenetError(f"{wnids_path} lists no classes")
+    return wnids
+
+
+def read_folder(folder: str) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
+    """(sorted wnids, [(train image path, wnid)], [(validation image path, wnid)]).
+
+    Raises:
+      TinyImagenetError: a missing ``wnids.txt``, ``train/<wnid>/images`` or
+        validation labels, or a validation label naming an unknown class.
+    """
+    folder = os.path.abspath(folder)
+    wnids = read_wnids(folder)
     known = set(wnids)
     train = []
     for wnid in wnids:
@@ -132,7 +142,7 @@ def _builder_class():
 
         def __init__(self, *, folder: str, **kwargs):
             self._folder = os.path.abspath(folder)
-            self._contents = read_folder(self._folder)
+            self._wnids = read_wnids(self._folder)  # the image files are listed only to prepare
             super().__init__(**kwargs)
 
         def _info(self):
@@ -141,12 +151,12 @@ def _builder_class():
                 description=f"Tiny ImageNet from {self._folder}",
                 features=tfds.features.FeaturesDict({
                     "image": tfds.features.Image(shape=IMAGE_SHAPE, encoding_format="jpeg"),
-                    "label": tfds.features.ClassLabel(names=self._contents[0]),
+                    "label": tfds.features.ClassLabel(names=self._wnids),
                 }),
                 supervised_keys=("image", "label"))
 
         def _split_generators(self, dl_manager):
-            _, train, val = self._contents
+            _, train, val = read_folder(self._folder)
             return {"train": self._generate_examples(train), "test": self._generate_examples(val)}
 
         def _generate_examples(self, files):

@@ -30,7 +30,7 @@ import optax
 
 from lightcl_jax.config import Config
 from lightcl_jax.data.pipeline import epoch_batches, eval_batches, prefetch, steps_per_epoch
-from lightcl_jax.data.sources import RecordImages
+from lightcl_jax.data.sources import update_digest
 from lightcl_jax.data.streams import TaskStream, make_stream
 from lightcl_jax.metrics.generalizability import choose_freeze, generalizability
 from lightcl_jax.metrics.continual import (average_accuracy, backward_transfer, cil_predictions,
@@ -576,12 +576,7 @@ def stream_fingerprint(stream: TaskStream) -> str:
     for task in stream.tasks:
         digest.update(repr((task.index, tuple(task.classes))).encode())
         for array in (task.x_train, task.y_train, task.x_eval, task.y_eval):
-            if isinstance(array, RecordImages):
-                digest.update(array.fingerprint())
-                continue
-            array = np.ascontiguousarray(array)
-            digest.update(repr((array.dtype.str, array.shape)).encode())
-            digest.update(memoryview(array).cast("B"))
+            update_digest(digest, array)
     return digest.hexdigest()
 
 

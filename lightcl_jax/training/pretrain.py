@@ -29,7 +29,8 @@ import numpy as np
 import optax
 
 from lightcl_jax.data.pipeline import eval_batches, prefetch
-from lightcl_jax.data.sources import RecordImages
+from lightcl_jax.data.sources import RecordImages, update_digest
+from lightcl_jax.data.streams import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.training.loop import DivergenceError, TrainState, jitted_eval_forward
 from lightcl_jax.training.parallel import data_parallel
@@ -38,8 +39,8 @@ from lightcl_jax.training.parallel import data_parallel
 # estimated from their first `STATISTICS_SAMPLES` training records.
 KNOWN_NORMALISATION = {
     "imagenet_resized": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
 }
 STATISTICS_SAMPLES = 2048
 PREFETCH = 2
@@ -121,13 +122,15 @@ class PretrainData:
         for part in (self.x_train, self.y_train, self.x_eval, self.y_eval):
             if part is None:
                 digest.update(b"none")
-            elif isinstance(part, RecordImages):
-                digest.update(part.fingerprint())
             else:
-                array = np.ascontiguousarray(part)
-                digest.update(repr((array.dtype.str, array.shape)).encode())
-                digest.update(memoryview(array).cast("B"))
+                update_digest(digest, part)
         return digest.hexdigest()
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raises ValueError when the training split holds less than one batch."""
+        if len(self.y_train) < batch_size:
+            raise ValueError(f"{self.name} has {len(self.y_train)} training samples, fewer than "
+                             f"one batch of {batch_size}; lower --batch-size")
 
 
 def load_tfds_data(config: PretrainConfig) -> PretrainData:
@@ -288,9 +291,7 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
     start_time = time.perf_counter()
     config.validate()
     data = load_tfds_data(config) if data is None else data
-    if len(data.y_train) < config.batch_size:
-        raise ValueError(f"{data.name} has {len(data.y_train)} training samples, fewer than one "
-                         f"batch of {config.batch_size}; lower --batch-size")
+    data.check_batch_size(config.batch_size)
     progress = progress or _Quiet()
     parallel = data_parallel(devices, {"batch_size": config.batch_size})
     identity = pretrain_identity(config, data, parallel.num_devices)
