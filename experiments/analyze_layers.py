@@ -20,14 +20,14 @@ import dataclasses
 import os
 import sys
 
-from experiments.run import _Parser, write_json_atomic
+from experiments.common import Bars, Parser, write_json_atomic
 from lightcl_jax.config import Config
 from lightcl_jax.data.streams import DATASETS
-from lightcl_jax.metrics.similarity import SIMILARITIES
+from lightcl_jax.registry import SIMILARITIES
 
 
 def build_parser():
-    p = _Parser(prog="python -m experiments.analyze_layers", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m experiments.analyze_layers", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--num-tasks", type=int, default=None)
@@ -87,17 +87,18 @@ def main(argv=None) -> int:
     workdir = args.workdir or os.path.join("runs", f"analyze-{args.dataset}-seed{args.seed}")
 
     import jax
-    from experiments.run import _Bars
-    from lightcl_jax.data.streams import make_stream
+
+    from lightcl_jax.data.streams import make_stream, validate_stream
     from lightcl_jax.metrics.generalizability import choose_freeze
     from lightcl_jax.model.resnet import ResNet18
-    from lightcl_jax.training.loop import (DivergenceError, probe_freeze, train_and_evaluate,
-                                           validate_stream)
+    from lightcl_jax.training.epochs import DivergenceError
+    from lightcl_jax.training.loop import train_and_evaluate
+    from lightcl_jax.training.probe import probe_freeze
 
     try:
         stream = make_stream(config.dataset, data_dir=config.data_dir,
                              num_tasks=config.num_tasks, eval_split=config.eval_split)
-        validate_stream(stream, config)
+        validate_stream(stream, config.batch_size)
         if stream.num_tasks < 2:
             raise ValueError("layer analysis needs at least 2 tasks")
     except ValueError as err:
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
 
     try:
         results = train_and_evaluate(config, stream, on_task_end=keep_task0,
-                                     progress=_Bars(stream.num_tasks, not args.no_progress))
+                                     progress=Bars(not args.no_progress))
     except DivergenceError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1

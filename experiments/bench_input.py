@@ -32,7 +32,7 @@ import time
 _DATASETS = ("cifar10", "cifar100")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.bench_input",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="cifar10", choices=_DATASETS)
@@ -44,23 +44,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--strategy", default="finetune",
                    help="whose task-0 step to time (finetune trains every layer)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     for flag in ("examples", "steps", "nf", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     import tensorflow_datasets as tfds
 
     from lightcl_jax.config import Config
-    from lightcl_jax.data.pipeline import epoch_batches, prefetch
     from lightcl_jax.data.streams import make_stream
-    from lightcl_jax.model.resnet import ResNet18
-    from lightcl_jax.strategies import get_strategy
-    from lightcl_jax.training.loop import PREFETCH, create_train_state, phase_step
-    from lightcl_jax.training.parallel import data_parallel
 
     config = Config(strategy=args.strategy, dataset=args.dataset, data_dir=args.data_dir,
                     nf=args.nf, batch_size=args.batch_size)
@@ -76,80 +74,101 @@ def main(argv=None) -> int:
             stream = make_stream(args.dataset, data_dir=args.data_dir)
         except ValueError as err:
             p.error(str(err))
-        task = stream.tasks[0]
-        parallel = data_parallel(None, {"--batch-size": config.batch_size})
-        model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
-        state = create_train_state(model, stream.image_shape, jax.random.PRNGKey(0))
-        phase, tx, step = phase_step(model, get_strategy(config.strategy), config, state.params,
-                                     0, False, stream.classes_per_task)
-        if phase.uses_memory:
-            p.error(f"--strategy {config.strategy} needs its memory in task 0; pick one that "
-                    "does not (finetune, lightcl, ewc, lwf)")
-        state = parallel.replicate(state.replace(opt_state=tx.init(state.params)))
-        train_step = jax.jit(step, donate_argnums=(0,))
-        offset = jnp.asarray(task.class_offset, jnp.int32)
-        rng = np.random.default_rng(0)
-
-        def to_device(batch):
-            return parallel.batch(*batch)
-
-        def real_batches(with_prefetch: bool):
-            """Endless epochs of the task, as the training loop draws them."""
-            while True:
-                epoch = epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
-                                      augment=True, fill=stream.pad_value)
-                yield from (prefetch(epoch, PREFETCH, to_device) if with_prefetch
-                            else map(to_device, epoch))
-
-        def timed(batches) -> float:
-            nonlocal state
-            x, y = next(batches)  # compiles on the first measurement
-            state, _, metrics = train_step(state, None, x, y, offset)
-            jax.block_until_ready(metrics)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                x, y = next(batches)
-                state, _, metrics = train_step(state, None, x, y, offset)
-            jax.block_until_ready((state, metrics))
-            rate = args.steps / (time.perf_counter() - start)
-            if hasattr(batches, "close"):
-                batches.close()  # stops its prefetch thread before the next figure
-            return rate
-
-        fixed = to_device(next(epoch_batches(task.x_train, task.y_train, config.batch_size,
-                                             np.random.default_rng(1), augment=True,
-                                             fill=stream.pad_value)))
-        fixed_rate = timed(iter(lambda: fixed, None))
-        real_rate = timed(real_batches(True))
-        sync_rate = timed(real_batches(False))
-        batches = real_batches(True)
-        jax.block_until_ready(next(batches))
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            last = next(batches)
-        jax.block_until_ready(last)
-        input_rate = args.steps / (time.perf_counter() - start)
-        batches.close()
-        decode_ms = png_decode_ms(task.x_train, config.batch_size, args.steps) \
-            if args.data_dir is None else None
+        rates = measure(stream, config, args.steps, p)
+        if args.data_dir is None:
+            rates["decode_ms"] = png_decode_ms(stream.tasks[0].x_train, config.batch_size,
+                                               args.steps)
 
     source = ("TFDS mock data (records come decoded)" if args.data_dir is None
               else f"{args.data_dir} (records decoded as read)")
-    print(f"{args.dataset} from {source}: task 0 has {len(task.y_train)} training images "
-          f"{stream.image_shape}, read batch by batch; ResNet-18 nf={config.nf}, batch "
+    print(f"{args.dataset} from {source}: task 0 has {len(stream.tasks[0].y_train)} training "
+          f"images {stream.image_shape}, read batch by batch; ResNet-18 nf={config.nf}, batch "
           f"{config.batch_size}, {config.strategy}'s task-0 step, {jax.default_backend()} "
           f"({jax.devices()[0].device_kind}), {args.steps} steps per figure")
-    print(f"  fixed batch on the device:         {fixed_rate:8.2f} steps/s")
-    print(f"  real input, prefetched:            {real_rate:8.2f} steps/s "
-          f"({100 * real_rate / fixed_rate:.0f}% of the fixed batch)")
-    print(f"  real input, read between steps:    {sync_rate:8.2f} steps/s "
-          f"({100 * sync_rate / fixed_rate:.0f}%)")
-    print(f"  input alone (read, augment, send): {input_rate:8.2f} batches/s")
-    if decode_ms is not None:
-        with_decode = 1.0 / (1.0 / input_rate + decode_ms / 1e3)
+    fixed = rates["fixed"]
+    print(f"  fixed batch on the device:         {fixed:8.2f} steps/s")
+    print(f"  real input, prefetched:            {rates['prefetched']:8.2f} steps/s "
+          f"({100 * rates['prefetched'] / fixed:.0f}% of the fixed batch)")
+    print(f"  real input, read between steps:    {rates['synchronous']:8.2f} steps/s "
+          f"({100 * rates['synchronous'] / fixed:.0f}%)")
+    print(f"  input alone (read, augment, send): {rates['input']:8.2f} batches/s")
+    if "decode_ms" in rates:
+        with_decode = 1.0 / (1.0 / rates["input"] + rates["decode_ms"] / 1e3)
         print(f"  + PNG decode a prepared dataset adds (PIL, as TFDS without OpenCV): "
-              f"{decode_ms:.2f} ms per batch -> input alone about {with_decode:.1f} batches/s")
+              f"{rates['decode_ms']:.2f} ms per batch -> input alone about {with_decode:.1f} "
+              "batches/s")
     return 0
+
+
+def measure(stream, config, steps: int, parser) -> dict[str, float]:
+    """Steps/s of task 0's compiled step on a fixed batch, on real input with and without
+    prefetch, and batches/s of the input alone."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lightcl_jax.data.pipeline import epoch_batches, prefetch
+    from lightcl_jax.model.resnet import ResNet18
+    from lightcl_jax.strategies import get_strategy
+    from lightcl_jax.training.epochs import PREFETCH
+    from lightcl_jax.training.parallel import data_parallel
+    from lightcl_jax.training.state import create_train_state
+    from lightcl_jax.training.steps import phase_step
+
+    task = stream.tasks[0]
+    parallel = data_parallel(None, {"--batch-size": config.batch_size})
+    model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
+    state = create_train_state(model, stream.image_shape, jax.random.PRNGKey(0))
+    phase, tx, step = phase_step(model, get_strategy(config.strategy), config, state.params,
+                                 0, False, stream.classes_per_task)
+    if phase.uses_memory:
+        parser.error(f"--strategy {config.strategy} needs its memory in task 0; pick one that "
+                     "does not (finetune, lightcl, ewc, lwf)")
+    state = parallel.replicate(state.replace(opt_state=tx.init(state.params)))
+    train_step = jax.jit(step, donate_argnums=(0,))
+    offset = jnp.asarray(task.class_offset, jnp.int32)
+    rng = np.random.default_rng(0)
+
+    def to_device(batch):
+        return parallel.batch(*batch)
+
+    def real_batches(with_prefetch: bool):
+        """Endless epochs of the task, as the training loop draws them."""
+        while True:
+            epoch = epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
+                                  augment=True, fill=stream.pad_value)
+            yield from (prefetch(epoch, PREFETCH, to_device) if with_prefetch
+                        else map(to_device, epoch))
+
+    def timed(batches) -> float:
+        nonlocal state
+        x, y = next(batches)  # compiles on the first measurement
+        state, _, metrics = train_step(state, None, x, y, offset)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            x, y = next(batches)
+            state, _, metrics = train_step(state, None, x, y, offset)
+        jax.block_until_ready((state, metrics))
+        rate = steps / (time.perf_counter() - start)
+        if hasattr(batches, "close"):
+            batches.close()  # stops its prefetch thread before the next figure
+        return rate
+
+    fixed = to_device(next(epoch_batches(task.x_train, task.y_train, config.batch_size,
+                                         np.random.default_rng(1), augment=True,
+                                         fill=stream.pad_value)))
+    rates = {"fixed": timed(iter(lambda: fixed, None)), "prefetched": timed(real_batches(True)),
+             "synchronous": timed(real_batches(False))}
+    batches = real_batches(True)
+    jax.block_until_ready(next(batches))
+    start = time.perf_counter()
+    for _ in range(steps):
+        last = next(batches)
+    jax.block_until_ready(last)
+    rates["input"] = steps / (time.perf_counter() - start)
+    batches.close()
+    return rates
 
 
 def png_decode_ms(images, batch_size: int, repeats: int) -> float:

@@ -57,9 +57,11 @@ def lightcl_terms(config, figures: dict, theory: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from lightcl_jax.model.resnet import LAYER_GROUPS, ResNet18
+    from lightcl_jax.accounting.xla import compiled_cost
+    from lightcl_jax.model.layers import LAYER_GROUPS
+    from lightcl_jax.model.resnet import ResNet18
     from lightcl_jax.training.freezing import freeze_labels
-    from lightcl_jax.training.loop import compiled_cost, create_train_state
+    from lightcl_jax.training.state import create_train_state
 
     model = ResNet18(num_classes=SETTING["num_classes"], nf=config.nf)
     shape = (SETTING["image_size"], SETTING["image_size"], SETTING["channels"])
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
     out = measure(args.steps, args.warmup, rows, None if args.no_torch else args.threads)
     print(report(out))
     if args.json:
-        from experiments.run import write_json_atomic
+        from experiments.common import write_json_atomic
         write_json_atomic(args.json, out)
         print(f"figures written to {args.json}")
     return 0

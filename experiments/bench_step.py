@@ -26,9 +26,9 @@ from lightcl_jax.accounting import compiled_train_step_cost
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
-from lightcl_jax.training.loop import (BatchStatsChain, create_train_state,
-                                       jitted_eval_forward, jitted_forward,
-                                       memory_at_task_start, phase_step)
+from lightcl_jax.training.forward import BatchStatsChain, jitted_eval_forward, jitted_forward
+from lightcl_jax.training.state import create_train_state
+from lightcl_jax.training.steps import memory_at_task_start, phase_step
 from lightcl_jax.training.sparsity import apply_masks, channel_prune_masks
 
 

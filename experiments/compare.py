@@ -26,10 +26,10 @@ import sys
 
 import numpy as np
 
-from experiments.run import _Bars, _Parser, write_json_atomic
+from experiments.common import Bars, Parser, write_json_atomic
 from lightcl_jax.config import Config
 from lightcl_jax.data.streams import DATASETS
-from lightcl_jax.strategies import STRATEGIES
+from lightcl_jax.registry import STRATEGIES
 
 # Table 1's order, then anything registered later.
 ORDER = ("joint", "finetune", "ewc", "lwf", "er", "derpp", "lightcl")
@@ -39,7 +39,7 @@ COLUMNS = ("strategy", "buffer", "cil_mean", "cil_std", "til_mean", "til_std", "
 
 def build_parser():
     d = Config()
-    p = _Parser(prog="python -m experiments.compare", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m experiments.compare", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default=d.dataset, choices=DATASETS)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--num-tasks", type=int, default=None)
@@ -138,15 +138,16 @@ def main(argv=None) -> int:
         parser.error(str(err))
     workdir = args.workdir or os.path.join("runs", f"compare-{args.dataset}")
 
-    from lightcl_jax.data.streams import make_stream
-    from lightcl_jax.training.loop import DivergenceError, train_and_evaluate, validate_stream
+    from lightcl_jax.data.streams import make_stream, validate_stream
+    from lightcl_jax.training.epochs import DivergenceError
+    from lightcl_jax.training.loop import train_and_evaluate
 
     first = next(iter(configs.values()))
     try:
         stream = make_stream(first.dataset, data_dir=first.data_dir, num_tasks=first.num_tasks,
                              eval_split=first.eval_split)
         for config in configs.values():
-            validate_stream(stream, config)
+            validate_stream(stream, config.batch_size)
     except ValueError as err:
         parser.error(str(err))
 
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
             print(f"[{name} seed {seed}]", file=sys.stderr, flush=True)
             try:
                 results = train_and_evaluate(
-                    config, stream, progress=_Bars(stream.num_tasks, not args.no_progress))
+                    config, stream, progress=Bars(not args.no_progress))
             except DivergenceError as err:
                 print(f"{parser.prog}: error: {name} seed {seed}: {err}", file=sys.stderr)
                 return 1

@@ -17,10 +17,10 @@ import argparse
 import os
 import sys
 
-from experiments.run import _Parser
+from experiments.common import Parser
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m experiments.convert_torch", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m experiments.convert_torch", description=__doc__.splitlines()[0])
     p.add_argument("input", metavar="IN", help="reference state_dict: .pth/.pt (torch) or .npz")
     p.add_argument("output", metavar="OUT_DIR", help="backbone directory to write")
     p.add_argument("--image-size", type=int, default=32,

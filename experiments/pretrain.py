@@ -22,13 +22,13 @@ import os
 import shutil
 import sys
 
-from experiments.run import _Parser, write_json_atomic
+from experiments.common import Bars, Parser, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
     from lightcl_jax.training.pretrain import PretrainConfig
     d = PretrainConfig()
-    p = _Parser(prog="python -m experiments.pretrain", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m experiments.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default=d.dataset,
                    help="TFDS image dataset with 'image' and 'label' (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="TFDS data_dir holding the prepared dataset")
@@ -56,35 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Bars:
-    """A tqdm bar per epoch on stderr."""
-
-    def __init__(self, epochs: int, enabled: bool):
-        self.epochs, self.enabled, self.bar = epochs, enabled, None
-
-    def start_epoch(self, epoch, num_steps, done):
-        if self.enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=num_steps, initial=done, desc=f"epoch {epoch + 1}/{self.epochs}",
-                            unit="step", file=sys.stderr, leave=True)
-
-    def advance(self, steps, metrics=None):
-        if self.bar is not None:
-            self.bar.update(steps)
-            if metrics:
-                self.bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-
-    def end_epoch(self, epoch, summary):
-        if self.bar is not None:
-            shown = {"loss": f"{summary['loss']:.4g}",
-                     "train": f"{summary['train_accuracy']:.1f}%"}
-            if summary.get("eval_accuracy") is not None:
-                shown["eval"] = f"{summary['eval_accuracy']:.1f}%"
-            self.bar.set_postfix(shown)
-            self.bar.close()
-            self.bar = None
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,55 +74,25 @@ def main(argv=None) -> int:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
 
-    from lightcl_jax.model.backbone import META_FILE, BackboneError, save_backbone
-    from lightcl_jax.training.checkpoint import RunCheckpoints, identity_differences
-    from lightcl_jax.training.loop import DivergenceError
-    from lightcl_jax.training.pretrain import load_tfds_data, pretrain, pretrain_identity
-    from lightcl_jax.training.parallel import data_parallel
+    from lightcl_jax.model.backbone import BackboneError, save_backbone
+    from lightcl_jax.training.checkpoint import RunCheckpoints
+    from lightcl_jax.training.epochs import DivergenceError
+    from lightcl_jax.training.pretrain import pretrain
 
     results_path = os.path.join(workdir, "pretrain.json")
     backbone_dir = os.path.join(workdir, "backbone")
     try:
-        parallel = data_parallel(args.devices, {"--batch-size": config.batch_size})
-        data = load_tfds_data(config)
-        data.check_batch_size(config.batch_size)  # before --overwrite discards anything
-        identity = pretrain_identity(config, data, parallel.num_devices)
-        if os.path.exists(backbone_dir) and not os.path.isfile(
-                os.path.join(backbone_dir, META_FILE)):
-            raise ValueError(f"{backbone_dir} exists and is not a backbone directory (no "
-                             f"{META_FILE}); move it away, or choose another --workdir")
-        if (os.path.exists(backbone_dir) and not args.overwrite
-                and not os.path.exists(results_path)
-                and not os.path.isdir(os.path.join(workdir, "checkpoints"))):
-            raise ValueError(f"{backbone_dir} holds a backbone that no run in this workdir "
-                             "wrote; pass --overwrite to replace it, or choose another --workdir")
-        if args.overwrite:
-            for path in (results_path, os.path.join(workdir, "checkpoints"), backbone_dir):
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.unlink(path)
-        elif os.path.exists(results_path):
-            with open(results_path) as f:
-                finished = json.load(f)
-            differences = identity_differences(finished.get("identity", {}), identity)
-            if differences:
-                raise ValueError(f"{results_path} holds another pre-training run ({differences}); "
-                                 "pass --overwrite to replace it, or choose another --workdir")
-            print(f"{results_path} already holds this run; its backbone is {backbone_dir} "
-                  "(pass --overwrite to run it again)")
-            return 0
+        data, finished = _prepare_workdir(config, args, workdir)
     except (ValueError, OSError) as err:
         parser.error(str(err))
-
+    if finished:
+        print(f"{results_path} already holds this run; its backbone is {backbone_dir} "
+              "(pass --overwrite to run it again)")
+        return 0
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
     try:
-        latest = checkpoints.latest()
-        if latest is not None:
-            print(f"resuming from {checkpoints.path(*latest)}", file=sys.stderr)
         variables, history = pretrain(config, data, checkpoints=checkpoints,
-                                      progress=_Bars(config.epochs, not args.no_progress),
-                                      devices=parallel.num_devices)
+                                      progress=Bars(not args.no_progress), devices=args.devices)
     except DivergenceError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
@@ -179,6 +120,49 @@ def main(argv=None) -> int:
     print(f"backbone written to {backbone_dir}; start a run from it: "
           f"python -m experiments.run --init-from {backbone_dir} --dataset cifar10")
     return 0
+
+
+def _prepare_workdir(config, args, workdir: str):
+    """(the data, whether ``workdir`` already holds this finished run). Discards the
+    workdir's results, checkpoints and backbone first with ``--overwrite``.
+
+    Raises:
+      ValueError: bad data or devices, or a workdir holding another run or a stray backbone.
+    """
+    from lightcl_jax.model.backbone import META_FILE
+    from lightcl_jax.training.checkpoint import identity_differences
+    from lightcl_jax.training.parallel import data_parallel
+    from lightcl_jax.training.pretrain import load_tfds_data, pretrain_identity
+
+    results_path = os.path.join(workdir, "pretrain.json")
+    backbone_dir = os.path.join(workdir, "backbone")
+    parallel = data_parallel(args.devices, {"--batch-size": config.batch_size})
+    data = load_tfds_data(config)
+    data.check_batch_size(config.batch_size)  # before --overwrite discards anything
+    if os.path.exists(backbone_dir) and not os.path.isfile(os.path.join(backbone_dir, META_FILE)):
+        raise ValueError(f"{backbone_dir} exists and is not a backbone directory (no "
+                         f"{META_FILE}); move it away, or choose another --workdir")
+    if (os.path.exists(backbone_dir) and not args.overwrite and not os.path.exists(results_path)
+            and not os.path.isdir(os.path.join(workdir, "checkpoints"))):
+        raise ValueError(f"{backbone_dir} holds a backbone that no run in this workdir "
+                         "wrote; pass --overwrite to replace it, or choose another --workdir")
+    if args.overwrite:
+        for path in (results_path, os.path.join(workdir, "checkpoints"), backbone_dir):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.unlink(path)
+        return data, False
+    if not os.path.exists(results_path):
+        return data, False
+    with open(results_path) as f:
+        finished = json.load(f)
+    identity = pretrain_identity(config, data, parallel.num_devices)
+    differences = identity_differences(finished.get("identity", {}), identity)
+    if differences:
+        raise ValueError(f"{results_path} holds another pre-training run ({differences}); "
+                         "pass --overwrite to replace it, or choose another --workdir")
+    return data, True
 
 
 if __name__ == "__main__":

@@ -16,31 +16,17 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
+from experiments.common import Bars, Parser, parse_bool, write_json_atomic
 from lightcl_jax.config import FROZEN_BN_MODES, Config
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
-from lightcl_jax.metrics.similarity import SIMILARITIES
-from lightcl_jax.strategies import STRATEGIES
-from lightcl_jax.training.freezing import FREEZE_POINTS
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("on", "true", "1", "yes"):
-        return True
-    if text.lower() in ("off", "false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+from lightcl_jax.model.layers import FREEZE_POINTS
+from lightcl_jax.registry import SIMILARITIES, STRATEGIES
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
-    p = _Parser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, metavar="NAME",
                    help="a paper configuration (split_cifar10, split_tinyimagenet; see "
                         "experiments/configs/) or a .py file defining FLAGS: its values become "
@@ -79,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default similarity: {d.similarity})")
     p.add_argument("--frozen-bn", default=d.frozen_bn, choices=FROZEN_BN_MODES,
                    help="frozen layers' BatchNorm statistics: update (reference) or fixed")
-    p.add_argument("--augment", type=_bool, default=None,
+    p.add_argument("--augment", type=parse_bool, default=None,
                    help="random crop + flip: on/off (default: off for digits, else on)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--sparse", action="store_true",
@@ -112,32 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: all of them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
-
-
-class _Bars:
-    """A tqdm bar per task on stderr."""
-
-    def __init__(self, num_tasks: int, enabled: bool):
-        self.num_tasks, self.enabled, self.bar = num_tasks, enabled, None
-
-    def start_task(self, task_index, num_steps):
-        if self.enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=num_steps, desc=f"task {task_index + 1}/{self.num_tasks}",
-                            unit="step", file=sys.stderr, leave=True)
-
-    def advance(self, steps, metrics=None):
-        if self.bar is not None:
-            self.bar.update(steps)
-            if metrics:
-                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
-                                      for k, v in metrics.items()})
-
-    def end_task(self, task_index, til, cil):
-        if self.bar is not None:
-            self.bar.set_postfix(til=f"{sum(til) / len(til):.1f}", cil=f"{sum(cil) / len(cil):.1f}")
-            self.bar.close()
-            self.bar = None
 
 
 def format_table(results: dict) -> str:
@@ -190,39 +150,18 @@ def _format_seeds(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Writes JSON to a temporary file beside ``path`` and renames it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The `Config` that parsed flags describe (not validated yet)."""
-    return Config(strategy=args.strategy, dataset=args.dataset, data_dir=args.data_dir,
-                  num_tasks=args.num_tasks, eval_split=args.eval_split, epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, beta=args.beta,
-                  buffer_size=args.buffer_size, ratio=args.ratio, nf=args.nf, seed=args.seed,
-                  freeze=args.freeze, freeze_threshold=args.freeze_threshold,
-                  similarity=args.similarity, layer_metrics=args.layer_metrics,
-                  frozen_bn=args.frozen_bn, augment=args.augment,
-                  eval_batch_size=args.eval_batch_size, sparse=args.sparse,
-                  derpp_alpha=args.derpp_alpha, derpp_beta=args.derpp_beta,
-                  ewc_lambda=args.ewc_lambda, ewc_gamma=args.ewc_gamma,
-                  lwf_alpha=args.lwf_alpha, lwf_temperature=args.lwf_temperature)
+    """The `Config` that parsed flags describe (not validated yet): one flag per field."""
+    return Config(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Config)})
 
 
-def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    """(parser, flags): with ``--config``, its FLAGS are the defaults the flags given override."""
-    parser = build_parser()
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None
+               ) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """(parser, flags): with ``--config``, its FLAGS are the defaults the flags given override.
+
+    ``parser``: `build_parser`'s, possibly with flags of another script added.
+    """
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.config is not None:
         from experiments.configs import load_config
@@ -254,88 +193,79 @@ def main(argv=None) -> int:
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1 (how many seeds from --seed on to train "
                      f"together); got {args.seeds}")
-    seeds = (f"seed{args.seed}" if args.seeds == 1
-             else f"seeds{args.seed}-{args.seed + args.seeds - 1}")
-    workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{args.strategy}-{seeds}")
     if args.ckpt_every < 0:
         parser.error(f"--ckpt-every must be >= 0 (0: checkpoint only after each task); "
                      f"got {args.ckpt_every}")
+    seeds = (f"seed{args.seed}" if args.seeds == 1
+             else f"seeds{args.seed}-{args.seed + args.seeds - 1}")
+    workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{args.strategy}-{seeds}")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
 
-    # Import JAX only once the flags are known to be good: a bad flag fails fast.
-    from lightcl_jax.data.streams import make_stream
-    from lightcl_jax.model.backbone import load_backbone
-    from lightcl_jax.training.checkpoint import Position, RunCheckpoints
-    from lightcl_jax.training.loop import (DivergenceError, find_resume_point, run_identity,
-                                           train_and_evaluate, validate_stream)
-    from lightcl_jax.training.parallel import data_parallel
+    # JAX loads only now that the flags are known to be good: a bad flag fails fast.
+    from lightcl_jax.training.checkpoint import RunCheckpoints
+    from lightcl_jax.training.epochs import DivergenceError
+    from lightcl_jax.training.loop import train_and_evaluate
 
-    init_variables = backbone = None
     try:
-        if args.init_from is not None:
-            init_variables, backbone = load_backbone(args.init_from)
-            if args.nf is None:
-                config = dataclasses.replace(config, nf=backbone["nf"])
-            elif args.nf != backbone["nf"]:
-                raise ValueError(f"--nf {args.nf} differs from the backbone's nf="
-                                 f"{backbone['nf']} ({args.init_from}); leave --nf out to use it")
-        parallel = data_parallel(args.devices, {"--batch-size": config.batch_size,
-                                                "--eval-batch-size": config.eval_batch_size})
-        stream = make_stream(config.dataset, data_dir=config.data_dir,
-                             num_tasks=config.num_tasks, eval_split=config.eval_split)
-        validate_stream(stream, config.resolved())
-        if backbone is not None and backbone["in_channels"] != stream.image_shape[-1]:
-            raise ValueError(f"the backbone {args.init_from} takes {backbone['in_channels']}-"
-                             f"channel images; {config.dataset} has {stream.image_shape[-1]}")
+        run, backbone = prepare_run(config, args)
     except ValueError as err:
         parser.error(str(err))
-
     path = os.path.join(workdir, "results.json")
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
     try:
-        identity = run_identity(config, stream, pretrained=backbone is not None,
-                                num_devices=parallel.num_devices, seeds=args.seeds,
-                                init_digest=backbone and backbone["digest"])
         if args.overwrite:
             discard_run(path, checkpoints.directory)
         else:
-            try:
-                finished = finished_results(path, identity)
-                resume = find_resume_point(checkpoints, identity)
-            except ValueError as err:  # CheckpointError included
-                parser.error(str(err))
+            finished = finished_results(path, run.identity)
             if finished is not None:
                 print(format_table(finished))
                 print(f"{path} already holds this run's results; pass --overwrite to run it again")
                 return 0
-            if resume is not None:
-                kind, step, meta = resume
-                where = Position(**meta["position"]).describe(stream.num_tasks,
-                                                              config.resolved().epochs)
-                print(f"resuming from {checkpoints.path(kind, step)}: {where}", file=sys.stderr)
-        try:
-            results = train_and_evaluate(config, stream,
-                                         progress=_Bars(stream.num_tasks, not args.no_progress),
-                                         checkpoints=checkpoints, init_variables=init_variables,
-                                         devices=parallel.num_devices, seeds=args.seeds)
-        except DivergenceError as err:
-            latest = checkpoints.latest()
-            kept = (f"; the last good checkpoint is {checkpoints.path(*latest)}" if latest
-                    else "; no checkpoint was written before it")
-            print(f"{parser.prog}: error: {err}{kept}", file=sys.stderr)
-            return 1
-        except ValueError as err:  # CheckpointError, or seeds whose --freeze auto disagree
-            parser.error(str(err))
-        if backbone is not None:
-            results["init_from"] = {"path": os.path.abspath(args.init_from),
-                                    "source": backbone.get("source"), "digest": backbone["digest"]}
-        write_json_atomic(path, results)
-        print(format_table(results))
-        print(f"results written to {path} (checkpoints in {checkpoints.directory})")
-        return 0
+        results = train_and_evaluate(run, checkpoints=checkpoints,
+                                     progress=Bars(not args.no_progress))
+    except DivergenceError as err:
+        latest = checkpoints.latest()
+        kept = (f"; the last good checkpoint is {checkpoints.path(*latest)}" if latest
+                else "; no checkpoint was written before it")
+        print(f"{parser.prog}: error: {err}{kept}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # a results file or checkpoint of another run, unreadable ones,
+        parser.error(str(err))  # or seeds whose --freeze auto disagrees
     finally:
         checkpoints.close()
+    if backbone is not None:
+        results["init_from"] = {"path": os.path.abspath(args.init_from),
+                                "source": backbone.get("source"), "digest": backbone["digest"]}
+    write_json_atomic(path, results)
+    print(format_table(results))
+    print(f"results written to {path} (checkpoints in {checkpoints.directory})")
+    return 0
+
+
+def prepare_run(config: Config, args: argparse.Namespace):
+    """(`lightcl_jax.training.setup.Run`, the backbone's meta or None) of the flags.
+
+    Raises:
+      ValueError: a bad backbone, data, device count, or a backbone that does not fit.
+    """
+    from lightcl_jax.model.backbone import load_backbone
+    from lightcl_jax.training.setup import setup_run
+
+    init_variables = backbone = None
+    if args.init_from is not None:
+        init_variables, backbone = load_backbone(args.init_from)
+        if args.nf is None:
+            config = dataclasses.replace(config, nf=backbone["nf"])
+        elif args.nf != backbone["nf"]:
+            raise ValueError(f"--nf {args.nf} differs from the backbone's nf={backbone['nf']} "
+                             f"({args.init_from}); leave --nf out to use it")
+    run = setup_run(config, init_variables=init_variables, devices=args.devices,
+                    seeds=args.seeds)
+    if backbone is not None and backbone["in_channels"] != run.stream.image_shape[-1]:
+        raise ValueError(f"the backbone {args.init_from} takes {backbone['in_channels']}-"
+                         f"channel images; {config.dataset} has {run.stream.image_shape[-1]}")
+    return run, backbone
 
 
 def finished_results(path: str, identity: dict) -> dict | None:

@@ -1,4 +1,9 @@
-"""Run configuration: every setting of a run, validated at the boundary."""
+"""Run configuration: every setting of a run, validated at the boundary.
+
+Plain data: importing this module imports no JAX (strategy and similarity
+names come from `lightcl_jax.registry`), so the CLI refuses a bad flag before
+JAX loads.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,8 @@ import dataclasses
 from typing import Any
 
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
-from lightcl_jax.metrics.similarity import SIMILARITIES
-from lightcl_jax.training.freezing import FREEZE_POINTS
+from lightcl_jax.model.layers import FREEZE_POINTS
+from lightcl_jax.registry import SIMILARITIES, STRATEGIES
 
 FROZEN_BN_MODES = ("update", "fixed")
 
@@ -45,7 +50,7 @@ class Config:
       seed: seed of initialisation, data order and augmentation.
       freeze: freeze point for strategies that freeze (see `FREEZE_POINTS`), or
         ``auto``: chosen from measured LP and MS by a probe at the first task
-        that freezes (see `lightcl_jax.training.loop.probe_freeze`).
+        that freezes (see `lightcl_jax.training.probe.probe_freeze`).
       freeze_threshold: LP and MS level a layer group must reach to be frozen
         by ``auto``.
       similarity: registered similarity that ``auto`` measures LP and MS with.
@@ -108,14 +113,11 @@ class Config:
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting and what is allowed."""
-        from lightcl_jax.strategies import STRATEGIES  # late: strategies import config users
-
         def need(ok: bool, message: str):
             if not ok:
                 raise ValueError(message)
 
-        need(self.strategy in STRATEGIES,
-             f"unknown strategy {self.strategy!r}; known: {', '.join(sorted(STRATEGIES))}")
+        need(self.strategy in STRATEGIES, STRATEGIES.unknown(self.strategy))
         need(self.dataset in DATASETS,
              f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
         need(self.eval_split in EVAL_SPLITS,

@@ -25,7 +25,9 @@ from experiments import run
 from lightcl_jax.config import Config
 from lightcl_jax.training.checkpoint import (CheckpointError, Position, RunCheckpoints,
                                              identity_differences)
-from lightcl_jax.training.loop import DivergenceError, train_and_evaluate
+from lightcl_jax.training.epochs import DivergenceError
+from lightcl_jax.training.loop import train_and_evaluate
+from lightcl_jax.training.progress import Progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The digits tasks have 325, 325, 327, 324 and 317 training samples: at batch 32 and 1 epoch,
@@ -38,7 +40,7 @@ def _same(results):
     return {k: v for k, v in results.items() if k not in ("wall_time_s", "resumed_at_steps")}
 
 
-class _SnapshotAfter:
+class _SnapshotAfter(Progress):
     """Progress that copies the checkpoint directory after ``steps`` train steps.
 
     The copy is what a kill at that moment leaves on disk; the run itself goes
@@ -48,16 +50,10 @@ class _SnapshotAfter:
     def __init__(self, steps, source, target):
         self.steps, self.source, self.target, self.done = steps, source, target, 0
 
-    def start_task(self, task_index, num_steps):
-        pass
-
     def advance(self, steps, metrics=None):
         self.done += steps
         if steps and self.done == self.steps:
             shutil.copytree(self.source, self.target)
-
-    def end_task(self, task_index, til, cil):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +85,38 @@ def test_resume_mid_task_gives_the_uninterrupted_results(tmp_path, strategy, con
                                  checkpoints=RunCheckpoints(tmp_path / "killed", every=8))
     assert resumed["resumed_at_steps"] == [8] and clean["resumed_at_steps"] == []
     assert _same(resumed) == _same(clean)
+    if strategy == "lightcl":
+        # The same wreck, written by the code before the training package was split.
+        old = resume_old_fixture("old_lightcl_auto_sparse", tmp_path, config, stream)
+        assert old["resumed_at_steps"] == [8] and _same(old) == _same(clean)
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def resume_old_fixture(name, tmp_path, config, stream, *, seeds=1, boundary=False):
+    """Resumes a run from a checkpoint the code of commit 98a67a2 wrote
+    (tests/fixtures/make_old_checkpoints.py): its mid-task checkpoint of step 8, or with
+    ``boundary`` its task-0 checkpoint of step 6. Also checks the uninterrupted results
+    that code wrote against those of this code (``clean``'s, up to one evaluation
+    sample per accuracy on another CPU)."""
+    directory = tmp_path / f"old-{name}"
+    shutil.copytree(os.path.join(FIXTURES, name, "checkpoints"), directory)
+    if boundary:
+        shutil.rmtree(directory / "steps")
+    resumed = train_and_evaluate(config, stream, seeds=seeds,
+                                 checkpoints=RunCheckpoints(directory, every=8))
+    with open(os.path.join(FIXTURES, name, "results.json")) as f:
+        old = json.load(f)
+    assert old["identity"] == resumed["identity"] and old["phases"] == resumed["phases"]
+    assert old["resources"]["train_steps"] == resumed["resources"]["train_steps"]
+    sizes = [len(task.y_eval) for task in stream.tasks]
+    for old_run, new_run in zip(old.get("seeds", [old]), resumed.get("seeds", [resumed])):
+        for key in ("acc_til", "acc_cil"):
+            for old_row, new_row in zip(old_run[key], new_run[key]):
+                assert all(abs(a - b) <= 100.0 / size + 1e-9
+                           for a, b, size in zip(old_row, new_row, sizes)), (key, old_row, new_row)
+    return resumed
 
 
 @pytest.fixture(scope="module")

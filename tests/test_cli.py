@@ -95,3 +95,23 @@ def test_freeze_auto_and_layer_metrics_flags_reach_the_config_and_the_table():
     assert "--freeze auto chose stage2 at task 1 (cosine LP and MS >= 0.8)" in table
     assert "after 1    80.00   70.00   75.00" in table
     assert "CIL              50.00   50.00  -50.00" in table
+
+
+def test_every_config_field_is_a_flag_with_the_configs_default():
+    import dataclasses
+
+    from lightcl_jax.config import Config
+    _, args = run.parse_args([])
+    assert {f.name for f in dataclasses.fields(Config)} <= set(vars(args))
+    assert run.config_from_args(args) == Config()
+
+
+@pytest.mark.parametrize("flags", [["--workdir", "w"], ["--ckpt-every", "3"], ["--overwrite"],
+                                   ["--seeds", "2"]])
+def test_check_sensitivity_refuses_the_run_flags_it_cannot_honour(flags, capsys):
+    from experiments import check_sensitivity
+    with pytest.raises(SystemExit) as exit_info:
+        check_sensitivity.main(flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"{flags[0]} is not supported here" in err

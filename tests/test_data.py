@@ -196,16 +196,13 @@ def test_validate_stream_refuses_hand_built_streams_with_bad_data():
 
     import pytest
 
-    from lightcl_jax.config import Config
-    from lightcl_jax.data.streams import split_into_tasks
-    from lightcl_jax.training.loop import validate_stream
+    from lightcl_jax.data.streams import split_into_tasks, validate_stream
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 20).astype(np.int32)
     x = rng.normal(size=(len(y), 8, 8, 1)).astype(np.float32)
     good = split_into_tasks("tiny", x, y, x[::4], y[::4], 4, 2)
-    config = Config(batch_size=8)
-    validate_stream(good, config)
+    validate_stream(good, 8)
     t0, t1 = good.tasks
 
     def with_task1(**changes):
@@ -230,9 +227,9 @@ def test_validate_stream_refuses_hand_built_streams_with_bad_data():
     ]
     for stream, message in cases:
         with pytest.raises(ValueError, match=message):
-            validate_stream(stream, config)
+            validate_stream(stream, 8)
     with pytest.raises(ValueError, match="fewer than one batch of 64"):
-        validate_stream(good, Config(batch_size=64))
+        validate_stream(good, 64)
 
 
 def test_bench_input_prints_every_figure(capsys):

@@ -4,9 +4,9 @@ import numpy as np
 import optax
 import pytest
 
+from lightcl_jax.model.layers import FREEZE_POINTS, frozen_groups
 from lightcl_jax.model.resnet import ResNet18
-from lightcl_jax.training.freezing import (FREEZE_POINTS, FROZEN, TRAINABLE, freeze_labels,
-                                           frozen_groups, masked_optimizer)
+from lightcl_jax.training.freezing import FROZEN, TRAINABLE, freeze_labels, masked_optimizer
 
 
 @pytest.fixture(scope="module")

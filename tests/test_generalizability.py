@@ -10,8 +10,8 @@ from experiments import analyze_layers
 from lightcl_jax.config import Config
 from lightcl_jax.metrics.generalizability import layer_similarities
 from lightcl_jax.metrics.similarity import SIMILARITIES, register_similarity
-from lightcl_jax.model.resnet import LAYER_NAMES, ResNet18, layer_features
-from lightcl_jax.training.freezing import FREEZE_POINTS
+from lightcl_jax.model.layers import FREEZE_POINTS, LAYER_NAMES
+from lightcl_jax.model.resnet import ResNet18, layer_features
 from lightcl_jax.training.loop import train_and_evaluate
 from test_similarity import _numpy_cka
 from test_training import TINY, _tiny_stream

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lightcl_jax.model.resnet import (LAYER_GROUPS, TAP_NAMES, ResNet18, fresh_head,
-                                      layer_group)
+from lightcl_jax.model.layers import LAYER_GROUPS, TAP_NAMES, layer_group
+from lightcl_jax.model.resnet import ResNet18, fresh_head
 
 
 def _init(model, shape):

@@ -21,6 +21,7 @@ from experiments import run as run_cli
 from lightcl_jax.model.backbone import load_backbone, save_backbone
 from lightcl_jax.model.torch_import import convert_state_dict
 from lightcl_jax.training.checkpoint import RunCheckpoints
+from lightcl_jax.training.progress import Progress
 from lightcl_jax.training.pretrain import (PretrainConfig, epoch_order, load_tfds_data,
                                            pretrain)
 
@@ -35,22 +36,16 @@ def _mock():
     return tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE)
 
 
-class _SnapshotAt:
+class _SnapshotAt(Progress):
     """Progress that copies the run's directory once ``steps`` train steps were reported."""
 
     def __init__(self, steps, source, target):
         self.steps, self.source, self.target, self.done = steps, source, target, 0
 
-    def start_epoch(self, epoch, num_steps, done):
-        pass
-
     def advance(self, steps, metrics=None):
         self.done += steps
         if self.done >= self.steps and not os.path.exists(self.target):
             shutil.copytree(self.source, self.target)
-
-    def end_epoch(self, epoch, summary):
-        pass
 
 
 def _without_times(history):

@@ -21,12 +21,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import run
-from lightcl_jax.training import loop
-from lightcl_jax.training.checkpoint import RunCheckpoints
-from lightcl_jax.training.lanes import Lanes
 from lightcl_jax.model.resnet import ResNet18
-from lightcl_jax.training.loop import DivergenceError, create_train_state, train_and_evaluate
-from test_checkpoint import _SnapshotAfter, _same
+from lightcl_jax.training import probe
+from lightcl_jax.training.checkpoint import RunCheckpoints
+from lightcl_jax.training.epochs import DivergenceError, check_finite
+from lightcl_jax.training.lanes import Lanes
+from lightcl_jax.training.loop import train_and_evaluate
+from lightcl_jax.training.state import create_train_state
+from test_checkpoint import _SnapshotAfter, _same, resume_old_fixture
 from test_training import TINY, _tiny_stream
 
 
@@ -106,6 +108,11 @@ def test_seeds_resume_mid_task_to_the_uninterrupted_results(tmp_path):
                                  checkpoints=RunCheckpoints(tmp_path / "killed", every=8))
     assert resumed["resumed_at_steps"] == [8]
     assert _same(resumed) == _same(clean)
+    # The task-0 checkpoint of the same run, written by the code before the training
+    # package was split.
+    old = resume_old_fixture("old_derpp_seeds2", tmp_path, config, stream, seeds=2,
+                             boundary=True)
+    assert old["resumed_at_steps"] == [6] and _same(old) == _same(clean)
     # Each seed's reservoir draws from its own seed's key (`ExperienceReplay.begin_task`).
     keys = _final_memory(tmp_path / "killed")["key"]
     for lane, seed in enumerate((0, 1)):
@@ -116,9 +123,9 @@ def test_seeds_resume_mid_task_to_the_uninterrupted_results(tmp_path):
 
 
 def test_seeds_whose_freeze_auto_disagrees_are_refused(monkeypatch):
-    def probe(model, state, stream, task_index, config, *, augment, masks=None):
+    def fake_probe(model, state, stream, task_index, config, *, augment, masks=None, step=None):
         return ("stage2" if config.seed == 0 else "stage3"), {}
-    monkeypatch.setattr(loop, "probe_freeze", probe)
+    monkeypatch.setattr(probe, "probe_freeze", fake_probe)
     config = dataclasses.replace(TINY, freeze="auto").resolved()
     # Pre-trained: LightCL freezes, and probes, from task 0.
     model = ResNet18(num_classes=4, nf=config.nf)
@@ -143,8 +150,9 @@ def test_lanes_split_join_and_divergence_names_the_seed():
     losses = [{"loss": np.array([1.0, 2.0, 3.0])}, {"loss": np.array([1.0, np.nan, 3.0])}]
     with pytest.raises(DivergenceError, match=r"task 4, step 11 of the task \(seed 6\) "
                                               r"\(loss=nan\)"):
-        loop._check_finite(losses, 10, 4, lanes.seeds)
-    assert loop._check_finite(losses[:1], 0, 0, lanes.seeds) == {"loss": 2.0}
+        check_finite(losses, 10, 4, lanes.seeds)
+    np.testing.assert_array_equal(check_finite(losses[:1], 0, 0, lanes.seeds)["loss"],
+                                  [[1.0, 2.0, 3.0]])
 
 
 def test_bench_seeds_refuses_what_it_sets(capsys):
@@ -154,3 +162,60 @@ def test_bench_seeds_refuses_what_it_sets(capsys):
         with pytest.raises(SystemExit) as exit_info:
             bench_seeds.main(argv)
         assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_traced_hook_may_not_read_a_per_seed_field():
+    """The step of all seeds is traced once, with the first seed's config."""
+    import jax.numpy as jnp
+
+    from lightcl_jax.strategies import STRATEGIES, Strategy, register_strategy
+
+    class SeedInLoss(Strategy):
+        name = "seed_in_loss"
+
+        def uses_memory(self, task_index):
+            return True
+
+        def extra_loss(self, forward, eval_forward, params, memory, *, config, **unused):
+            return jnp.zeros((), jnp.float32) * config.seed, {}
+
+    register_strategy(SeedInLoss())
+    try:
+        config = dataclasses.replace(TINY, strategy="seed_in_loss")
+        with pytest.raises(AttributeError, match=r"read config.seed, which differs between the "
+                                                 r"seeds trained together"):
+            train_and_evaluate(config, _tiny_stream(num_tasks=1), seeds=2)
+        assert train_and_evaluate(config, _tiny_stream(num_tasks=1))["seed"] == 0  # one seed
+    finally:
+        STRATEGIES.pop("seed_in_loss", None)
+
+
+def test_freeze_auto_probes_every_seed_with_one_compiled_step(monkeypatch):
+    traces, make = [], probe.make_train_step
+
+    def counting(*args, **kwargs):
+        step = make(*args, **kwargs)
+
+        def traced(*step_args):
+            traces.append(1)  # runs only while tracing
+            return step(*step_args)
+        return traced
+    monkeypatch.setattr(probe, "make_train_step", counting)
+    from lightcl_jax.training.placement import Placement
+    from lightcl_jax.training.state import create_lane_states
+
+    # Threshold -1: every layer is generalized, so both seeds choose the same point.
+    config = dataclasses.replace(TINY, freeze="auto", freeze_threshold=-1.0).resolved()
+    stream = _tiny_stream(num_tasks=2)
+    model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
+    placement = Placement.of(config.seed, 2, 1, {})
+    states, masks = create_lane_states(model, (8, 8, 1), placement.lanes.seeds)
+    configs = placement.lane_configs(config)
+    choices = probe.freeze_auto(model, placement, placement.lanes.join(states), stream, 1,
+                                configs, masks, augment=False)
+    assert len(traces) == 1 and [c["chosen"] for c in choices] == ["all-but-head"] * 2
+    # The shared step gives each seed what its own probe gives.
+    alone, metrics = probe.probe_freeze(model, states[1], stream, 1, configs[1], augment=False)
+    assert alone == choices[1]["chosen"] and len(traces) == 2
+    for layer, values in metrics.items():
+        assert choices[1]["metrics"][layer] == pytest.approx(values, abs=1e-6)

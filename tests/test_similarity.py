@@ -7,7 +7,7 @@ from lightcl_jax.metrics.generalizability import choose_freeze
 from lightcl_jax.metrics.similarity import (SIMILARITIES, cosine_similarity, get_similarity,
                                             linear_cka, linear_cka_debiased, param_similarity,
                                             register_similarity)
-from lightcl_jax.model.resnet import LAYER_NAMES
+from lightcl_jax.model.layers import LAYER_NAMES
 
 
 def _numpy_cka(x, y):

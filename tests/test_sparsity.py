@@ -9,7 +9,8 @@ from lightcl_jax.config import Config
 from lightcl_jax.data.streams import split_into_tasks
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import LightCL
-from lightcl_jax.training.loop import create_train_state, train_and_evaluate
+from lightcl_jax.training.loop import train_and_evaluate
+from lightcl_jax.training.state import create_train_state
 from lightcl_jax.training.sparsity import (REFERENCE_SPARSITY, apply_masks, channel_prune_masks,
                                            keep_pruned, kept_output_channels, sparsity_report)
 

@@ -63,7 +63,7 @@ def test_ewc_penalty_and_online_accumulation():
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
     # end_task: F = gamma * F_old + F_new, anchor = current params.
     from lightcl_jax.model.resnet import ResNet18
-    from lightcl_jax.training.loop import make_eval_forward
+    from lightcl_jax.training.forward import make_eval_forward
     model = ResNet18(num_classes=4, nf=4)
     v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
     x = jnp.asarray(rng.normal(size=(6, 8, 8, 1)).astype(np.float32))

@@ -12,10 +12,13 @@ from lightcl_jax.config import Config
 from lightcl_jax.data.streams import split_into_tasks
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import LightCL
-from lightcl_jax.training.freezing import frozen_groups, masked_optimizer
-from lightcl_jax.training.loop import (BatchStatsChain, DivergenceError, Phase,
-                                       create_train_state, jitted_forward, make_train_step,
-                                       phase_for_task, phase_step, train_and_evaluate)
+from lightcl_jax.model.layers import frozen_groups
+from lightcl_jax.training.epochs import DivergenceError
+from lightcl_jax.training.forward import BatchStatsChain, jitted_forward
+from lightcl_jax.training.freezing import masked_optimizer
+from lightcl_jax.training.loop import train_and_evaluate
+from lightcl_jax.training.state import create_train_state
+from lightcl_jax.training.steps import Phase, make_train_step, phase_for_task, phase_step
 
 TINY = Config(strategy="lightcl", dataset="digits", epochs=1, nf=4, batch_size=16, buffer_size=8)
 
@@ -248,3 +251,60 @@ def test_cached_prefix_step_equals_the_reference_full_forward_step(frozen_bn):
         want = old - config.lr * g if trainable else old
         np.testing.assert_allclose(new, want, rtol=1e-4, atol=1e-6, err_msg=str(path))
     chex.assert_trees_all_close(got.batch_stats, stats, rtol=1e-5, atol=1e-7)
+
+
+def test_progress_gets_the_mean_loss_terms_of_each_whole_epoch(monkeypatch):
+    """Losses are checked (and read from the device) in chunks of CHECK_EVERY steps; the
+    epoch's figures are the mean over all its steps, not over its last chunk."""
+    from lightcl_jax.training import epochs
+    from lightcl_jax.training.progress import Progress
+
+    class EpochMetrics(Progress):
+        def __init__(self):
+            self.epochs = []
+
+        def advance(self, steps, metrics=None):
+            if metrics:
+                self.epochs.append(metrics)
+
+    per_step, check = [], epochs.check_finite
+
+    def spy(losses, *args):
+        terms = check(losses, *args)
+        per_step.extend(np.asarray(terms["loss"]).tolist())
+        return terms
+    monkeypatch.setattr(epochs, "check_finite", spy)
+    monkeypatch.setattr(epochs, "CHECK_EVERY", 2)
+    got = EpochMetrics()
+    # One task of 48 samples: 3 steps an epoch, checked after steps 2 and 3.
+    train_and_evaluate(dataclasses.replace(TINY, strategy="finetune", epochs=2),
+                       _tiny_stream(num_tasks=1), progress=got)
+    assert len(per_step) == 6 and [m["epoch"] for m in got.epochs] == [1, 2]
+    for epoch, metrics in enumerate(got.epochs):
+        assert metrics["loss"] == pytest.approx(np.mean(per_step[3 * epoch:3 * epoch + 3]))
+        assert metrics["ce"] == metrics["loss"]  # finetune: the loss is the cross-entropy
+    assert got.epochs[0]["loss"] != pytest.approx(per_step[2])
+
+
+def test_evaluate_gives_each_seeds_accuracy_on_each_task():
+    """Against argmax of each seed's logits in NumPy; batches of 12 pad the 16 samples."""
+    from lightcl_jax.training.evaluation import evaluate
+    from lightcl_jax.training.placement import Placement
+    from lightcl_jax.training.state import create_lane_states
+    from lightcl_jax.training.steps import make_eval_step
+
+    stream = _tiny_stream(num_tasks=2)
+    model = ResNet18(num_classes=4, nf=4)
+    placement = Placement.of(5, 2, 1, {})
+    states, _ = create_lane_states(model, (8, 8, 1), placement.lanes.seeds)
+    eval_step = placement.jit_eval_step(make_eval_step(model, 2))
+    til, cil = evaluate(eval_step, placement.lanes.join(states), stream, 2, 12, placement)
+    assert til.shape == cil.shape == (2, 2)
+    for lane, state in enumerate(states):
+        for j, task in enumerate(stream.tasks):
+            logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                    task.x_eval, train=False)
+            logits = np.asarray(logits)
+            own = logits[:, task.class_offset:task.class_offset + 2].argmax(1) + task.class_offset
+            assert til[j, lane] == 100.0 * np.mean(own == task.y_eval)
+            assert cil[j, lane] == 100.0 * np.mean(logits.argmax(1) == task.y_eval)

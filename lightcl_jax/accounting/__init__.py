@@ -1,10 +1,21 @@
-"""What a train step costs, from the compiler; what a run costs, counted as the paper does."""
+"""What a train step costs, from the compiler; what a run costs, counted as the paper does.
 
-from lightcl_jax.accounting.compiled import compiled_eval_step_cost, compiled_train_step_cost
-from lightcl_jax.accounting.theory import (LIGHTCL_MEM_GAP, PAPER_SETTINGS, PAPER_TABLE1,
-                                           kept_channels, layer_table, lightcl_memory_gap,
-                                           reproduction_table, theoretical_cost)
+Modules:
+  * `lightcl_jax.accounting.theory` -- the paper's Table 1 counts, plain Python.
+  * `lightcl_jax.accounting.xla` -- XLA's figures for compiled steps and whole runs.
+  * `lightcl_jax.accounting.compiled` -- a strategy's step compiled without a run.
 
-__all__ = ["compiled_train_step_cost", "compiled_eval_step_cost", "theoretical_cost",
-           "layer_table", "kept_channels", "lightcl_memory_gap", "reproduction_table",
-           "LIGHTCL_MEM_GAP", "PAPER_TABLE1", "PAPER_SETTINGS"]
+The names below load their module on first use, so that the training loop can
+use `accounting.xla` without importing `accounting.compiled`, which builds on
+the training package.
+"""
+
+from lightcl_jax._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "lightcl_jax.accounting.compiled": ("compiled_train_step_cost", "compiled_eval_step_cost"),
+    "lightcl_jax.accounting.theory": ("LIGHTCL_MEM_GAP", "PAPER_SETTINGS", "PAPER_TABLE1",
+                                      "kept_channels", "layer_table", "lightcl_memory_gap",
+                                      "reproduction_table", "theoretical_cost"),
+    "lightcl_jax.accounting.xla": ("CompiledStep", "compiled_cost", "run_resources"),
+})

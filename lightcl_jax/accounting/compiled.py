@@ -1,4 +1,4 @@
-"""Compiler-exact cost of a strategy's jitted train step.
+"""Compiler-exact cost of a strategy's jitted train step, compiled without a run.
 
 XLA reports, for the compiled step on the real shapes, its FLOPs (cost
 analysis) and its buffers (memory analysis): arguments, outputs,
@@ -11,13 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lightcl_jax.accounting.xla import compiled_cost
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
-from lightcl_jax.training.loop import (BatchStatsChain, compiled_cost, create_train_state,
-                                       make_eval_forward, make_eval_step, make_forward,
-                                       memory_at_task_start, phase_step)
 from lightcl_jax.training.sparsity import channel_prune_masks
+from lightcl_jax.training.state import create_train_state
+from lightcl_jax.training.steps import abstract_memory, make_eval_step, phase_step
 
 
 def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
@@ -56,12 +56,8 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
     offset = jax.ShapeDtypeStruct((), jnp.int32)
     memory = None
     if phase.uses_memory:
-        memory = jax.eval_shape(
-            lambda params, batch_stats, x, y: memory_at_task_start(
-                strategy, config, task_index, (x, y),
-                make_forward(model, BatchStatsChain(batch_stats), phase.fixed_bn),
-                make_eval_forward(model), params, batch_stats, classes_per_task),
-            state.params, state.batch_stats, x, y)
+        memory = abstract_memory(model, strategy, config, phase, task_index, state.params,
+                                 state.batch_stats, image_shape, classes_per_task)
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, memory, x, y, offset).compile()
     figures = compiled_cost(compiled)
     figures["train_bytes"] = figures["step_bytes"]

@@ -64,27 +64,15 @@ dense LightCL counts 118.9).
 
 from __future__ import annotations
 
+from lightcl_jax.model.layers import FREEZE_POINTS
+from lightcl_jax.model.layers import REFERENCE_SPARSITY as SPARSITY
+
 MIB = 2 ** 20
 FLOAT_BYTES = 4
 MASK_BYTES = 1
 
 STRATEGIES = ("finetune", "ewc", "er", "derpp", "lightcl")
 ALIASES = {"sgd": "finetune"}
-
-# Layer groups each freeze point freezes; the same as `lightcl_jax.training.freezing`
-# (a test checks), repeated so that this module needs no JAX.
-FREEZE_POINTS = {
-    "none": (),
-    "stem": ("stem",),
-    "stage1": ("stem", "stage1"),
-    "stage2": ("stem", "stage1", "stage2"),
-    "stage3": ("stem", "stage1", "stage2", "stage3"),
-    "all-but-head": ("stem", "stage1", "stage2", "stage3", "stage4"),
-}
-
-# The reference's pruning sparsity per layer group (SPEC section 2, sparse variant); the same as
-# `lightcl_jax.training.sparsity.REFERENCE_SPARSITY` (a test checks), repeated to need no JAX.
-SPARSITY = {"stem": 0.2, "stage1": 0.2, "stage2": 0.2, "stage3": 0.7, "stage4": 0.8}
 
 # Table 1 of the paper: Mem in MB and FLOPs of the whole run.
 PAPER_TABLE1 = {
@@ -289,38 +277,17 @@ def theoretical_cost(strategy: str, *, image_size: int, num_classes: int, batch_
       ValueError: unknown strategy or freeze point, sparse for a strategy other than
         lightcl, or a count out of range.
     """
-    if not isinstance(strategy, str) or ALIASES.get(strategy, strategy) not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; known: "
-                         f"{', '.join(STRATEGIES + tuple(ALIASES))}")
-    strategy = ALIASES.get(strategy, strategy)
-    if freeze not in FREEZE_POINTS:
-        raise ValueError(f"unknown freeze point {freeze!r}; known: {', '.join(FREEZE_POINTS)}")
-    for name, value, minimum in (("batch_size", batch_size, 1), ("buffer_size", buffer_size, 0),
-                                 ("train_samples", train_samples, 1), ("epochs", epochs, 1)):
-        _check_int(name, value, minimum)
-    if num_tasks is not None:
-        _check_int("num_tasks", num_tasks, 1)
-    if sparse and strategy != "lightcl":
-        raise ValueError(f"sparse is LightCL's variant; strategy {strategy!r} must be run "
-                         "with sparse=False (allowed with sparse: lightcl)")
+    strategy = _checked(strategy, freeze, sparse, batch_size=batch_size, buffer_size=buffer_size,
+                        train_samples=train_samples, epochs=epochs, num_tasks=num_tasks)
     rows = layer_table(nf, image_size, num_classes, channels, sparse=sparse)
     frozen = FREEZE_POINTS[freeze] if strategy == "lightcl" else ()
-    image_bytes = channels * image_size * image_size * FLOAT_BYTES
-    replayed = {"finetune": 0, "ewc": 0, "er": 1, "derpp": 2, "lightcl": 1}[strategy]
-    buffer_bytes = buffer_size * image_bytes if replayed else 0
-    stored_bytes = 0
-    if strategy == "derpp":
-        stored_bytes = buffer_size * num_classes * FLOAT_BYTES
-    elif strategy == "lightcl":
-        # Four taps of 8nf channels at stage 4's resolution, stored whole (pruned or not).
-        tap_hw = next(r["out_hw"] for r in rows if r["group"] == "stage4")
-        stored_bytes = (buffer_size * (4 * 8 * nf * tap_hw + num_classes) * FLOAT_BYTES
-                        + 4 * 8 * nf * MASK_BYTES)
-    state_bytes = sum(r["params"] for r in rows) * FLOAT_BYTES if strategy == "ewc" else 0
+    replayed = REPLAYED[strategy]
     samples = train_samples * epochs
     common = dict(batch_size=batch_size, samples_trained=samples)
     later = dict(name="all tasks", share=1.0, samples_per_step=batch_size + replayed * buffer_size,
-                 buffer_bytes=buffer_bytes, stored_bytes=stored_bytes, state_bytes=state_bytes)
+                 **_stored_bytes(strategy, rows, buffer_size=buffer_size, nf=nf,
+                                 num_classes=num_classes,
+                                 image_bytes=channels * image_size * image_size * FLOAT_BYTES))
     task0 = None
     if sparse:
         tasks = num_tasks or 5
@@ -352,6 +319,46 @@ def theoretical_cost(strategy: str, *, image_size: int, num_classes: int, batch_
             flops = task0_flops + main["train_flops"] * (1 - 1 / num_tasks)
         result["train_flops_no_task0_buffer"] = float(flops)
     return result
+
+
+# Buffer samples that go through the net with each step's batch, by strategy.
+REPLAYED = {"finetune": 0, "ewc": 0, "er": 1, "derpp": 2, "lightcl": 1}
+
+
+def _checked(strategy, freeze: str, sparse: bool, **counts) -> str:
+    """The canonical strategy name; ValueError for any setting out of range."""
+    if not isinstance(strategy, str) or ALIASES.get(strategy, strategy) not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; known: "
+                         f"{', '.join(STRATEGIES + tuple(ALIASES))}")
+    strategy = ALIASES.get(strategy, strategy)
+    if freeze not in FREEZE_POINTS:
+        raise ValueError(f"unknown freeze point {freeze!r}; known: {', '.join(FREEZE_POINTS)}")
+    minimum = {"batch_size": 1, "buffer_size": 0, "train_samples": 1, "epochs": 1, "num_tasks": 1}
+    for name, value in counts.items():
+        if value is not None or name != "num_tasks":
+            _check_int(name, value, minimum[name])
+    if sparse and strategy != "lightcl":
+        raise ValueError(f"sparse is LightCL's variant; strategy {strategy!r} must be run "
+                         "with sparse=False (allowed with sparse: lightcl)")
+    return strategy
+
+
+def _stored_bytes(strategy: str, rows: list[dict], *, buffer_size: int, nf: int,
+                  num_classes: int, image_bytes: int) -> dict:
+    """What a strategy keeps besides the model: buffer images, what is stored beside them
+    (DER++: logits; LightCL: taps, logits, vital masks), and its state (EWC: a Fisher)."""
+    stored_bytes = 0
+    if strategy == "derpp":
+        stored_bytes = buffer_size * num_classes * FLOAT_BYTES
+    elif strategy == "lightcl":
+        # Four taps of 8nf channels at stage 4's resolution, stored whole (pruned or not).
+        tap_hw = next(r["out_hw"] for r in rows if r["group"] == "stage4")
+        stored_bytes = (buffer_size * (4 * 8 * nf * tap_hw + num_classes) * FLOAT_BYTES
+                        + 4 * 8 * nf * MASK_BYTES)
+    return {"buffer_bytes": buffer_size * image_bytes if REPLAYED[strategy] else 0,
+            "stored_bytes": stored_bytes,
+            "state_bytes": sum(r["params"] for r in rows) * FLOAT_BYTES if strategy == "ewc"
+            else 0}
 
 
 def lightcl_memory_gap() -> dict:

@@ -292,3 +292,50 @@ def _record_split(source, name, split, mean, std, label_source=None):
     images = RecordImages(source, np.arange(len(labels)), mean, std, shape,
                           f"{name}:{version}/{split}")
     return images, labels
+
+
+def validate_stream(stream: TaskStream, batch_size: int) -> None:
+    """Raises ValueError naming the first problem of a stream, built here or by hand.
+
+    Checked: every task has training and evaluation samples, at least one
+    training batch of ``batch_size`` of them; images have the stream's shape
+    and finite pixels; labels lie in their task's classes; tasks' class groups
+    are disjoint and within the head's ``num_classes``.
+    """
+    seen: dict[int, int] = {}
+    for task in stream.tasks:
+        where = f"task {task.index}"
+        if task.classes:
+            where += f" (classes {task.classes[0]}..{task.classes[-1]})"
+        if not task.classes:
+            raise ValueError(f"{where} has no classes; every task needs at least one")
+        for c in task.classes:
+            if not 0 <= c < stream.num_classes:
+                raise ValueError(f"{where}: class {c} lies outside the head's "
+                                 f"{stream.num_classes} classes [0, {stream.num_classes})")
+            if c in seen:
+                raise ValueError(f"{where}: class {c} also belongs to task {seen[c]}; class "
+                                 "groups must not overlap")
+            seen[c] = task.index
+        for split, x, y in (("training", task.x_train, task.y_train),
+                            ("evaluation", task.x_eval, task.y_eval)):
+            _validate_split(where, split, x, y, task.classes, stream.image_shape)
+        if len(task.x_train) < batch_size:
+            raise ValueError(f"task {task.index} has {len(task.x_train)} training samples, fewer "
+                             f"than one batch of {batch_size}; lower --batch-size")
+
+
+def _validate_split(where: str, split: str, x, y, classes, image_shape) -> None:
+    if len(y) == 0:
+        raise ValueError(f"{where} has no {split} samples; every task needs both")
+    if tuple(x.shape[1:]) != tuple(image_shape) or len(x) != len(y):
+        expected = ", ".join(map(str, image_shape))
+        raise ValueError(f"{where}: {split} images are {tuple(x.shape)} with "
+                         f"{len(y)} labels; expected (N, {expected}) with N labels")
+    if isinstance(x, np.ndarray) and not np.all(np.isfinite(x)):
+        # (`RecordImages` are decoded uint8 pixels: finite.)
+        raise ValueError(f"{where}: {split} images contain NaN or Inf pixels")
+    outside = ~np.isin(y, classes)
+    if outside.any():
+        raise ValueError(f"{where}: {split} label {int(y[outside][0])} is not one of "
+                         f"the task's classes {list(classes)}")

@@ -24,11 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightcl_jax.metrics.similarity import get_similarity
-from lightcl_jax.model.resnet import LAYER_NAMES, layer_features, layer_group
-
-# Freeze points by how many leading layer groups are generalized.
-_FREEZE_BY_DEPTH = ("none", "stem", "stage1", "stage2", "stage3", "all-but-head")
-_FREEZABLE_GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4")
+from lightcl_jax.model.layers import (FREEZABLE_GROUPS, LAYER_NAMES, freeze_point_at_depth,
+                                      layer_group)
+from lightcl_jax.model.resnet import layer_features
 
 
 @functools.partial(jax.jit, static_argnames=("model", "fn"))
@@ -115,7 +113,7 @@ def choose_freeze(metrics: Mapping[str, Mapping[str, float | None]], threshold: 
       ValueError: a layer of a freezable group is missing, or a value is NaN.
     """
     depth = 0
-    for group in _FREEZABLE_GROUPS:
+    for group in FREEZABLE_GROUPS:
         layers = [name for name in LAYER_NAMES if layer_group(name) == group]
         missing = [name for name in layers if name not in metrics]
         if missing:
@@ -127,4 +125,4 @@ def choose_freeze(metrics: Mapping[str, Mapping[str, float | None]], threshold: 
         if not all(v >= threshold for v in values):
             break
         depth += 1
-    return _FREEZE_BY_DEPTH[depth]
+    return freeze_point_at_depth(depth)

@@ -26,6 +26,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from lightcl_jax.registry import SIMILARITIES
+
 SIMILARITY_KINDS = ("features", "params")
 
 
@@ -120,12 +122,11 @@ def param_similarity(w_old: jax.Array, w_new: jax.Array) -> jax.Array:
     return 1.0 - drift
 
 
-SIMILARITIES: dict[str, Similarity] = {
-    "linear_cka": Similarity("linear_cka", linear_cka),
-    "linear_cka_debiased": Similarity("linear_cka_debiased", linear_cka_debiased),
-    "cosine": Similarity("cosine", cosine_similarity),
-    "param_similarity": Similarity("param_similarity", param_similarity, on="params"),
-}
+# The built-in entries of `SIMILARITIES` (`lightcl_jax.registry` names them without JAX).
+LINEAR_CKA = Similarity("linear_cka", linear_cka)
+LINEAR_CKA_DEBIASED = Similarity("linear_cka_debiased", linear_cka_debiased)
+COSINE = Similarity("cosine", cosine_similarity)
+PARAM_SIMILARITY = Similarity("param_similarity", param_similarity, on="params")
 
 
 def register_similarity(name: str, fn: Callable[[jax.Array, jax.Array], jax.Array], *,
@@ -155,6 +156,4 @@ def get_similarity(name: str) -> Similarity:
     Raises:
       ValueError: unknown name; the message lists the known ones.
     """
-    if name not in SIMILARITIES:
-        raise ValueError(f"unknown similarity {name!r}; known: {', '.join(sorted(SIMILARITIES))}")
-    return SIMILARITIES[name]
+    return SIMILARITIES.lookup(name)

@@ -36,20 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Layer groups in network order; parameter paths start with one of these.
-LAYER_GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
-
-# Blocks whose outputs `layer_features` returns (stem, every BasicBlock, head),
-# in network order; each belongs to the layer group its name starts with.
-LAYER_NAMES = ("stem",) + tuple(f"stage{s}_block{b}" for s in range(1, 5) for b in (1, 2)) + (
-    "head",)
-
-TAP_NAMES = (
-    "stage4_block1_conv1",
-    "stage4_block1_out",
-    "stage4_block2_conv1",
-    "stage4_block2_out",
-)
+from lightcl_jax.model.layers import LAYER_GROUPS, LAYER_NAMES
 
 # PyTorch's default conv init (kaiming_uniform with a=sqrt(5)) is a uniform
 # variance scaling of 1/3 over fan-in; the reference model uses it.
@@ -192,20 +179,6 @@ def layer_features(model: ResNet, variables, x) -> dict[str, jax.Array]:
     _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
     return {name.removeprefix("out_"): value[0].reshape(x.shape[0], -1)
             for name, value in state["intermediates"].items()}
-
-
-def layer_group(path: str) -> str:
-    """Maps a parameter path such as ``"stage3_block2/conv1/kernel"`` to its group.
-
-    Raises:
-      ValueError: when the path belongs to no group in `LAYER_GROUPS`.
-    """
-    top = path.split("/", 1)[0]
-    matches = [g for g in LAYER_GROUPS if top == g or top.startswith(g + "_")]
-    if len(matches) != 1:
-        raise ValueError(f"parameter path {path!r} belongs to {len(matches)} layer groups; "
-                         f"every path must start with exactly one of {list(LAYER_GROUPS)}")
-    return matches[0]
 
 
 def fresh_head(params, num_classes: int, key: jax.Array):

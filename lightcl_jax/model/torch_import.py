@@ -133,6 +133,49 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, dict
     arrays = {str(k): np.asarray(v) for k, v in state_dict.items()}
     aliases = _alias_map(arrays)
     primary = {k: v for k, v in arrays.items() if k not in aliases}
+    targets = _targets(arrays, aliases, primary)
+    if "conv1.weight" not in primary or "linear.weight" not in primary:
+        raise ConversionError("the state_dict lacks conv1.weight or linear.weight; it is not "
+                              "a ResNet-18 of the reference")
+    stem, head = primary["conv1.weight"], primary["linear.weight"]
+    if stem.ndim != 4 or head.ndim != 2:
+        raise ConversionError(f"conv1.weight must be (out, in, 3, 3) and linear.weight "
+                              f"(classes, features); got {stem.shape} and {head.shape}")
+    nf, in_channels = stem.shape[:2]
+    num_classes = primary["linear.weight"].shape[0]
+    expected = _expected_shapes(nf, in_channels, num_classes)
+    missing = sorted(set(expected) - set(targets))
+    if missing:
+        raise ConversionError(f"{len(missing)} tensors of a ResNet-18 with nf={nf} are missing, "
+                              f"e.g. {', '.join(missing[:5])}")
+    extra = sorted(set(targets) - set(expected))
+    if extra:
+        raise ConversionError(f"{len(extra)} tensors are not in the reference ResNet-18 with "
+                              f"nf={nf}, e.g. {', '.join(extra[:5])} (a shortcut only exists in "
+                              "the first block of stages 2-4)")
+    variables: dict = {"params": {}, "batch_stats": {}}
+    for key, (collection, path) in targets.items():
+        value = primary[key]
+        if tuple(value.shape) != expected[key]:
+            raise ConversionError(f"{key} is {tuple(value.shape)}; a ResNet-18 with nf={nf}, "
+                                  f"{in_channels} input channels and {num_classes} classes "
+                                  f"has {expected[key]}")
+        node = variables[collection]
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = _to_flax(value, path)
+    info = {"nf": int(nf), "num_classes": int(num_classes), "in_channels": int(in_channels),
+            "keys": len(arrays), "aliases": len(aliases)}
+    return variables, info
+
+
+def _targets(arrays: dict, aliases: dict[str, str], primary: dict) -> dict:
+    """{primary key: (collection, path)} of the tensors to convert.
+
+    Raises:
+      ConversionError: unknown keys, aliases without the keys they repeat, or
+        an alias whose tensor differs from its key's.
+    """
     targets, unknown = {}, []
     for key in primary:
         target = _target(key)
@@ -160,43 +203,16 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, dict
             raise ConversionError(f"alias {alias} does not hold the same tensor as {key} "
                                   f"(shapes {arrays[alias].shape} and {primary[key].shape}); "
                                   "the checkpoint is inconsistent")
-    if "conv1.weight" not in primary or "linear.weight" not in primary:
-        raise ConversionError("the state_dict lacks conv1.weight or linear.weight; it is not "
-                              "a ResNet-18 of the reference")
-    stem, head = primary["conv1.weight"], primary["linear.weight"]
-    if stem.ndim != 4 or head.ndim != 2:
-        raise ConversionError(f"conv1.weight must be (out, in, 3, 3) and linear.weight "
-                              f"(classes, features); got {stem.shape} and {head.shape}")
-    nf, in_channels = stem.shape[:2]
-    num_classes = primary["linear.weight"].shape[0]
-    expected = _expected_shapes(nf, in_channels, num_classes)
-    missing = sorted(set(expected) - set(targets))
-    if missing:
-        raise ConversionError(f"{len(missing)} tensors of a ResNet-18 with nf={nf} are missing, "
-                              f"e.g. {', '.join(missing[:5])}")
-    extra = sorted(set(targets) - set(expected))
-    if extra:
-        raise ConversionError(f"{len(extra)} tensors are not in the reference ResNet-18 with "
-                              f"nf={nf}, e.g. {', '.join(extra[:5])} (a shortcut only exists in "
-                              "the first block of stages 2-4)")
-    variables: dict = {"params": {}, "batch_stats": {}}
-    for key, (collection, path) in targets.items():
-        value = primary[key]
-        if tuple(value.shape) != expected[key]:
-            raise ConversionError(f"{key} is {tuple(value.shape)}; a ResNet-18 with nf={nf}, "
-                                  f"{in_channels} input channels and {num_classes} classes "
-                                  f"has {expected[key]}")
-        if value.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)     # (out, in, kh, kw) -> (kh, kw, in, out)
-        elif path[-1] == "kernel":
-            value = value.T                         # Linear (out, in) -> Dense (in, out)
-        node = variables[collection]
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = np.ascontiguousarray(value, np.float32)
-    info = {"nf": int(nf), "num_classes": int(num_classes), "in_channels": int(in_channels),
-            "keys": len(arrays), "aliases": len(aliases)}
-    return variables, info
+    return targets
+
+
+def _to_flax(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
+    """A PyTorch tensor in Flax's layout, as contiguous float32."""
+    if value.ndim == 4:
+        value = value.transpose(2, 3, 1, 0)     # (out, in, kh, kw) -> (kh, kw, in, out)
+    elif path[-1] == "kernel":
+        value = value.T                         # Linear (out, in) -> Dense (in, out)
+    return np.ascontiguousarray(value, np.float32)
 
 
 def _expected_shapes(nf: int, cin: int, num_classes: int) -> dict[str, tuple[int, ...]]:

@@ -1,16 +1,16 @@
-"""Continual-learning strategies by name; `register_strategy` adds one."""
+"""Continual-learning strategies by name; `register_strategy` adds one.
 
+`STRATEGIES` (`lightcl_jax.registry`) lists the built-in ones without
+importing them; looking one up imports its module.
+"""
+
+from lightcl_jax.registry import STRATEGIES
 from lightcl_jax.strategies.base import Strategy, task_cross_entropy
 from lightcl_jax.strategies.finetune import Finetune
 from lightcl_jax.strategies.joint import Joint
 from lightcl_jax.strategies.lightcl import LightCL
 from lightcl_jax.strategies.regularization import LearningWithoutForgetting, OnlineEWC
 from lightcl_jax.strategies.replay import DERPlusPlus, ExperienceReplay
-
-STRATEGIES: dict[str, Strategy] = {
-    s.name: s for s in (LightCL(), Finetune(), Joint(), OnlineEWC(), LearningWithoutForgetting(),
-                        ExperienceReplay(), DERPlusPlus())
-}
 
 
 def register_strategy(strategy: Strategy) -> None:
@@ -21,9 +21,8 @@ def register_strategy(strategy: Strategy) -> None:
 
 
 def get_strategy(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name]
+    """The registered strategy called ``name``; ValueError naming the known ones otherwise."""
+    return STRATEGIES.lookup(name)
 
 
 __all__ = ["STRATEGIES", "Strategy", "Finetune", "LightCL", "Joint", "OnlineEWC",

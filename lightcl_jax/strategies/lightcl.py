@@ -24,9 +24,8 @@ from __future__ import annotations
 
 from lightcl_jax.memory.feature_memory import (FeatureMemory, build_memory,
                                                regulation_loss, update_vital_masks)
-from lightcl_jax.model.resnet import LAYER_GROUPS, LAYER_NAMES
+from lightcl_jax.model.layers import LAYER_GROUPS, LAYER_NAMES, frozen_groups
 from lightcl_jax.strategies.base import Strategy
-from lightcl_jax.training.freezing import frozen_groups
 
 
 def buffer_start(config) -> str | None:

@@ -1,7 +1,7 @@
 """Freezing layers with masked optax updates.
 
-A freeze point names the deepest layer group that is frozen; every group up
-to it in `LAYER_GROUPS` order is frozen. Labels are built from parameter
+A freeze point (`lightcl_jax.model.layers.FREEZE_POINTS`) names the deepest
+layer group that is frozen; every group up to it in network order is frozen. Labels are built from parameter
 paths, every leaf gets exactly one label (asserted), and
 `optax.multi_transform` sends the frozen label to `optax.set_to_zero()`, so
 frozen leaves get no update and no optimizer state. Because nothing reads
@@ -16,32 +16,10 @@ from typing import Any
 import jax
 import optax
 
-from lightcl_jax.model.resnet import LAYER_GROUPS, layer_group
+from lightcl_jax.model.layers import layer_group
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
-
-# Freeze points: name -> the layer groups it freezes.
-FREEZE_POINTS = {
-    "none": (),
-    "stem": ("stem",),
-    "stage1": ("stem", "stage1"),
-    "stage2": ("stem", "stage1", "stage2"),
-    "stage3": ("stem", "stage1", "stage2", "stage3"),  # the reference
-    "all-but-head": ("stem", "stage1", "stage2", "stage3", "stage4"),
-}
-assert all(set(groups) <= set(LAYER_GROUPS) for groups in FREEZE_POINTS.values())
-
-
-def frozen_groups(freeze: str) -> tuple[str, ...]:
-    """The layer groups a freeze point freezes.
-
-    Raises:
-      ValueError: unknown freeze point.
-    """
-    if freeze not in FREEZE_POINTS:
-        raise ValueError(f"unknown freeze point {freeze!r}; known: {', '.join(FREEZE_POINTS)}")
-    return FREEZE_POINTS[freeze]
 
 
 def _path_string(path) -> str:
@@ -53,7 +31,7 @@ def freeze_labels(params: Any, frozen: tuple[str, ...]) -> Any:
 
     Args:
       params: the model's parameter pytree.
-      frozen: layer groups to freeze (see `FREEZE_POINTS`), or single blocks
+      frozen: layer groups to freeze (see `lightcl_jax.model.layers.FREEZE_POINTS`), or single blocks
         such as ``stage3_block1`` (the sparse variant's task 0).
 
     Returns:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,13 @@ from lightcl_jax.data.pipeline import eval_batches, prefetch
 from lightcl_jax.data.sources import RecordImages, update_digest
 from lightcl_jax.data.streams import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from lightcl_jax.model.resnet import ResNet18
-from lightcl_jax.training.loop import DivergenceError, TrainState, jitted_eval_forward
+from lightcl_jax.training.checkpoint import Position
+from lightcl_jax.training.epochs import DivergenceError
+from lightcl_jax.training.forward import jitted_eval_forward
 from lightcl_jax.training.parallel import data_parallel
+from lightcl_jax.training.progress import Progress
+from lightcl_jax.training.resume import Clock, Saver, find_resume_point
+from lightcl_jax.training.state import TrainState, random_variables, train_state
 
 # Per-channel statistics of images scaled to [0, 1]; other datasets get theirs
 # estimated from their first `STATISTICS_SAMPLES` training records.
@@ -232,25 +237,6 @@ def make_pretrain_step(model, tx: optax.GradientTransformation):
     return step
 
 
-class PretrainProgress(Protocol):
-    """What `pretrain` reports while it runs (a progress bar, or a test's probe)."""
-
-    def start_epoch(self, epoch: int, num_steps: int, done: int) -> None: ...
-    def advance(self, steps: int, metrics: dict[str, float] | None = None) -> None: ...
-    def end_epoch(self, epoch: int, summary: dict[str, float]) -> None: ...
-
-
-class _Quiet:
-    def start_epoch(self, epoch, num_steps, done):
-        pass
-
-    def advance(self, steps, metrics=None):
-        pass
-
-    def end_epoch(self, epoch, summary):
-        pass
-
-
 def pretrain_identity(config: PretrainConfig, data: PretrainData, num_devices: int) -> dict:
     """What makes two pre-training runs the same run (a checkpoint resumes only its own)."""
     return {"config": config.to_dict(), "data": {"name": data.name,
@@ -260,8 +246,21 @@ def pretrain_identity(config: PretrainConfig, data: PretrainData, num_devices: i
             "devices": num_devices}
 
 
+@dataclasses.dataclass
+class _Where:
+    """Where pre-training stands: the epoch, batches done in it, and their loss sums."""
+
+    epoch: int = 0
+    batch: int = 0
+    sums: dict = dataclasses.field(default_factory=lambda: dict(_NO_SUMS))
+
+
+# Loss and correct-prediction sums over the steps of an epoch so far.
+_NO_SUMS = {"loss": 0.0, "correct": 0, "steps": 0}
+
+
 def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
-             checkpoints=None, progress: PretrainProgress | None = None,
+             checkpoints=None, progress: Progress | None = None,
              devices: int | None = None, log_every: int = 10) -> tuple[dict, dict]:
     """Pre-trains a ResNet-18 on ``data`` (default: ``config.dataset`` from TFDS).
 
@@ -270,8 +269,9 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
       data: the dataset; None loads ``config.dataset`` (`load_tfds_data`).
       checkpoints: a `lightcl_jax.training.checkpoint.RunCheckpoints`: saves
         every ``checkpoints.every`` steps and after every epoch, and resumes
-        from the newest checkpoint of this run when there is one.
-      progress: receives epochs and steps (e.g. a progress bar).
+        from the newest checkpoint of this run when there is one
+        (`lightcl_jax.training.resume`, as a continual-learning run does).
+      progress: receives epochs and steps (`lightcl_jax.training.progress`).
       devices: devices to split each batch over (None: all visible).
       log_every: steps between loss reports to ``progress``.
 
@@ -286,56 +286,83 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
         (CheckpointError).
       DivergenceError: the loss became NaN or Inf.
     """
-    from lightcl_jax.training.checkpoint import Position
-
     start_time = time.perf_counter()
     config.validate()
     data = load_tfds_data(config) if data is None else data
     data.check_batch_size(config.batch_size)
-    progress = progress or _Quiet()
+    progress = progress or Progress()
     parallel = data_parallel(devices, {"batch_size": config.batch_size})
-    identity = pretrain_identity(config, data, parallel.num_devices)
+    saver = Saver(checkpoints, pretrain_identity(config, data, parallel.num_devices))
     model = ResNet18(num_classes=data.num_classes, nf=config.nf)
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.PRNGKey(config.seed), jnp.zeros((1, *data.image_shape), jnp.float32))
     tx = optax.sgd(config.lr)
-    state = TrainState(params=variables["params"], batch_stats=variables["batch_stats"],
-                       opt_state=tx.init(variables["params"]), step=jnp.zeros((), jnp.int32))
+    variables = random_variables(model, tuple(data.image_shape), jax.random.PRNGKey(config.seed))
+    state = train_state(variables["params"], variables["batch_stats"],
+                        tx.init(variables["params"]))
     steps_per_epoch = len(data.y_train) // config.batch_size
-    history = {"epochs": [], "resumed_at_steps": []}
-    elapsed_before, first_epoch, first_batch = 0.0, 0, 0
-    # Loss and correct-prediction sums over the steps of the current epoch so far.
-    resumed_sums = {"loss": 0.0, "correct": 0, "steps": 0}
-    latest = checkpoints.latest() if checkpoints is not None else None
-    if latest is not None:
-        meta = checkpoints.read_meta(*latest)
-        checkpoints.check_identity(meta, identity, *latest)
-        state = checkpoints.restore(*latest, state)
-        position = meta["position"]
-        first_epoch, first_batch = position["epoch"], position["batch"]
-        history = meta["history"]
-        history["resumed_at_steps"] = history["resumed_at_steps"] + [position["global_step"]]
-        elapsed_before = meta["wall_time_s"]
-        resumed_sums = meta["epoch_sums"]
-
+    history, where, clock = {"epochs": [], "resumed_at_steps": []}, _Where(), Clock(start_time)
+    point = find_resume_point(checkpoints, saver.identity)
+    if point is not None:
+        state = checkpoints.restore(point.kind, point.step, state)
+        where = _Where(point.position.epoch, point.position.batch, point.meta["epoch_sums"])
+        progress.resumed(point.path, f"epoch {where.epoch + 1}/{config.epochs}, "
+                                     f"{where.batch} steps of it done")
+        history = point.meta["history"]
+        history["resumed_at_steps"] = history["resumed_at_steps"] + [point.step]
+        clock = Clock(start_time, point.meta["wall_time_s"])
+    save = functools.partial(_save, saver, history=history, steps_per_epoch=steps_per_epoch,
+                             clock=clock)
     rep, split = parallel.replicated, parallel.split
     state = parallel.replicate(state)
     step_fn = jax.jit(make_pretrain_step(model, tx), donate_argnums=0,
                       in_shardings=(rep, split, split), out_shardings=rep)
+    for epoch in range(where.epoch, config.epochs):
+        epoch_start = time.perf_counter()
+        progress.start(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch, where.batch)
+        state, sums = _train_epoch(step_fn, state, data, config, epoch, where, parallel,
+                                   progress, log_every, save, every=saver.every)
+        summary = {"epoch": epoch + 1, "loss": sums["loss"] / sums["steps"],
+                   "train_accuracy": 100.0 * sums["correct"] / (sums["steps"] * config.batch_size),
+                   "eval_accuracy": _accuracy(model, state, data, config),
+                   "wall_time_s": time.perf_counter() - epoch_start}
+        history["epochs"].append(summary)
+        progress.end({k: v for k, v in summary.items() if k in _SHOWN and v is not None})
+        where = _Where(epoch + 1)
+        save(where, state)
+    history.update({
+        "steps": config.epochs * steps_per_epoch,
+        "wall_time_s": clock.elapsed(),
+        "identity": saver.identity,
+        "normalisation": {"mean": list(data.mean), "std": list(data.std)},
+        "eval_samples": 0 if data.y_eval is None else int(len(data.y_eval)),
+    })
+    variables = jax.tree_util.tree_map(np.asarray, {"params": state.params,
+                                                    "batch_stats": state.batch_stats})
+    return variables, history
 
-    def save(epoch, batch, sums):
-        global_step = epoch * steps_per_epoch + batch
-        checkpoints.save(state, {
-            "identity": identity,
-            "position": dataclasses.asdict(Position(task=0, task_done=False, epoch=epoch,
-                                                    batch=batch, step_in_task=global_step,
-                                                    global_step=global_step)),
-            "history": history,
-            "epoch_sums": sums,
-            "wall_time_s": elapsed_before + time.perf_counter() - start_time,
-        }, task_done=False)
 
-    def batches(perm, flips, first):
+def _save(saver: Saver, where: _Where, state, *, history: dict, steps_per_epoch: int,
+          clock: Clock) -> None:
+    """A checkpoint of pre-training at ``where`` (nothing without checkpoints)."""
+    step = where.epoch * steps_per_epoch + where.batch
+    saver.save(Position(task=0, task_done=False, epoch=where.epoch, batch=where.batch,
+                        step_in_task=step, global_step=step), state,
+               {"history": history, "epoch_sums": where.sums, "wall_time_s": clock.elapsed()})
+
+
+# What an epoch's end shows a progress bar.
+_SHOWN = ("loss", "train_accuracy", "eval_accuracy")
+
+
+def _train_epoch(step_fn, state, data: PretrainData, config: PretrainConfig, epoch: int,
+                 where: _Where, parallel, progress: Progress, log_every: int, save, *,
+                 every: int):
+    """The rest of an epoch from ``where``; returns (state, the epoch's loss sums)."""
+    steps_per_epoch = len(data.y_train) // config.batch_size
+    perm, flips = epoch_order(len(data.y_train), config.seed, epoch)
+    first = where.batch if where.epoch == epoch else 0
+    sums = dict(where.sums) if where.epoch == epoch else dict(_NO_SUMS)
+
+    def batches():
         for b in range(first, steps_per_epoch):
             idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
             x = data.x_train[idx]
@@ -343,55 +370,32 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
                 x = np.where(flips[idx][:, None, None, None], x[:, :, ::-1], x)
             yield x, data.y_train[idx]
 
-    for epoch in range(first_epoch, config.epochs):
-        epoch_start = time.perf_counter()
-        perm, flips = epoch_order(len(data.y_train), config.seed, epoch)
-        first = first_batch if epoch == first_epoch else 0
-        sums = dict(resumed_sums) if epoch == first_epoch else {"loss": 0.0, "correct": 0,
-                                                                "steps": 0}
-        progress.start_epoch(epoch, steps_per_epoch, first)
-        pending = []
-        for b, (x, y) in enumerate(prefetch(batches(perm, flips, first), PREFETCH,
-                                            transform=lambda xy: parallel.batch(*xy)),
-                                   start=first):
-            state, metrics = step_fn(state, x, y)
-            pending.append(metrics)
-            done = b + 1
-            at_checkpoint = (checkpoints is not None and checkpoints.every
-                             and done < steps_per_epoch and
-                             (epoch * steps_per_epoch + done) % checkpoints.every == 0)
-            if len(pending) >= log_every or at_checkpoint or done == steps_per_epoch:
-                values = jax.device_get(pending)
-                pending = []
-                losses = [float(v["loss"]) for v in values]
-                if not np.all(np.isfinite(losses)):
-                    raise DivergenceError(f"pre-training loss became {losses[-1]} in epoch "
-                                          f"{epoch + 1} by step {epoch * steps_per_epoch + done}; "
-                                          "lower --lr")
-                sums = {"loss": sums["loss"] + sum(losses),
-                        "correct": sums["correct"] + sum(int(v["correct"]) for v in values),
-                        "steps": sums["steps"] + len(values)}
-                progress.advance(len(values), {"loss": losses[-1]})
-            if at_checkpoint:
-                save(epoch, done, sums)
-        summary = {"epoch": epoch + 1, "loss": sums["loss"] / sums["steps"],
-                   "train_accuracy": 100.0 * sums["correct"] / (sums["steps"] * config.batch_size),
-                   "eval_accuracy": _accuracy(model, state, data, config),
-                   "wall_time_s": time.perf_counter() - epoch_start}
-        history["epochs"].append(summary)
-        progress.end_epoch(epoch, summary)
-        if checkpoints is not None:
-            save(epoch + 1, 0, {"loss": 0.0, "correct": 0, "steps": 0})
-    history.update({
-        "steps": config.epochs * steps_per_epoch,
-        "wall_time_s": elapsed_before + time.perf_counter() - start_time,
-        "identity": identity,
-        "normalisation": {"mean": list(data.mean), "std": list(data.std)},
-        "eval_samples": 0 if data.y_eval is None else int(len(data.y_eval)),
-    })
-    variables = jax.tree_util.tree_map(np.asarray, {"params": state.params,
-                                                    "batch_stats": state.batch_stats})
-    return variables, history
+    pending = []
+    for b, (x, y) in enumerate(prefetch(batches(), PREFETCH,
+                                        transform=lambda xy: parallel.batch(*xy)), start=first):
+        state, metrics = step_fn(state, x, y)
+        pending.append(metrics)
+        done = b + 1
+        at_checkpoint = (every and done < steps_per_epoch
+                         and (epoch * steps_per_epoch + done) % every == 0)
+        if len(pending) >= log_every or at_checkpoint or done == steps_per_epoch:
+            values, pending = jax.device_get(pending), []
+            sums = _add_sums(sums, values, epoch, epoch * steps_per_epoch + done)
+            progress.advance(len(values), {"loss": float(values[-1]["loss"])})
+        if at_checkpoint:
+            save(_Where(epoch, done, sums), state)
+    return state, sums
+
+
+def _add_sums(sums: dict, values: list[dict], epoch: int, step: int) -> dict:
+    """``sums`` plus the steps' losses and correct predictions; DivergenceError on NaN/Inf."""
+    losses = [float(v["loss"]) for v in values]
+    if not np.all(np.isfinite(losses)):
+        raise DivergenceError(f"pre-training loss became {losses[-1]} in epoch {epoch + 1} by "
+                              f"step {step}; lower --lr")
+    return {"loss": sums["loss"] + sum(losses),
+            "correct": sums["correct"] + sum(int(v["correct"]) for v in values),
+            "steps": sums["steps"] + len(values)}
 
 
 def _accuracy(model, state: TrainState, data: PretrainData, config: PretrainConfig):

@@ -32,11 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lightcl_jax.model.resnet import layer_group
-
-# Fraction of each conv's output channels the reference prunes, by layer group.
-REFERENCE_SPARSITY = {"stem": 0.2, "stage1": 0.2, "stage2": 0.2, "stage3": 0.7, "stage4": 0.8}
-
+from lightcl_jax.model.layers import REFERENCE_SPARSITY, layer_group
 
 def kept_output_channels(kernel: np.ndarray, sparsity: float) -> np.ndarray:
     """(C_out,) bool: the output channels of an HWIO kernel that survive pruning.

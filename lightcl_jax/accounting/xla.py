@@ -1,0 +1,89 @@
+"""XLA's own figures for compiled steps: FLOPs and bytes, per step and for a whole run.
+
+`CompiledStep` compiles a jitted function ahead of time on its first call,
+keeps `compiled_cost`'s figures and counts its calls; `run_resources` turns a
+run's steps into the ``resources`` entry of its results. Nothing here knows
+how a step is built (`lightcl_jax.training`); `lightcl_jax.accounting.compiled`
+builds and compiles a strategy's step without a run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+
+
+def compiled_cost(compiled) -> dict:
+    """XLA's figures for a compiled function: FLOPs and bytes.
+
+    ``step_bytes`` is what the step holds at once: arguments + temporaries +
+    outputs not aliased to donated arguments.
+    """
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    figures = {
+        "flops": float(cost.get("flops", 0.0)),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+    }
+    figures["step_bytes"] = (figures["argument_bytes"] + figures["temp_bytes"]
+                             + figures["output_bytes"] - figures["alias_bytes"])
+    return figures
+
+
+class CompiledStep:
+    """A jitted function compiled ahead of time on its first call's shapes.
+
+    Later calls must have the same shapes (one compilation, as the loop's
+    phases guarantee). Keeps XLA's figures (`compiled_cost`) and counts calls,
+    so a run can report per-step and whole-run costs.
+    """
+
+    def __init__(self, jitted, *, calls: int = 0, cost: dict | None = None):
+        # ``calls`` and ``cost`` carry a resumed run's counts and figures over; ``jitted``
+        # may then be None until the phase trains again.
+        self.jitted, self.compiled, self.cost, self.calls = jitted, None, cost, calls
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(*args).compile()
+            self.cost = compiled_cost(self.compiled)
+        self.calls += 1
+        return self.compiled(*args)
+
+
+def run_resources(train_steps: Mapping[Any, CompiledStep], phase_tasks: Mapping[Any, list[int]],
+                  eval_step: CompiledStep, eval_batch_size: int) -> dict:
+    """The ``resources`` entry of the results: XLA's per-step figures x step counts.
+
+    Args:
+      train_steps: phase -> its compiled train step; a phase has ``frozen``
+        (layer groups) and ``uses_memory``.
+      phase_tasks: phase -> the tasks it trained.
+      eval_step: the compiled eval step.
+      eval_batch_size: its batch size.
+    """
+    device = jax.devices()[0]
+    steps = []
+    for phase, step in train_steps.items():
+        if step.cost is None:
+            continue
+        steps.append({"tasks": phase_tasks[phase], "frozen": list(phase.frozen),
+                      "memory": phase.uses_memory, "steps": step.calls, **step.cost})
+    evals = {"batch_size": eval_batch_size, "steps": eval_step.calls, **(eval_step.cost or {})}
+    return {
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "train_steps": steps,
+        "eval_step": evals,
+        "train_flops": sum(s["steps"] * s["flops"] for s in steps),
+        "eval_flops": evals["steps"] * evals.get("flops", 0.0),
+        "peak_train_step_bytes": max((s["step_bytes"] for s in steps), default=0),
+        "note": ("XLA cost and memory analysis of the compiled train and eval steps on the "
+                 "run's shapes; whole-run FLOPs = per-step FLOPs x steps. Work at task "
+                 "boundaries (buffers, Fisher, vital channels, probes) is not counted."),
+    }

@@ -1,0 +1,197 @@
+"""Training one task: its epochs of batches, the NaN check, and mid-task checkpoints.
+
+Each lane draws its own batches (`TaskBatches`: its seed's order and
+augmentation); a background thread reads, augments and sends the next
+batches to the devices while the current step runs. Losses stay on the device
+and are checked for NaN/Inf every `CHECK_EVERY` steps, at each epoch's end
+and before every checkpoint, so a checkpoint only ever holds a state whose
+losses were all finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import jax.numpy as jnp
+import numpy as np
+
+from lightcl_jax.data.pipeline import epoch_batches, prefetch, steps_per_epoch
+from lightcl_jax.training.checkpoint import Position
+from lightcl_jax.training.lanes import Lanes
+from lightcl_jax.training.placement import Placement
+from lightcl_jax.training.progress import Progress
+
+# Training batches read, augmented and sent to the devices ahead of the step.
+PREFETCH = 2
+
+# Losses stay on the device and are checked for NaN/Inf every this many steps
+# (and at the end of each epoch): often enough not to train long on a
+# diverged model, rarely enough not to stall the device.
+CHECK_EVERY = 50
+
+
+class DivergenceError(FloatingPointError):
+    """The training loss became NaN or Inf."""
+
+
+def check_finite(losses: list[dict], first_step: int, task_index: int,
+                 seeds: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+    """Raises DivergenceError at the first non-finite loss; returns the terms as host arrays.
+
+    Args:
+      losses: the steps' metrics dicts (device scalars, or (lanes,) arrays).
+      first_step: the task's step number of ``losses[0]``, counted from 0.
+      task_index: the task, for the message.
+      seeds: the lanes' seeds when the terms are (lanes,) arrays; the message
+        names the seed.
+
+    Returns:
+      {term: array of shape (len(losses), *lanes)}.
+    """
+    stacked = {k: np.asarray(jnp.stack([m[k] for m in losses])) for k in losses[0]}
+    finite = np.all([np.isfinite(v) for v in stacked.values()], axis=0)
+    bad = ~finite.reshape(len(losses), -1)
+    if bad.any():
+        i, lane = (int(v) for v in np.unravel_index(np.argmax(bad), bad.shape))
+        terms = ", ".join(f"{k}={np.reshape(v[i], -1)[lane]:.4g}" for k, v in stacked.items())
+        seed = f" (seed {seeds[lane]})" if seeds is not None else ""
+        raise DivergenceError(f"training diverged: the loss became non-finite at task "
+                              f"{task_index}, step {first_step + i} of the task{seed} ({terms})")
+    return stacked
+
+
+class TaskBatches:
+    """A task's training batches for every lane, each from its own seed's generator.
+
+    Lane i's generator is seeded with (seed_i, task), so its order and
+    augmentation are those of a single run of that seed.
+    """
+
+    def __init__(self, x, y, batch_size: int, lanes: Lanes, task_index: int, *,
+                 augment: bool, fill):
+        self.x, self.y, self.batch_size, self.lanes = x, y, batch_size, lanes
+        self.augment, self.fill = augment, fill
+        self.rngs = [np.random.default_rng([s, task_index]) for s in lanes.seeds]
+
+    @classmethod
+    def of(cls, run, task_index: int) -> "TaskBatches":
+        """The batches a `lightcl_jax.training.setup.Run` trains on in ``task_index``
+        (its strategy's `training_arrays`)."""
+        x, y = run.strategy.training_arrays(run.stream, task_index)
+        return cls(x, y, run.config.batch_size, run.placement.lanes, task_index,
+                   augment=run.augment, fill=run.stream.pad_value)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.x), self.batch_size)
+
+    def epoch(self) -> Iterator:
+        """One epoch of lane-stacked ``(x, y)`` batches (drawn as they are read)."""
+        return self.lanes.zip_batches([
+            epoch_batches(self.x, self.y, self.batch_size, rng, augment=self.augment,
+                          fill=self.fill) for rng in self.rngs])
+
+    def one(self):
+        """A fresh shuffled batch, as the reference's ``next(iter(loader))``."""
+        return next(self.epoch())
+
+    def rng_states(self) -> list[dict]:
+        return [rng.bit_generator.state for rng in self.rngs]
+
+    def restore(self, states: list[dict]) -> None:
+        for rng, state in zip(self.rngs, states):
+            rng.bit_generator.state = state
+
+
+class _EpochMeans:
+    """Running means of the loss terms over every step (and lane) of an epoch."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, terms: dict[str, np.ndarray]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(np.sum(v, dtype=np.float64))
+            self.counts[k] = self.counts.get(k, 0) + int(np.size(v))
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def train_epochs(train_step, state, memory, batches: TaskBatches, start: Position, *,
+                 epochs: int, uses_memory: bool, class_offset: int, placement: Placement,
+                 progress: Progress, checkpoint_every: int = 0,
+                 checkpoint: Callable | None = None):
+    """Trains a task from ``start`` to its last epoch's last batch.
+
+    Args:
+      train_step: the phase's compiled step.
+      state, memory: the (replicated) train state and strategy memory.
+      batches: the task's batches; when resuming mid-task, with the generator
+        state of ``start.epoch``'s beginning restored.
+      start: where the task starts: epoch, batches done in it, steps done in
+        the task and in the run (a fresh task: zeros but the run's steps).
+      epochs: epochs per task.
+      uses_memory: whether the step reads and updates ``memory``.
+      class_offset: the task's first class.
+      placement: how batches are laid out over lanes and devices.
+      progress: gets a step at a time, and each epoch's mean loss terms.
+      checkpoint_every: call ``checkpoint(position, state, memory, rng_states)``
+        every this many steps of the run within the task (0: never), with the
+        generators' states at the start of the epoch.
+
+    Returns:
+      (state, memory, the `Position` after the task's last step).
+
+    Raises:
+      DivergenceError: a loss became NaN or Inf.
+    """
+    position = start
+    offset = jnp.asarray(class_offset, jnp.int32)
+    seeds = placement.lanes.seeds if placement.lanes.stacked else None
+    for epoch in range(start.epoch, epochs):
+        rng_states = batches.rng_states()
+        # Read, augment and send to the devices in a background thread, ahead of
+        # the steps; the epoch is drawn in full before anything else draws again.
+        epoch_iter = prefetch(batches.epoch(), PREFETCH, placement.train_batch)
+        skip = start.batch if epoch == start.epoch else 0
+        for _ in range(skip):  # batches a resumed run already trained on: same draws
+            next(epoch_iter)
+        position = dataclasses.replace(position, epoch=epoch, batch=skip)
+        state, memory, position, means = _train_epoch(
+            train_step, state, memory, epoch_iter, position, offset,
+            last_step=batches.steps_per_epoch * epochs, uses_memory=uses_memory, seeds=seeds,
+            progress=progress, every=checkpoint_every, checkpoint=checkpoint,
+            rng_states=rng_states)
+        progress.advance(0, {"epoch": epoch + 1, **means})
+    return state, memory, position
+
+
+def _train_epoch(train_step, state, memory, epoch_iter, position: Position, offset, *,
+                 last_step: int, uses_memory: bool, seeds, progress: Progress, every: int,
+                 checkpoint: Callable | None, rng_states: list):
+    """The rest of one epoch; returns (state, memory, position after it, mean loss terms)."""
+    losses, means = [], _EpochMeans()
+    for x, y in epoch_iter:
+        step_memory = memory if uses_memory else None
+        state, step_memory, metrics = train_step(state, step_memory, x, y, offset)
+        if uses_memory:
+            memory = step_memory
+        losses.append(metrics)
+        position = dataclasses.replace(position, batch=position.batch + 1,
+                                       step_in_task=position.step_in_task + 1,
+                                       global_step=position.global_step + 1)
+        progress.advance(1)
+        checkpoint_now = (every and position.global_step % every == 0
+                          and position.step_in_task < last_step)
+        if len(losses) == CHECK_EVERY or (checkpoint_now and losses):
+            means.add(check_finite(losses, position.step_in_task - len(losses), position.task,
+                                   seeds))
+            losses = []
+        if checkpoint_now:
+            checkpoint(position, state, memory, rng_states)
+    if losses:
+        means.add(check_finite(losses, position.step_in_task - len(losses), position.task, seeds))
+    return state, memory, position, means.means()

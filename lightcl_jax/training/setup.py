@@ -1,0 +1,80 @@
+"""Everything a run is before it trains: config, stream, strategy, model, placement, identity.
+
+`setup_run` validates the settings and the data, places the seeds and
+devices, and computes the run's identity (what a checkpoint or results file
+must match to belong to it) once; `experiments.run` reads the identity to
+find earlier results and hands the same `Run` to `train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from lightcl_jax.config import Config
+from lightcl_jax.data.streams import TaskStream, make_stream, validate_stream
+from lightcl_jax.model.backbone import variables_digest
+from lightcl_jax.model.resnet import ResNet, ResNet18
+from lightcl_jax.strategies import Strategy, get_strategy
+from lightcl_jax.training.forward import jitted_eval_forward
+from lightcl_jax.training.placement import Placement
+from lightcl_jax.training.resume import run_identity
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A validated run, ready to train."""
+
+    config: Config              # resolved: dataset defaults filled in
+    stream: TaskStream
+    strategy: Strategy
+    model: ResNet
+    placement: Placement        # seeds (lanes) and devices
+    pretrained: bool            # starts from a pre-trained backbone
+    augment: bool               # random crop + flip on training batches
+    identity: dict              # `run_identity`: what a checkpoint of this run must match
+    init_variables: Any         # the backbone's {"params", "batch_stats"}, or None
+    eval_forward: Callable      # the model's jitted evaluation-mode forward, for the hooks
+
+    @property
+    def lane_configs(self) -> list[Config]:
+        """Each seed's config."""
+        return self.placement.lane_configs(self.config)
+
+
+def setup_run(config: Config, stream: TaskStream | None = None, *,
+              init_variables: dict | None = None, devices: int | None = None,
+              seeds: int = 1) -> Run:
+    """Validates a run's settings and data, and places it on the devices.
+
+    Args:
+      config: the run's settings (validated and resolved here).
+      stream: the task stream; built from ``config`` when None.
+      init_variables: ``{"params", "batch_stats"}`` of a pre-trained backbone;
+        the run then counts as pre-trained (LightCL freezes from task 0).
+      devices: how many of the visible devices to split each batch over
+        (data parallel, `lightcl_jax.training.parallel`); None: all of them.
+      seeds: train seeds ``config.seed, ..., config.seed + seeds - 1`` as
+        independent runs in one compiled program (`lightcl_jax.training.lanes`).
+
+    Raises:
+      ValueError: bad configuration, data, seed count or device count.
+    """
+    config = config.resolved()
+    if stream is None:
+        stream = make_stream(config.dataset, data_dir=config.data_dir,
+                             num_tasks=config.num_tasks, eval_split=config.eval_split)
+    validate_stream(stream, config.batch_size)
+    placement = Placement.of(config.seed, seeds, devices,
+                             {"batch_size": config.batch_size,
+                              "eval_batch_size": config.eval_batch_size})
+    pretrained = init_variables is not None
+    model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
+    identity = run_identity(config, stream, pretrained, placement.parallel.num_devices,
+                            placement.lanes.size,
+                            init_digest=variables_digest(init_variables) if pretrained else None)
+    return Run(config=config, stream=stream, strategy=get_strategy(config.strategy), model=model,
+               placement=placement, pretrained=pretrained,
+               augment=stream.augment if config.augment is None else config.augment,
+               identity=identity, init_variables=init_variables,
+               eval_forward=jitted_eval_forward(model))

@@ -1,0 +1,107 @@
+"""The train state: what a train step changes, and how a run's first one is made."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightcl_jax.model.resnet import fresh_head
+from lightcl_jax.training.sparsity import apply_masks, channel_prune_masks
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step changes, as one pytree."""
+
+    params: Any        # model parameters (pytree of float32 arrays)
+    batch_stats: Any   # BatchNorm running means and variances
+    opt_state: Any     # optax state of the current phase's optimizer
+    step: jax.Array    # () int32, train steps taken so far in the run
+
+
+@functools.partial(jax.jit, static_argnames=("model", "image_shape"))
+def random_variables(model, image_shape: tuple[int, ...], key: jax.Array) -> dict:
+    """``{"params", "batch_stats"}`` of a randomly initialised ``model`` for ``image_shape`` inputs.
+
+    One compiled program: op-by-op initialisation would compile every layer's ops.
+    """
+    return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
+def train_state(params, batch_stats, opt_state=None) -> TrainState:
+    """A `TrainState` at step 0."""
+    return TrainState(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                      step=jnp.zeros((), jnp.int32))
+
+
+def create_train_state(model, image_shape, key, *, init_variables=None) -> TrainState:
+    """Initialises the model; ``init_variables`` (params, batch_stats) replaces the random init.
+
+    With ``init_variables`` (a pre-trained backbone) the head is replaced by a
+    fresh one (Xavier-uniform, zero bias), as SPEC section 2 says.
+
+    Raises:
+      ValueError: ``init_variables`` does not fit the model (names the first
+        parameter whose path or shape differs).
+    """
+    init_key, head_key = jax.random.split(key)
+    variables = random_variables(model, tuple(image_shape), init_key)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    if init_variables is not None:
+        params, batch_stats = _from_backbone(model, image_shape, params, batch_stats,
+                                             init_variables, head_key)
+    return train_state(params, batch_stats)
+
+
+def _from_backbone(model, image_shape, params, batch_stats, backbone, head_key):
+    """The backbone's params and statistics with a fresh head, checked against ``params``."""
+    backbone = flax.core.unfreeze(backbone)
+    if set(backbone) != {"params", "batch_stats"}:
+        raise ValueError("init_variables must hold exactly 'params' and 'batch_stats'; got "
+                         f"{sorted(backbone)}")
+    expected = {"params": {k: v for k, v in params.items() if k != "head"},
+                "batch_stats": batch_stats}
+    given = {"params": {k: v for k, v in backbone["params"].items() if k != "head"},
+             "batch_stats": backbone["batch_stats"]}
+    _check_same_shapes(expected, given, f"a ResNet-18 with nf={model.nf} on {image_shape}")
+    params = fresh_head({**given["params"], "head": params["head"]}, model.num_classes, head_key)
+    return (jax.tree_util.tree_map(jnp.asarray, params),
+            jax.tree_util.tree_map(jnp.asarray, given["batch_stats"]))
+
+
+def _check_same_shapes(expected, given, what: str) -> None:
+    want = {jax.tree_util.keystr(p): tuple(np.shape(v))
+            for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(p): tuple(np.shape(v))
+           for p, v in jax.tree_util.tree_leaves_with_path(given)}
+    for path in sorted(set(want) | set(got)):
+        if want.get(path) != got.get(path):
+            raise ValueError(f"init_variables do not fit {what}: {path} is "
+                             f"{got.get(path, 'missing')}, expected {want.get(path, 'absent')}")
+
+
+def create_lane_states(model, image_shape, seeds, *, init_variables=None, sparse: bool = False
+                       ) -> tuple[list[TrainState], list[Any]]:
+    """Each seed's first train state, and its sparse masks (None each without ``sparse``).
+
+    The masks are fixed once from the starting weights (the pre-trained ones
+    when given), and the weights are pruned with them
+    (`lightcl_jax.training.sparsity`).
+    """
+    states = [create_train_state(model, image_shape, jax.random.PRNGKey(s),
+                                 init_variables=init_variables) for s in seeds]
+    if not sparse:
+        return states, [None] * len(states)
+    masks = [channel_prune_masks(s.params) for s in states]
+    return [s.replace(params=apply_masks(s.params, m)) for s, m in zip(states, masks)], masks
+
+
+def copy_variables(state: TrainState) -> dict:
+    """A copy of the model's variables (a train step donates the originals)."""
+    return jax.tree_util.tree_map(jnp.copy, {"params": state.params,
+                                             "batch_stats": state.batch_stats})
