@@ -115,3 +115,16 @@ def test_check_sensitivity_refuses_the_run_flags_it_cannot_honour(flags, capsys)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert f"{flags[0]} is not supported here" in err
+
+
+def test_check_identical_compares_all_but_the_wall_time_and_refuses_a_non_checkout(
+        tmp_path, capsys):
+    from experiments import check_identical
+    assert check_identical.differences({"a": 1, "wall_time_s": 2.0}, {"a": 1, "wall_time_s": 3.0}) \
+        == []
+    assert check_identical.differences({"a": [1.0], "b": 0}, {"a": [1.5], "c": 0}) == ["a", "b", "c"]
+    for argv, words in ((["--old", str(tmp_path)], "is not a lightcl_jax checkout"),
+                        (["--old", ".", "--runs", "nope"], "unknown runs ['nope']")):
+        with pytest.raises(SystemExit) as exit_info:
+            check_identical.main(argv)
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err

@@ -10,7 +10,8 @@ from each lane's own seed, so lane i computes what a single run with seed
 batched kernels.
 
 The host side (task-boundary hooks, probes, layer metrics) runs lane by lane
-on `split` slices and `join`-s the results again.
+on `split` slices and `join`-s the results again
+(`lightcl_jax.training.placement.Placement.map_lanes`).
 """
 
 from __future__ import annotations
