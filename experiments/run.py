@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default=d.eval_split, choices=EVAL_SPLITS,
                    help="holdout: the reference's 10%% of train; test: the official test split")
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs per task (default: digits 10, cifar 50, tinyimagenet 100)")
+                   help="epochs per task (default: digits 10, digits32 and cifar 50, "
+                        "tinyimagenet 100)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--beta", type=float, default=d.beta, help="regulation loss weight")

@@ -11,6 +11,11 @@ Sources:
   * ``digits`` -- scikit-learn's bundled handwritten digits (1,797 real 8x8
     grey images, 10 classes), 5 tasks x 2 classes. No download, runs anywhere.
     It has no test split: evaluation always uses the held-out 10%.
+  * ``digits32`` -- the same digits at the input size of the paper's CIFAR
+    backbone: the normalised ``digits`` images (the training part's mean and
+    standard deviation), each pixel repeated 4 x 4 (nearest-neighbour, 32x32)
+    and the grey channel 3 times. The reference's own script runs on it
+    unchanged (`experiments.vs_reference`).
   * ``cifar10`` -- TFDS ``cifar10`` through `tfds.data_source` (no TensorFlow
     needed), 5 tasks x 2 classes.
   * ``cifar100`` -- TFDS ``cifar100`` fine labels, ``num_tasks`` tasks
@@ -115,9 +120,12 @@ class TaskStream:
         return len(self.tasks)
 
 
-DATASETS = ("digits", "cifar10", "cifar100", "tinyimagenet")
+DATASETS = ("digits", "digits32", "cifar10", "cifar100", "tinyimagenet")
 EVAL_SPLITS = ("holdout", "test")
-_DEFAULT_NUM_TASKS = {"digits": 5, "cifar10": 5, "cifar100": 10, "tinyimagenet": 10}
+_DEFAULT_NUM_TASKS = {"digits": 5, "digits32": 5, "cifar10": 5, "cifar100": 10,
+                      "tinyimagenet": 10}
+# digits32: each digits pixel becomes a 4 x 4 block, the grey channel three channels.
+DIGITS32_SCALE, DIGITS32_CHANNELS = 4, 3
 
 
 def make_stream(name: str, *, data_dir: str | None = None, num_tasks: int | None = None,
@@ -142,17 +150,20 @@ def make_stream(name: str, *, data_dir: str | None = None, num_tasks: int | None
     if eval_split not in EVAL_SPLITS:
         raise ValueError(f"unknown eval split {eval_split!r}; known: {', '.join(EVAL_SPLITS)}")
     num_tasks = _DEFAULT_NUM_TASKS[name] if num_tasks is None else num_tasks
-    if name == "digits":
+    if name in ("digits", "digits32"):
         if eval_split != "holdout":
-            raise ValueError("dataset 'digits' has no test split; use eval split 'holdout'")
+            raise ValueError(f"dataset {name!r} has no test split; use eval split 'holdout'")
         if data_dir is not None:
-            raise ValueError("dataset 'digits' is bundled with scikit-learn and takes no data_dir")
+            raise ValueError(f"dataset {name!r} is bundled with scikit-learn and takes no data_dir")
         x, y, num_classes = _load_digits()
         (x_train, y_train), (x_eval, y_eval) = _holdout(x, y)
         # Statistics of its own training part (a fixed split, so fixed numbers).
         mean, std = x_train.mean(axis=(0, 1, 2)), x_train.std(axis=(0, 1, 2))
         x_train = ((x_train - mean) / std).astype(np.float32)
         x_eval = ((x_eval - mean) / std).astype(np.float32)
+        if name == "digits32":  # the normalised 8x8 pixels, each a 4x4 block of 3 channels
+            x_train, x_eval = _upscale(x_train), _upscale(x_eval)
+            mean, std = (np.repeat(v, DIGITS32_CHANNELS) for v in (mean, std))
         augment = False
     else:
         mean, std = _NORMALISATION[name]
@@ -220,6 +231,12 @@ def _load_digits():
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[..., None]  # (1797, 8, 8, 1) in [0, 1]
     return x, bunch.target.astype(np.int32), 10
+
+
+def _upscale(x: np.ndarray) -> np.ndarray:
+    """digits32's images: every pixel a DIGITS32_SCALE-square block, on DIGITS32_CHANNELS."""
+    x = np.repeat(np.repeat(x, DIGITS32_SCALE, axis=1), DIGITS32_SCALE, axis=2)
+    return np.repeat(x, DIGITS32_CHANNELS, axis=3)
 
 
 def _holdout(x, y):

@@ -1,0 +1,261 @@
+"""lightcl_jax against the authors' own LightCL script: same stream, same machine, one after the other.
+
+    python -m experiments.vs_reference --ref CHECKOUT [--seeds 3] [--epochs 50] [--json PATH]
+
+CHECKOUT is the authors' public repository (github.com/INV-WZQ/LightCL), cloned
+by the user outside this one; its LightCL.py runs unmodified. The stream
+(default ``digits32``: scikit-learn's digits at 32x32x3, see
+`lightcl_jax.data.streams`) is exported to ``stream.npz`` in the workdir;
+for every seed the authors' script (``experiments/side_by_side/run_reference.py``:
+LightCL without pre-training, its own defaults otherwise) and then lightcl_jax
+(``experiments/side_by_side/run_ours.py``: LightCL without pre-training, nf 64,
+batch 32, lr 0.01, beta 2e-4, buffer 15, ratio 0.15, stem + stages 1-3 frozen
+from task 1, no augmentation, no checkpoints) each run in their own process
+on that file. Prints, per seed and as mean +/- std (population), the final
+average TIL and CIL of both, the wall time of each process and its peak
+resident memory (``wait4``'s ``ru_maxrss``), and the wall-time ratio ours /
+the reference's summed over seeds. The script hard-codes 50 epochs per task;
+``--epochs`` other than 50 runs a temporary copy of it with that one
+assignment changed, and the output says so. Needs PyTorch (the optional
+``bench`` extra). Exit codes: 0 done, 2 bad flag or checkout, 1 a run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from experiments.common import Parser, write_json_atomic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "experiments", "side_by_side", "run_reference.py")
+SCRIPT_EPOCHS = 50
+# What the authors' script hard-codes for Split CIFAR-10 (it builds a 3-channel ResNet-18
+# with nf 64 and slices logits in pairs).
+REFERENCE_SHAPE = {"num_tasks": 5, "num_classes": 10, "channels": 3}
+# Our side of the comparison: the reference's settings (SPEC section 2), no pre-training.
+OUR_SETTINGS = dict(strategy="lightcl", nf=64, batch_size=32, lr=0.01, beta=2e-4, buffer_size=15,
+                    ratio=0.15, freeze="stage3", frozen_bn="update", augment=False)
+
+
+def export_stream(stream, path: str) -> None:
+    """Writes every task's training and evaluation arrays (NHWC float32, int labels) to ``path``."""
+    arrays = {"name": np.array(stream.name), "num_classes": np.array(stream.num_classes),
+              "num_tasks": np.array(stream.num_tasks), "eval_split": np.array(stream.eval_split),
+              "augment": np.array(stream.augment), "pad_value": np.array(stream.pad_value)}
+    for task in stream.tasks:
+        for key in ("x_train", "y_train", "x_eval", "y_eval"):
+            values = getattr(task, key)
+            arrays[f"task{task.index}_{key}"] = np.asarray(values[np.arange(len(values))])
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_stream(path: str):
+    """The `TaskStream` `export_stream` wrote to ``path``."""
+    from lightcl_jax.data.streams import split_into_tasks
+
+    data = np.load(path)
+    tasks = range(int(data["num_tasks"]))
+    joined = {key: np.concatenate([data[f"task{t}_{key}"] for t in tasks])
+              for key in ("x_train", "y_train", "x_eval", "y_eval")}
+    return split_into_tasks(str(data["name"]), joined["x_train"], joined["y_train"],
+                            joined["x_eval"], joined["y_eval"], int(data["num_classes"]),
+                            len(tasks), eval_split=str(data["eval_split"]),
+                            augment=bool(data["augment"]),
+                            pad_value=tuple(float(v) for v in data["pad_value"]))
+
+
+def run_child(command: list[str], log: str, env: dict | None = None) -> tuple[float, float]:
+    """Runs ``command`` to completion: (wall seconds, peak resident MB of the process).
+
+    Raises:
+      RuntimeError: the process failed (names its log).
+    """
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        with open(log) as f:
+            tail = f.read()[-1500:]
+        raise RuntimeError(f"`{' '.join(command)}` failed with exit code {proc.returncode} "
+                           f"(log: {log}):\n{tail}")
+    return wall, usage.ru_maxrss / 1024.0  # Linux reports kilobytes
+
+
+def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdir: str,
+            report=print) -> dict:
+    """Runs the authors' script and lightcl_jax for each seed on ``stream``; their figures.
+
+    Args:
+      checkout: the authors' repository (holds LightCL.py).
+      stream: the `TaskStream` both train on (exported to ``workdir/stream.npz``).
+      config: our run's `Config` (its seed is replaced by each seed's).
+      seeds: the seeds, each run by both.
+      epochs: epochs per task of both.
+      workdir: where the stream, logs and result files go.
+      report: called with one line per finished run.
+
+    Returns:
+      ``{"seeds": [{"seed", "reference": {...}, "ours": {...}}], "reference": summary,
+      "ours": summary, "wall_time_ratio", "peak_rss_mb", "epochs", "epochs_overridden"}``;
+      each side's per-seed entry has ``til``, ``cil``, ``wall_time_s``, ``peak_rss_mb``.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    stream_path = os.path.join(workdir, "stream.npz")
+    export_stream(stream, stream_path)
+    env = dict(os.environ, LIGHTCL_STREAM=stream_path)
+    runs = []
+    for seed in seeds:
+        entry = {"seed": seed}
+        out = os.path.join(workdir, f"reference-seed{seed}.json")
+        wall, rss = run_child([sys.executable, RUNNER, "--checkout", checkout, "--stream",
+                               stream_path, "--seed", str(seed), "--epochs", str(epochs),
+                               "--out", out], out.replace(".json", ".log"), env)
+        entry["reference"] = {**_read(out, "til", "cil"), "wall_time_s": wall, "peak_rss_mb": rss}
+        report(f"seed {seed}, the authors' script: {_line(entry['reference'])}")
+        out = os.path.join(workdir, f"ours-seed{seed}.json")
+        ours = dataclasses.replace(config, seed=seed, epochs=epochs).to_dict()
+        wall, rss = run_child([sys.executable, "-m", "experiments.side_by_side.run_ours",
+                               "--stream", stream_path, "--config", json.dumps(ours),
+                               "--out", out], out.replace(".json", ".log"))
+        result = _read(out, "avg_til", "avg_cil")
+        entry["ours"] = {"til": result["avg_til"], "cil": result["avg_cil"],
+                         "wall_time_s": wall, "peak_rss_mb": rss}
+        report(f"seed {seed}, lightcl_jax:         {_line(entry['ours'])}")
+        runs.append(entry)
+    return summarize(runs, epochs)
+
+
+def _read(path: str, *keys: str) -> dict:
+    with open(path) as f:
+        values = json.load(f)
+    return {k: float(values[k]) for k in keys}
+
+
+def _line(side: dict) -> str:
+    return (f"TIL {side['til']:.2f}, CIL {side['cil']:.2f}, {side['wall_time_s']:.1f} s, "
+            f"peak RSS {side['peak_rss_mb']:.0f} MB")
+
+
+def summarize(runs: list[dict], epochs: int) -> dict:
+    """Mean and (population) standard deviation of each side's figures over the seeds."""
+    def stats(side):
+        out = {}
+        for key in ("til", "cil", "wall_time_s", "peak_rss_mb"):
+            values = np.array([r[side][key] for r in runs], np.float64)
+            out[key] = {"mean": float(values.mean()), "std": float(values.std()),
+                        "min": float(values.min()), "max": float(values.max())}
+        return out
+    reference, ours = stats("reference"), stats("ours")
+    wall = {side: sum(r[side]["wall_time_s"] for r in runs) for side in ("reference", "ours")}
+    return {"seeds": runs, "reference": reference, "ours": ours,
+            "wall_time_ratio": wall["ours"] / wall["reference"],
+            "peak_rss_mb": {side: max(r[side]["peak_rss_mb"] for r in runs)
+                            for side in ("reference", "ours")},
+            "epochs": epochs, "epochs_overridden": epochs != SCRIPT_EPOCHS,
+            "fidelity": {
+                "til_difference": ours["til"]["mean"] - reference["til"]["mean"],
+                "til_within_1_point": abs(ours["til"]["mean"] - reference["til"]["mean"]) <= 1.0,
+                "cil_within_reference_spread": abs(ours["cil"]["mean"] - reference["cil"]["mean"])
+                <= reference["cil"]["std"]}}
+
+
+def format_summary(summary: dict) -> str:
+    """The comparison as a plain-text table."""
+    lines = [f"{'':26}{'TIL':>16}{'CIL':>16}{'wall s':>16}{'peak RSS MB':>16}"]
+    for name, side in (("the authors' script", "reference"), ("lightcl_jax", "ours")):
+        figures = summary[side]
+        cells = "".join(f"{figures[k]['mean']:>9.2f} ±{figures[k]['std']:5.2f}"
+                        for k in ("til", "cil", "wall_time_s", "peak_rss_mb"))
+        lines.append(f"{name:<26}{cells}")
+    fidelity = summary["fidelity"]
+    lines.append(f"wall time ratio (lightcl_jax / the authors', summed over "
+                 f"{len(summary['seeds'])} seeds): {summary['wall_time_ratio']:.3f}")
+    lines.append(f"mean TIL difference {fidelity['til_difference']:+.2f} points (within 1: "
+                 f"{fidelity['til_within_1_point']}); mean CIL within the authors' mean ± std: "
+                 f"{fidelity['cil_within_reference_spread']}")
+    if summary["epochs_overridden"]:
+        lines.append(f"epochs: {summary['epochs']} per task, set in a temporary copy of the "
+                     f"authors' LightCL.py (it hard-codes {SCRIPT_EPOCHS})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m experiments.vs_reference", description=__doc__.splitlines()[0])
+    p.add_argument("--ref", required=True, metavar="CHECKOUT",
+                   help="a clone of github.com/INV-WZQ/LightCL (outside this repository)")
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--epochs", type=int, default=SCRIPT_EPOCHS,
+                   help=f"epochs per task for both (the script's own: {SCRIPT_EPOCHS})")
+    p.add_argument("--dataset", default="digits32",
+                   help="a make_stream dataset of 5 tasks x 2 classes, 3-channel images "
+                        "(default digits32)")
+    p.add_argument("--data-dir", default=None, help="TFDS data_dir, for a TFDS dataset")
+    p.add_argument("--workdir", default=os.path.join("runs", "vs-reference"),
+                   help="where the exported stream, logs and per-run results go")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.epochs < 1:
+        parser.error(f"--seeds and --epochs must be >= 1; got {args.seeds} and {args.epochs}")
+    checkout = os.path.abspath(args.ref)
+    for name in ("LightCL.py", "models.py", "prune.py", "utils.py"):
+        if not os.path.isfile(os.path.join(checkout, name)):
+            parser.error(f"--ref {args.ref} is not a checkout of the authors' LightCL "
+                         f"repository (no {name}); clone github.com/INV-WZQ/LightCL outside "
+                         "this repository and pass its folder")
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        parser.error("the authors' script needs PyTorch, an optional extra here: "
+                     "pip install torch==2.13.0")
+    from lightcl_jax.config import Config
+    from lightcl_jax.data.streams import make_stream
+    try:
+        config = Config(dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
+                        **OUR_SETTINGS).resolved()
+        stream = make_stream(args.dataset, data_dir=args.data_dir)
+        check_fits_reference(stream)
+    except ValueError as err:
+        parser.error(str(err))
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    try:
+        summary = compare(checkout, stream, config, seeds, args.epochs, args.workdir)
+    except RuntimeError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
+    summary.update(stream=stream.name, ours_config=config.to_dict())
+    print(format_summary(summary))
+    if args.json:
+        write_json_atomic(args.json, summary)
+    return 0
+
+
+def check_fits_reference(stream) -> None:
+    """Raises ValueError when the authors' script cannot train on ``stream``."""
+    shape = {"num_tasks": stream.num_tasks, "num_classes": stream.num_classes,
+             "channels": stream.image_shape[-1]}
+    if shape != REFERENCE_SHAPE:
+        raise ValueError(f"the authors' script trains 5 tasks of 2 classes on 3-channel images "
+                         f"(its Split CIFAR-10); {stream.name} has {shape['num_tasks']} tasks, "
+                         f"{shape['num_classes']} classes and {shape['channels']} channels")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
