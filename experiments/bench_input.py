@@ -107,6 +107,7 @@ def measure(stream, config, steps: int, parser) -> dict[str, float]:
     import jax.numpy as jnp
     import numpy as np
 
+    from lightcl_jax import compiler
     from lightcl_jax.data.pipeline import epoch_batches, prefetch
     from lightcl_jax.model.resnet import ResNet18
     from lightcl_jax.strategies import get_strategy
@@ -125,7 +126,7 @@ def measure(stream, config, steps: int, parser) -> dict[str, float]:
         parser.error(f"--strategy {config.strategy} needs its memory in task 0; pick one that "
                      "does not (finetune, lightcl, ewc, lwf)")
     state = parallel.replicate(state.replace(opt_state=tx.init(state.params)))
-    train_step = jax.jit(step, donate_argnums=(0,))
+    train_step = compiler.jit(step, donate_argnums=(0,))
     offset = jnp.asarray(task.class_offset, jnp.int32)
     rng = np.random.default_rng(0)
 

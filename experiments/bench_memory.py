@@ -57,6 +57,7 @@ def lightcl_terms(config, figures: dict, theory: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from lightcl_jax import compiler
     from lightcl_jax.accounting.xla import compiled_cost
     from lightcl_jax.model.layers import LAYER_GROUPS
     from lightcl_jax.model.resnet import ResNet18
@@ -79,7 +80,7 @@ def lightcl_terms(config, figures: dict, theory: dict) -> dict:
     # The working set of the batch's forward through the frozen layers: that forward
     # compiled alone, its temporaries (feature maps alive at once, none kept).
     start = LAYER_GROUPS[len(figures["phase"]["frozen"])]
-    prefix = jax.jit(lambda p, b, x: model.apply({"params": p, "batch_stats": b}, x, train=True,
+    prefix = compiler.jit(lambda p, b, x: model.apply({"params": p, "batch_stats": b}, x, train=True,
                                                  mutable=["batch_stats"], stop=start))
     x = jax.ShapeDtypeStruct((SETTING["batch_size"], *shape), jnp.float32)
     working = compiled_cost(prefix.lower(state.params, state.batch_stats, x).compile())[

@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lightcl_jax import compiler
 from lightcl_jax.accounting import compiled_train_step_cost
+from lightcl_jax.accounting.xla import CompiledStep
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
@@ -32,13 +34,13 @@ from lightcl_jax.training.steps import memory_at_task_start, phase_step
 from lightcl_jax.training.sparsity import apply_masks, channel_prune_masks
 
 
-def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: int,
-               steps: int, task_index: int = 1, warmup: int = 1,
-               pretrained: bool = False) -> list[float]:
-    """Seconds per train step of the given task's phase, after ``warmup`` untimed steps.
+def prepared_step(config: Config, image_shape, num_classes: int, classes_per_task: int,
+                  task_index: int = 1, pretrained: bool = False):
+    """``(step, state, memory, x, y)``: the given task's compiled train step (a
+    `CompiledStep`, compiled by its first call, which this makes), its state and memory,
+    and a fixed random batch of the task's classes.
 
-    The first call compiles; ``config.sparse`` prunes the weights and masks the updates
-    as a run does.
+    ``config.sparse`` prunes the weights and masks the updates as a run does.
     """
     config = config.resolved()
     strategy = get_strategy(config.strategy)
@@ -53,7 +55,8 @@ def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: 
     state = state.replace(opt_state=tx.init(state.params))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(config.batch_size, *image_shape)).astype(np.float32))
-    y = jnp.asarray(rng.integers(classes_per_task, 2 * classes_per_task,
+    lo = task_index * classes_per_task
+    y = jnp.asarray(rng.integers(lo, lo + classes_per_task,
                                  size=config.batch_size).astype(np.int32))
     memory = None
     if phase.uses_memory:
@@ -63,14 +66,27 @@ def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: 
                                       jitted_eval_forward(model), state.params,
                                       state.batch_stats, classes_per_task)
         state = state.replace(batch_stats=chain.latest)
-    step = jax.jit(step, donate_argnums=(0, 1))
-    offset = jnp.asarray(classes_per_task, jnp.int32)
+    step = CompiledStep(compiler.jit(step, donate_argnums=(0, 1)))
+    offset = jnp.asarray(lo, jnp.int32)
+    state, memory, metrics = step(state, memory, x, y, offset)
+    jax.block_until_ready(metrics)
+    return step, state, memory, x, y
+
+
+def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: int,
+               steps: int, task_index: int = 1, warmup: int = 1,
+               pretrained: bool = False) -> list[float]:
+    """Seconds per train step of the given task's phase, after ``warmup`` untimed steps
+    (the first of which compiles; `prepared_step`)."""
+    step, state, memory, x, y = prepared_step(config, image_shape, num_classes,
+                                              classes_per_task, task_index, pretrained)
+    offset = jnp.asarray(task_index * classes_per_task, jnp.int32)
     times = []
-    for i in range(warmup + steps):
+    for i in range(warmup - 1 + steps):
         start = time.perf_counter()
         state, memory, metrics = step(state, memory, x, y, offset)
         jax.block_until_ready(metrics["loss"])
-        if i >= warmup:
+        if i >= warmup - 1:
             times.append(time.perf_counter() - start)
     return times
 

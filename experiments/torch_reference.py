@@ -240,6 +240,41 @@ def build_lightcl_step(nf: int = 64, image_size: int = 32, channels: int = 3,
     return step, x, y
 
 
+class FullStep:
+    """One step that trains every layer (task 0 without pre-training, finetune, the
+    baselines): SGD on the cross-entropy over the task's logits, as the authors' ``train``."""
+
+    def __init__(self, model, optimizer, task_index: int, classes_per_task: int):
+        self.model, self.optimizer = model, optimizer
+        self.task_index, self.classes_per_task = task_index, classes_per_task
+
+    def __call__(self, x, y) -> float:
+        torch = _torch()
+        self.optimizer.zero_grad()
+        logits, _ = self.model(x)
+        lo = self.task_index * self.classes_per_task
+        loss = torch.nn.functional.cross_entropy(logits[:, lo:lo + self.classes_per_task], y - lo)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def build_full_step(nf: int = 64, image_size: int = 32, channels: int = 3,
+                    num_classes: int = 10, classes_per_task: int = 2, batch_size: int = 32,
+                    lr: float = 0.01, task_index: int = 0, seed: int = 0):
+    """``(step, x, y)``: a `FullStep` of a fresh ResNet-18 and a fixed random batch."""
+    torch = _torch()
+    torch.manual_seed(seed)
+    model = make_resnet18(nf=nf, channels=channels, num_classes=num_classes)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch_size, channels, image_size, image_size), generator=gen)
+    lo = task_index * classes_per_task
+    y = torch.randint(lo, lo + classes_per_task, (batch_size,), generator=gen)
+    return FullStep(model, optimizer, task_index, classes_per_task), x, y
+
+
 def time_lightcl_step(steps: int = 5, warmup: int = 2, threads: int = 2,
                       **build_kwargs: Any) -> dict:
     """Times the LightCL step on a fixed batch.

@@ -26,6 +26,8 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -130,12 +132,84 @@ def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdi
         wall, rss = run_child([sys.executable, "-m", "experiments.side_by_side.run_ours",
                                "--stream", stream_path, "--config", json.dumps(ours),
                                "--out", out], out.replace(".json", ".log"))
-        result = _read(out, "avg_til", "avg_cil")
+        with open(out) as f:
+            result = json.load(f)
         entry["ours"] = {"til": result["avg_til"], "cil": result["avg_cil"],
-                         "wall_time_s": wall, "peak_rss_mb": rss}
+                         "wall_time_s": wall, "peak_rss_mb": rss,
+                         "breakdown": our_breakdown(result)}
+        with open(out.replace("ours-", "reference-").replace(".json", ".log")) as f:
+            entry["reference"]["breakdown"] = reference_breakdown(f.read(), stream, epochs)
         report(f"seed {seed}, lightcl_jax:         {_line(entry['ours'])}")
         runs.append(entry)
     return summarize(runs, epochs)
+
+
+def our_breakdown(results: dict) -> dict:
+    """Where a run of ours spent its time, from its ``timeline`` and XLA's FLOPs.
+
+    ``startup_s``: until the first task began (imports, data, initialisation);
+    per phase (``full``: the tasks that train every layer, ``frozen``: the
+    others) the seconds of its epochs after each task's first, their steps
+    and the GFLOP/s they sustained; ``first_epoch_extra_s``: how much longer
+    each task's first epoch took than its others (compiling the phase's step,
+    the first host-device transfers); ``boundaries_s``: between a task's last
+    epoch and the next task (end_task, evaluation, begin_task).
+    """
+    timeline, resources = results["timeline"], results["resources"]
+    flops = {task: s["flops"] for s in resources["train_steps"] for task in s["tasks"]}
+    frozen_tasks = {p["task"] for p in results["phases"] if p["frozen"]}
+    phases = {name: {"seconds": 0.0, "steps": 0, "flops": 0.0} for name in ("full", "frozen")}
+    first_extra = boundaries = 0.0
+    for index, task in enumerate(timeline["tasks"]):
+        ends = task["epoch_ends_s"]
+        epochs = [b - a for a, b in zip([task["start_s"], *ends[:-1]], ends)]
+        steady = statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0]
+        phase = phases["frozen" if index in frozen_tasks else "full"]
+        steps = task["steps"] * (len(epochs) - 1) // len(epochs)
+        phase["seconds"] += sum(epochs[1:])
+        phase["steps"] += steps
+        phase["flops"] += steps * flops[index]
+        first_extra += epochs[0] - steady
+        following = (timeline["tasks"][index + 1]["start_s"] if index + 1 < len(timeline["tasks"])
+                     else timeline["end_s"])
+        boundaries += following - ends[-1]
+    for phase in phases.values():
+        phase["gflop_per_s"] = phase["flops"] / phase["seconds"] / 1e9 if phase["seconds"] else 0.0
+        phase["seconds_per_step"] = phase["seconds"] / phase["steps"] if phase["steps"] else 0.0
+    return {"startup_s": timeline["tasks"][0]["start_s"], "phases": phases,
+            "first_epoch_extra_s": first_extra, "boundaries_s": boundaries,
+            "total_s": timeline["end_s"]}
+
+
+_TQDM_DONE = re.compile(r"100%\|[^|]*\| (\d+)/\1 \[(?:(\d+):)?(\d+):(\d+)<")
+
+
+def reference_breakdown(log: str, stream, epochs: int) -> dict:
+    """The authors' script's seconds per task (its tqdm bars over the epochs, evaluation every
+    5 epochs included) and the GFLOP/s that sustains, counting its steps as it runs them:
+    the last smaller batch of each epoch kept, from task 1 on the buffer through every
+    layer (`theoretical_cost`'s conventions)."""
+    from lightcl_jax.accounting.theory import layer_table
+    seconds = []
+    for segment in re.split(r"-+\d+ is beginning-+", log)[1:]:  # the script's task headers
+        done = _TQDM_DONE.findall(segment)  # tqdm writes its last state more than once
+        if done:
+            _, h, m, s_ = done[-1]
+            seconds.append(int(h or 0) * 3600 + int(m) * 60 + int(s_))
+    rows = layer_table(64, stream.image_shape[0], stream.num_classes, stream.image_shape[-1])
+    forward = sum(r["macs"] for r in rows)
+    last = sum(r["macs"] for r in rows if r["group"] in ("stage4", "head"))
+    tasks = []
+    for index, task in enumerate(stream.tasks[:len(seconds)]):
+        samples = len(task.y_train)
+        if index == 0:
+            flops = 2 * 3 * forward * samples * epochs
+        else:
+            steps = -(-samples // 32)
+            flops = 2 * (forward + 2 * last) * (samples + 15 * steps) * epochs
+        tasks.append({"seconds": seconds[index], "flops": float(flops),
+                      "gflop_per_s": flops / seconds[index] / 1e9 if seconds[index] else 0.0})
+    return {"tasks": tasks}
 
 
 def _read(path: str, *keys: str) -> dict:
@@ -192,6 +266,24 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_breakdown(run: dict) -> str:
+    """Where one seed's time went, both sides (`our_breakdown`, `reference_breakdown`)."""
+    ours, ref = run["ours"]["breakdown"], run["reference"]["breakdown"]
+    lines = [f"seed {run['seed']}, lightcl_jax ({ours['total_s']:.0f} s in the process): "
+             f"startup {ours['startup_s']:.1f} s, first epochs' extra (compiling) "
+             f"{ours['first_epoch_extra_s']:.1f} s, task boundaries and evaluation "
+             f"{ours['boundaries_s']:.1f} s"]
+    for name, phase in ours["phases"].items():
+        lines.append(f"  {name}-network steps (epochs after each task's first): "
+                     f"{phase['seconds']:.1f} s, {phase['steps']} steps, "
+                     f"{phase['seconds_per_step'] * 1e3:.0f} ms a step, "
+                     f"{phase['gflop_per_s']:.0f} GFLOP/s (XLA's count)")
+    tasks = ", ".join(f"{t['seconds']} s ({t['gflop_per_s']:.0f} GFLOP/s)" for t in ref["tasks"])
+    lines.append(f"seed {run['seed']}, the authors' script, per task (evaluation every 5 epochs "
+                 f"included; theoretical FLOPs): {tasks}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m experiments.vs_reference", description=__doc__.splitlines()[0])
     p.add_argument("--ref", required=True, metavar="CHECKOUT",
@@ -242,6 +334,7 @@ def main(argv=None) -> int:
         return 1
     summary.update(stream=stream.name, ours_config=config.to_dict())
     print(format_summary(summary))
+    print(format_breakdown(summary["seeds"][0]))
     if args.json:
         write_json_atomic(args.json, summary)
     return 0

@@ -64,7 +64,8 @@ class Config:
       augment: random crop + flip on training batches (None: the dataset's
         default, on for CIFAR and off for digits, whose 8x8 strokes a flip
         or 4-pixel shift would change).
-      eval_batch_size: batch size of evaluation.
+      eval_batch_size: largest batch of evaluation (smaller when no task's
+        evaluation split needs that many).
       sparse: the reference's sparse variant: channel pruning fixed once from
         the starting weights, masks kept on weights and updates
         (`lightcl_jax.training.sparsity`); with a pre-trained backbone

@@ -41,7 +41,7 @@ def test_digits_stream(digits_stream):
 
 
 def test_bad_stream_arguments_are_refused():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'; known: digits, cifar10"):
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; known: digits, digits32, cifar10"):
         make_stream("mnist")
     with pytest.raises(ValueError, match="positive divisor of the 10 classes"):
         make_stream("digits", num_tasks=3)

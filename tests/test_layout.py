@@ -20,7 +20,8 @@ PACKAGE = ROOT / "lightcl_jax"
 # specific prefix names a module's layer.
 LAYERS = (
     ("lightcl_jax._lazy", "lightcl_jax.registry", "lightcl_jax.model.layers"),
-    ("lightcl_jax.data", "lightcl_jax.model", "lightcl_jax.metrics", "lightcl_jax.memory",
+    ("lightcl_jax.compiler", "lightcl_jax.data", "lightcl_jax.model", "lightcl_jax.metrics",
+     "lightcl_jax.memory",
      "lightcl_jax.accounting.theory", "lightcl_jax.accounting.xla"),
     ("lightcl_jax.config",),
     ("lightcl_jax.strategies",),

@@ -110,9 +110,9 @@ def test_seeds_resume_mid_task_to_the_uninterrupted_results(tmp_path):
     assert _same(resumed) == _same(clean)
     # The task-0 checkpoint of the same run, written by the code before the training
     # package was split.
-    old = resume_old_fixture("old_derpp_seeds2", tmp_path, config, stream, seeds=2,
+    old = resume_old_fixture("old_derpp_seeds2", tmp_path, config, stream, clean, seeds=2,
                              boundary=True)
-    assert old["resumed_at_steps"] == [6] and _same(old) == _same(clean)
+    assert old["resumed_at_steps"] == [6]
     # Each seed's reservoir draws from its own seed's key (`ExperienceReplay.begin_task`).
     keys = _final_memory(tmp_path / "killed")["key"]
     for lane, seed in enumerate((0, 1)):

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-from lightcl_jax.accounting import theory
 from lightcl_jax.accounting.theory import (LIGHTCL_MEM_GAP, PAPER_SETTINGS, PAPER_TABLE1,
                                            kept_channels, layer_table, theoretical_cost)
 

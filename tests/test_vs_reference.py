@@ -8,7 +8,6 @@ batches it is served, which the test computes again from the stream.
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -83,6 +82,11 @@ def test_exported_stream_round_trips_and_the_harness_runs_both_sides(tmp_path):
     assert ours["config"]["seed"] == 3 and ours["config"]["epochs"] == 2
     assert (run["ours"]["til"], run["ours"]["cil"]) == (ours["avg_til"], ours["avg_cil"])
     assert [len(row) for row in ours["acc_til"]] == [1, 2, 3, 4, 5]
+    # Where the time went: 2 epochs of 40 samples in batches of 16, the second epochs counted.
+    breakdown = run["ours"]["breakdown"]
+    assert {name: phase["steps"] for name, phase in breakdown["phases"].items()} == \
+        {"full": 2, "frozen": 8}
+    assert 0 < breakdown["startup_s"] < breakdown["total_s"] <= run["ours"]["wall_time_s"]
     walls = {side: run[side]["wall_time_s"] for side in ("reference", "ours")}
     assert summary["wall_time_ratio"] == pytest.approx(walls["ours"] / walls["reference"])
     assert all(summary["peak_rss_mb"][side] > 50 for side in ("reference", "ours"))

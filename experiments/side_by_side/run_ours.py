@@ -5,12 +5,38 @@
 
 The run is `train_and_evaluate` on the stream's arrays with the given config,
 and nothing the authors' script does not do: no checkpoints, no results
-file but ``--out`` (the results dict).
+file but ``--out``: the results dict, with ``timeline``, the seconds since
+this process started at which each task and each of its epochs began and
+ended (`Timeline`), from which `experiments.vs_reference` tells where the
+time went.
 """
 
 import argparse
 import json
 import sys
+import time
+
+from lightcl_jax.training.progress import Progress
+
+START = time.perf_counter()
+
+
+class Timeline(Progress):
+    """Progress that notes when each task starts and ends, and each epoch ends."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def start(self, name, total, done=0):
+        self.tasks.append({"name": name, "steps": total, "start_s": time.perf_counter() - START,
+                           "epoch_ends_s": []})
+
+    def advance(self, steps, metrics=None):
+        if metrics:  # an epoch ended
+            self.tasks[-1]["epoch_ends_s"].append(time.perf_counter() - START)
+
+    def end(self, summary):
+        self.tasks[-1]["end_s"] = time.perf_counter() - START
 
 
 def main(argv=None) -> int:
@@ -25,7 +51,10 @@ def main(argv=None) -> int:
     from lightcl_jax.config import Config
     from lightcl_jax.training.loop import train_and_evaluate
 
-    results = train_and_evaluate(Config(**json.loads(args.config)), load_stream(args.stream))
+    timeline = Timeline()
+    results = train_and_evaluate(Config(**json.loads(args.config)), load_stream(args.stream),
+                                 progress=timeline)
+    results["timeline"] = {"tasks": timeline.tasks, "end_s": time.perf_counter() - START}
     with open(args.out, "w") as f:
         json.dump(results, f)
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lightcl_jax import compiler
 from lightcl_jax.accounting.xla import compiled_cost
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
@@ -58,7 +59,7 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
     if phase.uses_memory:
         memory = abstract_memory(model, strategy, config, phase, task_index, state.params,
                                  state.batch_stats, image_shape, classes_per_task)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, memory, x, y, offset).compile()
+    compiled = compiler.jit(step, donate_argnums=(0, 1)).lower(state, memory, x, y, offset).compile()
     figures = compiled_cost(compiled)
     figures["train_bytes"] = figures["step_bytes"]
     figures["phase"] = {"frozen": list(phase.frozen), "memory": phase.uses_memory}
@@ -76,5 +77,5 @@ def compiled_eval_step_cost(config: Config, image_shape: tuple[int, int, int], n
             jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32),
             jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.bool_),
             jax.ShapeDtypeStruct((), jnp.int32))
-    compiled = jax.jit(make_eval_step(model, classes_per_task)).lower(*args).compile()
+    compiled = compiler.jit(make_eval_step(model, classes_per_task)).lower(*args).compile()
     return compiled_cost(compiled)

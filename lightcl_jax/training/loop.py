@@ -109,7 +109,7 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
         state, memory = end_task(run, state, memory, batches, task_index=t, phase=phase,
                                  configs=configs)
         state, global_step = placement.replicate(state), end.global_step
-        til, cil = evaluate(programs.eval, state, run.stream, t + 1, run.config.eval_batch_size,
+        til, cil = evaluate(programs.eval, state, run.stream, t + 1, run.eval_batch_size,
                             placement)
         record.add_accuracies(til, cil)
         if _measures_layers(run, t):

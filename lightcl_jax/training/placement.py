@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import jax
-
+from lightcl_jax import compiler
 from lightcl_jax.config import Config
 from lightcl_jax.training.lanes import Lanes
 from lightcl_jax.training.parallel import DataParallel, data_parallel
@@ -91,15 +90,16 @@ class Placement:
         """``step(state, memory, x, y, class_offset)`` vmapped over the lanes, jitted with
         donated state and memory, the batch split over the devices."""
         rep, split = self.parallel.replicated, self.parallel.split_along(self.lanes.batch_axis)
-        return jax.jit(self.lanes.vmap(step, in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1),
-                       in_shardings=(rep, rep, split, split, rep), out_shardings=rep)
+        return compiler.jit(self.lanes.vmap(step, in_axes=(0, 0, 0, 0, None)),
+                            donate_argnums=(0, 1), in_shardings=(rep, rep, split, split, rep),
+                            out_shardings=rep)
 
     def jit_eval_step(self, step: Callable):
         """``step(params, batch_stats, x, y, valid, class_offset)`` vmapped over the lanes'
         model, the batch shared by all lanes and split over the devices."""
         rep, split = self.parallel.replicated, self.parallel.split
-        return jax.jit(self.lanes.vmap(step, in_axes=(0, 0, None, None, None, None)),
-                       in_shardings=(rep, rep, split, split, split, rep), out_shardings=rep)
+        return compiler.jit(self.lanes.vmap(step, in_axes=(0, 0, None, None, None, None)),
+                            in_shardings=(rep, rep, split, split, split, rep), out_shardings=rep)
 
     def abstract(self, tree) -> Any:
         """The stacked shapes of one lane's abstract tree."""

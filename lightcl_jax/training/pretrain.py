@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lightcl_jax import compiler
 from lightcl_jax.data.pipeline import eval_batches, prefetch
 from lightcl_jax.data.sources import RecordImages, update_digest
 from lightcl_jax.data.streams import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
@@ -313,7 +314,7 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
                              clock=clock)
     rep, split = parallel.replicated, parallel.split
     state = parallel.replicate(state)
-    step_fn = jax.jit(make_pretrain_step(model, tx), donate_argnums=0,
+    step_fn = compiler.jit(make_pretrain_step(model, tx), donate_argnums=0,
                       in_shardings=(rep, split, split), out_shardings=rep)
     for epoch in range(where.epoch, config.epochs):
         epoch_start = time.perf_counter()

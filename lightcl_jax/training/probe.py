@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lightcl_jax import compiler
 from lightcl_jax.config import Config
 from lightcl_jax.data.pipeline import epoch_batches
 from lightcl_jax.data.streams import TaskStream
@@ -36,8 +37,8 @@ def make_probe_step(model, tx, config, classes_per_task: int):
     One step serves every seed: its optimizer's update reads the sparse masks
     from the optimizer state, which each seed initialises with its own.
     """
-    return jax.jit(make_train_step(model, tx, Strategy(), config, PROBE_PHASE, classes_per_task),
-                   donate_argnums=(0,))
+    return compiler.jit(make_train_step(model, tx, Strategy(), config, PROBE_PHASE,
+                                        classes_per_task), donate_argnums=(0,))
 
 
 def probe_freeze(model, state: TrainState, stream: TaskStream, task_index: int, config: Config,

@@ -63,7 +63,7 @@ def assemble_results(run, record: RunRecord, state, programs: Programs, *,
     return {
         **common,
         **summary,
-        "resources": programs.resources(config.eval_batch_size),
+        "resources": programs.resources(run.eval_batch_size),
         "identity": run.identity,
         "resumed_at_steps": resumed_at,
         "wall_time_s": wall_time_s,

@@ -35,6 +35,7 @@ class Run:
     identity: dict              # `run_identity`: what a checkpoint of this run must match
     init_variables: Any         # the backbone's {"params", "batch_stats"}, or None
     eval_forward: Callable      # the model's jitted evaluation-mode forward, for the hooks
+    eval_batch_size: int        # `eval_batch_size` of the config and the stream
 
     @property
     def lane_configs(self) -> list[Config]:
@@ -77,4 +78,14 @@ def setup_run(config: Config, stream: TaskStream | None = None, *,
                placement=placement, pretrained=pretrained,
                augment=stream.augment if config.augment is None else config.augment,
                identity=identity, init_variables=init_variables,
-               eval_forward=jitted_eval_forward(model))
+               eval_forward=jitted_eval_forward(model),
+               eval_batch_size=eval_batch_size(config.eval_batch_size, stream,
+                                               placement.parallel.num_devices))
+
+
+def eval_batch_size(largest: int, stream: TaskStream, num_devices: int) -> int:
+    """The evaluation batch: ``largest``, or fewer when no task's evaluation split needs
+    that many (rounded up to split over the devices), so that a small split is not
+    padded to a large batch. One compiled shape either way."""
+    needed = max(len(task.y_eval) for task in stream.tasks)
+    return min(largest, -(-needed // num_devices) * num_devices)

@@ -1,0 +1,201 @@
+"""JAX's train steps against the same steps in PyTorch, timed side by side in one process.
+
+    python -m experiments.bench_vs_torch [--rounds 5] [--steps 4] [--json PATH]
+
+At the reference's setting (ResNet-18 nf 64, 32x32x3, batch 32, buffer 15, 10
+classes in tasks of 2), two steps each way:
+
+  * ``full``: every layer trains (task 0 without pre-training, finetune, every
+    baseline, pre-training): our LightCL task-0 step against
+    `experiments.torch_reference.FullStep` (the authors' ``train``);
+  * ``lightcl``: a step of task 1 without pre-training (stem + stages 1-3
+    frozen, the regulation loss on the buffer): ours, whose buffer starts at
+    stage 4 from its stored features, against the authors' way, the buffer
+    through every layer (`experiments.torch_reference.LightCLStep`).
+
+Rounds alternate the frameworks (``--steps`` timed steps of each, after a pause
+that lets the other's worker threads go idle), so a change in the machine's
+speed touches both. Prints per step the median wall time of each, the ratio
+JAX / PyTorch, the FLOPs (XLA's count of our step; the theoretical count of
+the PyTorch step, `lightcl_jax.accounting.theory`'s conventions with the
+buffer's frozen-layer forward added) and the GFLOP/s each sustains, beside
+the machine's practical peak: a 2048^3 float32 matmul in JAX and in PyTorch.
+PyTorch uses as many threads as there are cores (``--threads``), as XLA does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+SETTING = dict(nf=64, image_size=32, channels=3, num_classes=10, classes_per_task=2,
+               batch_size=32, buffer_size=15)
+PAUSE_S = 0.5  # lets spinning worker threads of the framework just timed go idle
+
+
+def _jax_steps() -> dict:
+    """{"full": (step, state, memory, x, y, offset), "lightcl": ...}: compiled, warmed up."""
+    import jax.numpy as jnp
+
+    from experiments.bench_step import prepared_step
+    from lightcl_jax.config import Config
+
+    config = Config(strategy="lightcl", dataset="cifar10", nf=SETTING["nf"],
+                    batch_size=SETTING["batch_size"], buffer_size=SETTING["buffer_size"])
+    shape = (SETTING["image_size"], SETTING["image_size"], SETTING["channels"])
+    out = {}
+    for name, task in (("full", 0), ("lightcl", 1)):
+        step, state, memory, x, y = prepared_step(config, shape, SETTING["num_classes"],
+                                                  SETTING["classes_per_task"], task)
+        offset = jnp.asarray(task * SETTING["classes_per_task"], jnp.int32)
+        out[name] = [step, state, memory, x, y, offset]
+    return out
+
+
+def _time_jax(entry, steps: int) -> list[float]:
+    import jax
+    step, state, memory, x, y, offset = entry
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, memory, metrics = step(state, memory, x, y, offset)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    entry[1], entry[2] = state, memory
+    return times
+
+
+def _time_torch(entry, steps: int) -> list[float]:
+    step, x, y = entry
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step(x, y)  # .item() waits for the result
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
+    """GFLOP/s of a size^3 float32 matmul in JAX and in PyTorch (best of ``repeats``)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    a = np.random.default_rng(0).random((size, size), np.float32)
+    ja = jnp.asarray(a)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(ja).block_until_ready()
+    ta = torch.from_numpy(a)
+    out = {}
+    for name, run in (("jax", lambda: matmul(ja).block_until_ready()), ("torch", lambda: ta @ ta)):
+        run()
+        best = min(_elapsed(run) for _ in range(repeats))
+        out[name] = 2 * size ** 3 / best / 1e9
+        time.sleep(PAUSE_S)
+    return out
+
+
+def _elapsed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def torch_step_flops() -> dict:
+    """Theoretical FLOPs of the PyTorch steps (`theoretical_cost`'s conventions)."""
+    from lightcl_jax.accounting.theory import layer_table
+    rows = layer_table(SETTING["nf"], SETTING["image_size"], SETTING["num_classes"],
+                       SETTING["channels"])
+    forward = sum(r["macs"] for r in rows)
+    stage4 = sum(r["macs"] for r in rows if r["group"] in ("stage4", "head"))
+    batch, buffer = SETTING["batch_size"], SETTING["buffer_size"]
+    # Full step: forward + backward (twice the forward) of every layer.
+    full = 2 * 3 * forward * batch
+    # LightCL, the authors' way: batch and buffer through every layer, backward of stage 4.
+    lightcl = 2 * (forward + 2 * stage4) * (batch + buffer)
+    return {"full": float(full), "lightcl": float(lightcl)}
+
+
+def measure(rounds: int, steps: int, threads: int) -> dict:
+    import jax
+    import torch
+
+    from experiments.torch_reference import build_full_step, build_lightcl_step
+    torch.set_num_threads(threads)
+    settings = {k: SETTING[k] for k in ("nf", "image_size", "channels", "num_classes",
+                                        "classes_per_task", "batch_size")}
+    torch_steps = {"full": build_full_step(**settings),
+                   "lightcl": build_lightcl_step(**settings, buffer_size=SETTING["buffer_size"])}
+    jax_steps = _jax_steps()
+    for name in torch_steps:  # warm-up (PyTorch's first steps allocate)
+        _time_torch(torch_steps[name], 2)
+    times = {name: {"jax": [], "torch": []} for name in jax_steps}
+    for _ in range(rounds):
+        for name in jax_steps:
+            times[name]["jax"] += _time_jax(jax_steps[name], steps)
+            time.sleep(PAUSE_S)
+            times[name]["torch"] += _time_torch(torch_steps[name], steps)
+            time.sleep(PAUSE_S)
+    flops = {"jax": {name: jax_steps[name][0].cost["flops"] for name in jax_steps},
+             "torch": torch_step_flops()}
+    out = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+           "torch_version": torch.__version__, "threads": threads, "setting": SETTING,
+           "steps": {}}
+    for name, by in times.items():
+        row = {side: {"median_s": statistics.median(t), "times_s": t} for side, t in by.items()}
+        for side in row:
+            row[side]["flops"] = flops[side][name]
+            row[side]["gflop_per_s"] = flops[side][name] / row[side]["median_s"] / 1e9
+        row["jax_over_torch"] = row["jax"]["median_s"] / row["torch"]["median_s"]
+        out["steps"][name] = row
+    out["matmul_gflop_per_s"] = matmul_peak()
+    return out
+
+
+def report(out: dict) -> str:
+    lines = [f"{out['device']}, PyTorch {out['torch_version']} with {out['threads']} threads; "
+             "ResNet-18 nf 64, 32x32x3, batch 32, buffer 15", "",
+             f"{'step':<10}{'JAX ms':>9}{'PyTorch ms':>12}{'JAX/PyTorch':>13}"
+             f"{'JAX GFLOP':>11}{'GFLOP/s':>9}{'PyTorch GFLOP':>15}{'GFLOP/s':>9}"]
+    for name, row in out["steps"].items():
+        j, t = row["jax"], row["torch"]
+        lines.append(f"{name:<10}{j['median_s'] * 1e3:9.1f}{t['median_s'] * 1e3:12.1f}"
+                     f"{row['jax_over_torch']:13.2f}{j['flops'] / 1e9:11.1f}"
+                     f"{j['gflop_per_s']:9.0f}{t['flops'] / 1e9:15.1f}{t['gflop_per_s']:9.0f}")
+    peak = out["matmul_gflop_per_s"]
+    lines += ["", f"practical peak, a 2048^3 float32 matmul: JAX {peak['jax']:.0f} GFLOP/s, "
+                  f"PyTorch {peak['torch']:.0f} GFLOP/s"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_vs_torch",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5, help="alternations of the frameworks")
+    p.add_argument("--steps", type=int, default=4, help="timed steps of each per round")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="PyTorch threads (default: every core, as XLA uses)")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    for name in ("rounds", "steps", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1; got {getattr(args, name)}")
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        from experiments.torch_reference import TORCH_MISSING
+        p.error(TORCH_MISSING)
+    out = measure(args.rounds, args.steps, args.threads)
+    print(report(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
