@@ -13,9 +13,11 @@ classes in tasks of 2), two steps each way:
     stage 4 from its stored features, against the authors' way, the buffer
     through every layer (`experiments.torch_reference.LightCLStep`).
 
-Rounds alternate the frameworks (``--steps`` timed steps of each, after a pause
-that lets the other's worker threads go idle), so a change in the machine's
-speed touches both. Prints per step the median wall time of each, the ratio
+Each step is also compiled with XLA's default options (``{}`` for
+`lightcl_jax.compiler.COMPILER_OPTIONS`: YNNPACK convolutions), the evidence
+for the library's choice. Rounds alternate all of them (``--steps`` timed
+steps of each, after a pause that lets the previous one's worker threads go
+idle), so a change in the machine's speed touches every figure. Prints per step the median wall time of each, the ratio
 JAX / PyTorch, the FLOPs (XLA's count of our step; the theoretical count of
 the PyTorch step, `lightcl_jax.accounting.theory`'s conventions with the
 buffer's frozen-layer forward added) and the GFLOP/s each sustains, beside
@@ -37,23 +39,29 @@ SETTING = dict(nf=64, image_size=32, channels=3, num_classes=10, classes_per_tas
 PAUSE_S = 0.5  # lets spinning worker threads of the framework just timed go idle
 
 
-def _jax_steps() -> dict:
-    """{"full": (step, state, memory, x, y, offset), "lightcl": ...}: compiled, warmed up."""
+def _jax_steps(compiler_options: dict) -> dict:
+    """{"full": [step, state, memory, x, y, offset], "lightcl": ...}: compiled with
+    ``compiler_options`` in place of the library's, warmed up."""
     import jax.numpy as jnp
 
     from experiments.bench_step import prepared_step
+    from lightcl_jax import compiler
     from lightcl_jax.config import Config
 
     config = Config(strategy="lightcl", dataset="cifar10", nf=SETTING["nf"],
                     batch_size=SETTING["batch_size"], buffer_size=SETTING["buffer_size"])
     shape = (SETTING["image_size"], SETTING["image_size"], SETTING["channels"])
-    out = {}
-    for name, task in (("full", 0), ("lightcl", 1)):
-        step, state, memory, x, y = prepared_step(config, shape, SETTING["num_classes"],
-                                                  SETTING["classes_per_task"], task)
-        offset = jnp.asarray(task * SETTING["classes_per_task"], jnp.int32)
-        out[name] = [step, state, memory, x, y, offset]
-    return out
+    library_options, compiler.COMPILER_OPTIONS = compiler.COMPILER_OPTIONS, compiler_options
+    try:
+        out = {}
+        for name, task in (("full", 0), ("lightcl", 1)):
+            step, state, memory, x, y = prepared_step(config, shape, SETTING["num_classes"],
+                                                      SETTING["classes_per_task"], task)
+            offset = jnp.asarray(task * SETTING["classes_per_task"], jnp.int32)
+            out[name] = [step, state, memory, x, y, offset]
+        return out
+    finally:
+        compiler.COMPILER_OPTIONS = library_options
 
 
 def _time_jax(entry, steps: int) -> list[float]:
@@ -131,18 +139,21 @@ def measure(rounds: int, steps: int, threads: int) -> dict:
                                         "classes_per_task", "batch_size")}
     torch_steps = {"full": build_full_step(**settings),
                    "lightcl": build_lightcl_step(**settings, buffer_size=SETTING["buffer_size"])}
-    jax_steps = _jax_steps()
+    from lightcl_jax.compiler import COMPILER_OPTIONS
+    jax_steps = {"": _jax_steps(COMPILER_OPTIONS), "xla_defaults": _jax_steps({})}
     for name in torch_steps:  # warm-up (PyTorch's first steps allocate)
         _time_torch(torch_steps[name], 2)
-    times = {name: {"jax": [], "torch": []} for name in jax_steps}
+    times = {name: {"jax": [], "jax_xla_defaults": [], "torch": []} for name in torch_steps}
     for _ in range(rounds):
-        for name in jax_steps:
-            times[name]["jax"] += _time_jax(jax_steps[name], steps)
-            time.sleep(PAUSE_S)
+        for name in torch_steps:
+            for variant, side in (("", "jax"), ("xla_defaults", "jax_xla_defaults")):
+                times[name][side] += _time_jax(jax_steps[variant][name], steps)
+                time.sleep(PAUSE_S)
             times[name]["torch"] += _time_torch(torch_steps[name], steps)
             time.sleep(PAUSE_S)
-    flops = {"jax": {name: jax_steps[name][0].cost["flops"] for name in jax_steps},
+    flops = {"jax": {name: jax_steps[""][name][0].cost["flops"] for name in torch_steps},
              "torch": torch_step_flops()}
+    flops["jax_xla_defaults"] = flops["jax"]
     out = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
            "torch_version": torch.__version__, "threads": threads, "setting": SETTING,
            "steps": {}}
@@ -152,6 +163,8 @@ def measure(rounds: int, steps: int, threads: int) -> dict:
             row[side]["flops"] = flops[side][name]
             row[side]["gflop_per_s"] = flops[side][name] / row[side]["median_s"] / 1e9
         row["jax_over_torch"] = row["jax"]["median_s"] / row["torch"]["median_s"]
+        row["xla_defaults_over_torch"] = (row["jax_xla_defaults"]["median_s"]
+                                          / row["torch"]["median_s"])
         out["steps"][name] = row
     out["matmul_gflop_per_s"] = matmul_peak()
     return out
@@ -167,6 +180,10 @@ def report(out: dict) -> str:
         lines.append(f"{name:<10}{j['median_s'] * 1e3:9.1f}{t['median_s'] * 1e3:12.1f}"
                      f"{row['jax_over_torch']:13.2f}{j['flops'] / 1e9:11.1f}"
                      f"{j['gflop_per_s']:9.0f}{t['flops'] / 1e9:15.1f}{t['gflop_per_s']:9.0f}")
+    lines += ["", "with XLA's default kernels (YNNPACK convolutions, lightcl_jax.compiler): " +
+              ", ".join(f"{name} {row['jax_xla_defaults']['median_s'] * 1e3:.1f} ms "
+                        f"({row['xla_defaults_over_torch']:.2f}x PyTorch)"
+                        for name, row in out["steps"].items())]
     peak = out["matmul_gflop_per_s"]
     lines += ["", f"practical peak, a 2048^3 float32 matmul: JAX {peak['jax']:.0f} GFLOP/s, "
                   f"PyTorch {peak['torch']:.0f} GFLOP/s"]
