@@ -28,11 +28,12 @@ PyTorch uses as many threads as there are cores (``--threads``), as XLA does.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+
+from experiments.common import write_json_atomic
 
 SETTING = dict(nf=64, image_size=32, channels=3, num_classes=10, classes_per_task=2,
                batch_size=32, buffer_size=15)
@@ -209,8 +210,7 @@ def main(argv=None) -> int:
     out = measure(args.rounds, args.steps, args.threads)
     print(report(out))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json_atomic(args.json, out)
     return 0
 
 
