@@ -97,7 +97,7 @@ def run_child(command: list[str], log: str, env: dict | None = None) -> tuple[fl
 
 
 def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdir: str,
-            report=print) -> dict:
+            report=print, reuse: bool = False) -> dict:
     """Runs the authors' script and lightcl_jax for each seed on ``stream``; their figures.
 
     Args:
@@ -108,6 +108,9 @@ def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdi
       epochs: epochs per task of both.
       workdir: where the stream, logs and result files go.
       report: called with one line per finished run.
+      reuse: take a seed's figures from ``workdir/seed{N}.json`` (written after every
+        finished seed) when it exists and was measured with the same checkout, stream,
+        epochs and settings, instead of running that seed again.
 
     Returns:
       ``{"seeds": [{"seed", "reference": {...}, "ours": {...}}], "reference": summary,
@@ -119,7 +122,18 @@ def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdi
     export_stream(stream, stream_path)
     env = dict(os.environ, LIGHTCL_STREAM=stream_path)
     runs = []
+    settings = {"checkout": checkout, "stream": stream.name, "epochs": epochs,
+                "ours": {k: v for k, v in config.to_dict().items() if k not in ("seed", "epochs")}}
     for seed in seeds:
+        record = os.path.join(workdir, f"seed{seed}.json")
+        if reuse and os.path.exists(record):
+            with open(record) as f:
+                saved = json.load(f)
+            if saved.get("settings") == settings:
+                report(f"seed {seed}: figures reused from {record}")
+                runs.append(saved["entry"])
+                continue
+            report(f"seed {seed}: {record} was measured with other settings; running again")
         entry = {"seed": seed}
         out = os.path.join(workdir, f"reference-seed{seed}.json")
         wall, rss = run_child([sys.executable, RUNNER, "--checkout", checkout, "--stream",
@@ -140,6 +154,7 @@ def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdi
         with open(out.replace("ours-", "reference-").replace(".json", ".log")) as f:
             entry["reference"]["breakdown"] = reference_breakdown(f.read(), stream, epochs)
         report(f"seed {seed}, lightcl_jax:         {_line(entry['ours'])}")
+        write_json_atomic(record, {"settings": settings, "entry": entry})
         runs.append(entry)
     return summarize(runs, epochs)
 
@@ -298,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="TFDS data_dir, for a TFDS dataset")
     p.add_argument("--workdir", default=os.path.join("runs", "vs-reference"),
                    help="where the exported stream, logs and per-run results go")
+    p.add_argument("--reuse", action="store_true",
+                   help="take a seed's figures from an earlier run in --workdir with the same "
+                        "settings (its seedN.json) instead of running it again")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
     return p
 
@@ -328,7 +346,8 @@ def main(argv=None) -> int:
         parser.error(str(err))
     seeds = list(range(args.seed, args.seed + args.seeds))
     try:
-        summary = compare(checkout, stream, config, seeds, args.epochs, args.workdir)
+        summary = compare(checkout, stream, config, seeds, args.epochs, args.workdir,
+                          reuse=args.reuse)
     except RuntimeError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1

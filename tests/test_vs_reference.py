@@ -95,6 +95,17 @@ def test_exported_stream_round_trips_and_the_harness_runs_both_sides(tmp_path):
     assert "set in a temporary copy of the authors' LightCL.py" in text
     assert f"{summary['wall_time_ratio']:.3f}" in text
 
+    # A finished seed is reused only with the same settings: nothing runs the second time.
+    (checkout / "LightCL.py").write_text("raise SystemExit(3)\n")
+    lines.clear()
+    again = vs_reference.compare(str(checkout), stream, config, [3], 2, str(tmp_path / "w"),
+                                 report=lines.append, reuse=True)
+    assert again["seeds"] == summary["seeds"] and lines == [
+        f"seed 3: figures reused from {tmp_path / 'w' / 'seed3.json'}"]
+    with pytest.raises(RuntimeError, match="failed with exit code"):  # other epochs: runs
+        vs_reference.compare(str(checkout), stream, config, [3], 1, str(tmp_path / "w"),
+                             report=lines.append, reuse=True)
+
 
 def test_the_cli_refuses_a_folder_that_is_not_the_authors_checkout(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
