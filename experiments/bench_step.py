@@ -30,7 +30,7 @@ from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
 from lightcl_jax.training.forward import BatchStatsChain, jitted_eval_forward, jitted_forward
 from lightcl_jax.training.state import create_train_state
-from lightcl_jax.training.steps import memory_at_task_start, phase_step
+from lightcl_jax.training.steps import memory_at_task_start, memory_scheduled, phase_step
 from lightcl_jax.training.sparsity import apply_masks, channel_prune_masks
 
 
@@ -66,7 +66,8 @@ def prepared_step(config: Config, image_shape, num_classes: int, classes_per_tas
                                       jitted_eval_forward(model), state.params,
                                       state.batch_stats, classes_per_task)
         state = state.replace(batch_stats=chain.latest)
-    step = CompiledStep(compiler.jit(step, donate_argnums=(0, 1)))
+    step = CompiledStep(compiler.jit(step, donate_argnums=(0, 1),
+                                     memory_scheduler=memory_scheduled(config, phase)))
     offset = jnp.asarray(lo, jnp.int32)
     state, memory, metrics = step(state, memory, x, y, offset)
     jax.block_until_ready(metrics)

@@ -29,7 +29,6 @@ STRATEGY_RUNS = {name: ["--strategy", name]
 RUNS = {**STRATEGY_RUNS, "seeds2": ["--seeds", "2"], "auto": ["--freeze", "auto"],
         "layer_metrics": ["--layer-metrics"], "sparse": ["--sparse"],
         "devices4": ["--devices", "4"]}
-IGNORED = ("wall_time_s",)
 
 
 def run_once(code: str, flags: list[str], workdir: str) -> tuple[float, dict]:
@@ -50,8 +49,11 @@ def run_once(code: str, flags: list[str], workdir: str) -> tuple[float, dict]:
 
 
 def differences(old: dict, new: dict) -> list[str]:
-    """The entries of two results dicts that differ, but for `IGNORED`."""
-    return sorted(k for k in set(old) | set(new) if k not in IGNORED and old.get(k) != new.get(k))
+    """The entries of two results dicts that differ, but for what was measured
+    (`lightcl_jax.training.results.without_measurements`: wall time, peak RSS)."""
+    from lightcl_jax.training.results import without_measurements
+    old, new = without_measurements(old), without_measurements(new)
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def main(argv=None) -> int:
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
             differ = differences(old, new)
             same &= not differ
             til = "avg_til_mean" if "seeds" in new else "avg_til"
-            print(f"{name:14} {len(set(old) | set(new)) - len(IGNORED)} entries, identical: "
+            print(f"{name:14} {len(set(old) | set(new) - {'wall_time_s'})} entries, identical: "
                   f"{not differ}{f' (differ: {differ})' if differ else ''}; {til} "
                   f"{old[til]:.4f} / {new[til]:.4f}; {old_s:.0f} s / {new_s:.0f} s", flush=True)
     print("every run identical but for wall_time_s" if same else "DIFFERENCES FOUND")

@@ -21,7 +21,15 @@ import tempfile
 import time
 
 RUN = [sys.executable, "-m", "experiments.run", "--no-progress"]
-IGNORED = ("wall_time_s", "resumed_at_steps")
+IGNORED = ("wall_time_s", "resumed_at_steps", "resources.peak_rss_mb")
+
+
+def _differences(want: dict, got: dict) -> list[str]:
+    """The entries that differ, but for `IGNORED` (the measured ones and the resume steps)."""
+    from lightcl_jax.training.results import without_measurements
+    want, got = without_measurements(want), without_measurements(got)
+    return sorted(k for k in set(want) | set(got)
+                  if k != "resumed_at_steps" and want.get(k) != got.get(k))
 
 
 def _results(workdir: str) -> dict:
@@ -91,8 +99,7 @@ def main(argv=None) -> int:
         if line.startswith("resuming from"):
             print(line)
     want, got = _results(clean_dir), _results(killed_dir)
-    differing = sorted(k for k in set(want) | set(got)
-                       if k not in IGNORED and want.get(k) != got.get(k))
+    differing = _differences(want, got)
     print(f"avg TIL {want['avg_til']:.4f} / {got['avg_til']:.4f}, avg CIL {want['avg_cil']:.4f} "
           f"/ {got['avg_cil']:.4f} (clean / killed and resumed)")
     print(f"resumed_at_steps {got['resumed_at_steps']}; identical results.json but for "

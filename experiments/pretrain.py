@@ -117,6 +117,7 @@ def main(argv=None) -> int:
                     else f", eval accuracy {entry['eval_accuracy']:.2f}%")
         print(f"epoch {entry['epoch']:>3}: loss {entry['loss']:.4f}, train accuracy "
               f"{entry['train_accuracy']:.2f}%{accuracy}")
+    print(f"peak resident memory {history['peak_rss_mb']:.0f} MB")
     print(f"backbone written to {backbone_dir}; start a run from it: "
           f"python -m experiments.run --init-from {backbone_dir} --dataset cifar10")
     return 0

@@ -18,7 +18,7 @@ import shutil
 import sys
 
 from experiments.common import Bars, Parser, parse_bool, write_json_atomic
-from lightcl_jax.config import FROZEN_BN_MODES, Config
+from lightcl_jax.config import FROZEN_BN_MODES, XLA_SCHEDULERS, Config
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
 from lightcl_jax.model.layers import FREEZE_POINTS
 from lightcl_jax.registry import SIMILARITIES, STRATEGIES
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", type=parse_bool, default=None,
                    help="random crop + flip: on/off (default: off for digits, else on)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--xla-scheduler", default=d.xla_scheduler, choices=XLA_SCHEDULERS,
+                   help="XLA:CPU's scheduler for train steps: memory-optimized, XLA's default, "
+                        "or auto (memory-optimized where layers are frozen; default auto)")
     p.add_argument("--sparse", action="store_true",
                    help="the reference's channel pruning (sparsity 0.2/0.7/0.8 by stage)")
     p.add_argument("--derpp-alpha", type=float, default=d.derpp_alpha, help="DER++ logit MSE weight")
@@ -127,8 +130,14 @@ def format_table(results: dict) -> str:
     if results.get("sparsity"):
         lines.append(f"sparse: {100 * results['sparsity']['sparsity']:.1f}% of the parameters "
                      f"are zero ({results['sparsity']['nonzero_mb']:.2f} MB of nonzero weights)")
-    lines.append(f"wall time {results['wall_time_s']:.1f} s")
+    lines.append(_time_and_memory(results))
     return "\n".join(lines)
+
+
+def _time_and_memory(results: dict) -> str:
+    peak = results.get("resources", {}).get("peak_rss_mb")
+    memory = "" if peak is None else f", peak resident memory {peak:.0f} MB"
+    return f"wall time {results['wall_time_s']:.1f} s{memory}"
 
 
 def _format_seeds(results: dict) -> str:
@@ -147,7 +156,7 @@ def _format_seeds(results: dict) -> str:
     chosen = {run["freeze_auto"]["chosen"] for run in runs if run.get("freeze_auto")}
     if chosen:
         lines.append(f"--freeze auto chose {', '.join(sorted(chosen))}")
-    lines.append(f"wall time {results['wall_time_s']:.1f} s")
+    lines.append(_time_and_memory(results))
     return "\n".join(lines)
 
 

@@ -1,5 +1,7 @@
 import dataclasses
 
+import pytest
+
 from lightcl_jax.accounting import compiled_train_step_cost
 from lightcl_jax.config import Config
 
@@ -62,3 +64,35 @@ def test_sparse_step_compiles_with_its_masks_in_the_optimizer_state():
     # weights (stage 4 and head), one byte per entry.
     assert sparse["argument_bytes"] > dense["argument_bytes"]
     assert sparse["flops"] >= dense["flops"]
+
+
+def test_memory_plan_lists_what_fits_deepest_first_and_each_fits_when_compiled_again():
+    from lightcl_jax.accounting.compiled import memory_plan
+    config = Config(strategy="lightcl", dataset="digits", nf=4, buffer_size=8)
+    shape = (8, 8, 1)
+    everything = memory_plan(config, shape, 10, 2, budget_mb=1e9, batch_sizes=(8, 16),
+                             buffer_sizes=(8,))
+    # 6 freeze points x 2 batch sizes, all fitting an endless budget, deepest trainable first.
+    assert [(r["freeze"], r["batch_size"]) for r in everything][:3] == [
+        ("none", 16), ("none", 8), ("stem", 16)]
+    assert len(everything) == 12 and all(r["fits"] for r in everything)
+    budget = sorted(r["step_mb"] for r in everything)[5]  # the 6 smallest steps fit
+    rows = memory_plan(config, shape, 10, 2, budget_mb=budget, batch_sizes=(8, 16),
+                       buffer_sizes=(8,))
+    fitting = [r for r in rows if r["fits"]]
+    assert len(fitting) >= 6 and rows[:len(fitting)] == fitting
+    for row in fitting:
+        trial = dataclasses.replace(config, freeze=row["freeze"], batch_size=row["batch_size"])
+        again = compiled_train_step_cost(trial, shape, 10, 2, pretrained=True)
+        assert again["step_bytes"] / 2 ** 20 <= budget
+
+
+def test_plan_memory_refuses_bad_budgets_and_sizes(capsys):
+    from experiments import plan_memory
+    for argv, words in ((["--budget-mb", "0"], "--budget-mb must be > 0"),
+                        (["--budget-mb", "64", "--batch-sizes", "8,x"], "comma-separated"),
+                        (["--budget-mb", "64", "--dataset", "cifar100", "--num-tasks", "3"],
+                         "--num-tasks must divide the 100 classes")):
+        with pytest.raises(SystemExit) as exit_info:
+            plan_memory.main(argv)
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err

@@ -123,6 +123,12 @@ def test_check_identical_compares_all_but_the_wall_time_and_refuses_a_non_checko
     assert check_identical.differences({"a": 1, "wall_time_s": 2.0}, {"a": 1, "wall_time_s": 3.0}) \
         == []
     assert check_identical.differences({"a": [1.0], "b": 0}, {"a": [1.5], "c": 0}) == ["a", "b", "c"]
+    # The peak resident memory is measured too (an old run's results have none).
+    resources = {"flops": 1.0, "peak_rss_mb": 900.0}
+    assert check_identical.differences({"resources": resources},
+                                       {"resources": {"flops": 1.0}}) == []
+    assert check_identical.differences({"resources": resources},
+                                       {"resources": {"flops": 2.0}}) == ["resources"]
     for argv, words in ((["--old", str(tmp_path)], "is not a lightcl_jax checkout"),
                         (["--old", ".", "--runs", "nope"], "unknown runs ['nope']")):
         with pytest.raises(SystemExit) as exit_info:

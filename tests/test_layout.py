@@ -19,7 +19,8 @@ PACKAGE = ROOT / "lightcl_jax"
 # Lower layers first; a module may import modules of its own layer or below. The most
 # specific prefix names a module's layer.
 LAYERS = (
-    ("lightcl_jax._lazy", "lightcl_jax.registry", "lightcl_jax.model.layers"),
+    ("lightcl_jax._lazy", "lightcl_jax.registry", "lightcl_jax.model.layers",
+     "lightcl_jax.accounting.process"),
     ("lightcl_jax.compiler", "lightcl_jax.data", "lightcl_jax.model", "lightcl_jax.metrics",
      "lightcl_jax.memory",
      "lightcl_jax.accounting.theory", "lightcl_jax.accounting.xla"),

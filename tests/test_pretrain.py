@@ -64,7 +64,9 @@ def test_pretrain_resumes_mid_epoch_to_the_uninterrupted_backbone(tmp_path, caps
             progress=_SnapshotAt(6, tmp_path / "run", tmp_path / "killed"))
         assert RunCheckpoints(tmp_path / "killed" / "checkpoints").latest() == ("steps", 4)
         assert pretrain_cli.main(["--workdir", str(tmp_path / "killed"), *FLAGS]) == 0
-    assert "epoch   2: loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "epoch   2: loss" in out and "peak resident memory" in out
+    assert history["peak_rss_mb"] > 100  # JAX and a compiled ResNet-18 at least
     with open(tmp_path / "killed" / "pretrain.json") as f:
         resumed = json.load(f)
     assert resumed["resumed_at_steps"] == [4] and history["resumed_at_steps"] == []

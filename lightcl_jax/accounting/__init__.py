@@ -13,7 +13,9 @@ the training package.
 from lightcl_jax._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "lightcl_jax.accounting.compiled": ("compiled_train_step_cost", "compiled_eval_step_cost"),
+    "lightcl_jax.accounting.compiled": ("compiled_train_step_cost", "compiled_eval_step_cost",
+                                        "memory_plan"),
+    "lightcl_jax.accounting.process": ("peak_rss_mb",),
     "lightcl_jax.accounting.theory": ("LIGHTCL_MEM_GAP", "PAPER_SETTINGS", "PAPER_TABLE1",
                                       "kept_channels", "layer_table", "lightcl_memory_gap",
                                       "reproduction_table", "theoretical_cost"),

@@ -8,17 +8,23 @@ Nothing is run: the step is lowered on abstract shapes and compiled.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import jax
 import jax.numpy as jnp
 
 from lightcl_jax import compiler
+from lightcl_jax.accounting.theory import STRATEGIES as THEORY_STRATEGIES
+from lightcl_jax.accounting.theory import theoretical_cost
 from lightcl_jax.accounting.xla import compiled_cost
 from lightcl_jax.config import Config
+from lightcl_jax.model.layers import FREEZE_POINTS
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
 from lightcl_jax.training.sparsity import channel_prune_masks
 from lightcl_jax.training.state import create_train_state
-from lightcl_jax.training.steps import abstract_memory, make_eval_step, phase_step
+from lightcl_jax.training.steps import abstract_memory, make_eval_step, memory_scheduled, phase_step
 
 
 def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
@@ -59,7 +65,9 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
     if phase.uses_memory:
         memory = abstract_memory(model, strategy, config, phase, task_index, state.params,
                                  state.batch_stats, image_shape, classes_per_task)
-    compiled = compiler.jit(step, donate_argnums=(0, 1)).lower(state, memory, x, y, offset).compile()
+    compiled = compiler.jit(step, donate_argnums=(0, 1),
+                            memory_scheduler=memory_scheduled(config, phase)
+                            ).lower(state, memory, x, y, offset).compile()
     figures = compiled_cost(compiled)
     figures["train_bytes"] = figures["step_bytes"]
     figures["phase"] = {"frozen": list(phase.frozen), "memory": phase.uses_memory}
@@ -79,3 +87,63 @@ def compiled_eval_step_cost(config: Config, image_shape: tuple[int, int, int], n
             jax.ShapeDtypeStruct((), jnp.int32))
     compiled = compiler.jit(make_eval_step(model, classes_per_task)).lower(*args).compile()
     return compiled_cost(compiled)
+
+
+def memory_plan(config: Config, image_shape: tuple[int, int, int], num_classes: int,
+                classes_per_task: int, *, budget_mb: float,
+                freeze_points: tuple[str, ...] | None = None,
+                batch_sizes: tuple[int, ...] = (8, 16, 32),
+                buffer_sizes: tuple[int, ...] | None = None,
+                sparse: tuple[bool, ...] = (False,), report=None) -> list[dict]:
+    """Which settings' train step fits a memory budget: compiled, nothing run, no data.
+
+    For every freeze point x batch size x buffer size x sparse-or-not, the
+    train step of a task >= 1 from a pre-trained backbone (the paper's
+    protocol: the steady phase of a run on a device) is compiled on abstract
+    shapes (`compiled_train_step_cost`) and its XLA step bytes compared with
+    ``budget_mb``. A freeze point only matters to strategies that freeze
+    (LightCL); a LightCL buffer larger than the batch is skipped (a run
+    refuses it).
+
+    Args:
+      config: the other settings (strategy, nf, lr, ...).
+      image_shape, num_classes, classes_per_task: the stream's shape.
+      budget_mb: the memory (MiB) a step may hold.
+      freeze_points: default: every point of `FREEZE_POINTS` for LightCL, the
+        config's own for other strategies.
+      batch_sizes, buffer_sizes: the sizes to try (buffer default: the config's).
+      sparse: whether to try the masked sparse variant (LightCL), the dense one, or both.
+      report: called with each row as it is compiled (e.g. to show progress).
+
+    Returns:
+      Every configuration tried, fitting ones first, each ``{"freeze",
+      "batch_size", "buffer_size", "sparse", "step_mb", "flops", "theory_mb",
+      "fits"}``; among those that fit, the deepest trainable first (fewest
+      frozen groups), then the largest batch and buffer.
+    """
+    lightcl = config.strategy == "lightcl"
+    freeze_points = freeze_points or (tuple(FREEZE_POINTS) if lightcl else (config.freeze,))
+    rows = []
+    for freeze, batch, buffer, pruned in itertools.product(
+            freeze_points, batch_sizes, buffer_sizes or (config.buffer_size,), sparse):
+        if lightcl and buffer > batch:
+            continue
+        trial = dataclasses.replace(config, freeze=freeze, batch_size=batch, buffer_size=buffer,
+                                    sparse=pruned).resolved()
+        cost = compiled_train_step_cost(trial, image_shape, num_classes, classes_per_task,
+                                        pretrained=True)
+        row = {"freeze": freeze, "batch_size": batch, "buffer_size": buffer, "sparse": pruned,
+               "step_mb": cost["step_bytes"] / 2 ** 20, "flops": cost["flops"],
+               "theory_mb": None}
+        if trial.strategy in THEORY_STRATEGIES and (lightcl or not pruned):
+            row["theory_mb"] = theoretical_cost(
+                trial.strategy, image_size=image_shape[0], num_classes=num_classes,
+                batch_size=batch, buffer_size=buffer, train_samples=1, epochs=1, nf=trial.nf,
+                freeze=freeze, sparse=pruned, channels=image_shape[-1])["mem_mb"]
+        row["fits"] = row["step_mb"] <= budget_mb
+        rows.append(row)
+        if report is not None:
+            report(row)
+    depth = {name: i for i, name in enumerate(FREEZE_POINTS)}
+    return sorted(rows, key=lambda r: (not r["fits"], depth.get(r["freeze"], 0),
+                                       -r["batch_size"], -r["buffer_size"], r["sparse"]))

@@ -124,6 +124,10 @@ DATASETS = ("digits", "digits32", "cifar10", "cifar100", "tinyimagenet")
 EVAL_SPLITS = ("holdout", "test")
 _DEFAULT_NUM_TASKS = {"digits": 5, "digits32": 5, "cifar10": 5, "cifar100": 10,
                       "tinyimagenet": 10}
+# Each dataset's image shape and number of classes, known without loading it (for planning).
+DATASET_SHAPES = {"digits": ((8, 8, 1), 10), "digits32": ((32, 32, 3), 10),
+                  "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100),
+                  "tinyimagenet": ((64, 64, 3), 200)}
 # digits32: each digits pixel becomes a 4 x 4 block, the grey channel three channels.
 DIGITS32_SCALE, DIGITS32_CHANNELS = 4, 3
 

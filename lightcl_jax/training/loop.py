@@ -72,7 +72,7 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
     resume = find_resume_point(checkpoints, run.identity)
     states, masks = create_lane_states(run.model, run.stream.image_shape, lanes.seeds,
                                        init_variables=run.init_variables, sparse=run.config.sparse)
-    programs = Programs(placement, run.model, run.stream.classes_per_task, step_wrapper)
+    programs = Programs(placement, run.model, run.stream.classes_per_task, run.config, step_wrapper)
     (state, memory, before), record, clock = _restore(
         run, resume, checkpoints, states, masks, programs, progress, start_time)
     save = _Checkpointer(Saver(checkpoints, run.identity), lanes, record, programs, clock)

@@ -86,13 +86,14 @@ class Placement:
         """An evaluation batch ``(x, y, valid)`` (shared by the lanes) split over the devices."""
         return self.parallel.batch(*batch)
 
-    def jit_train_step(self, step: Callable):
+    def jit_train_step(self, step: Callable, memory_scheduler: bool = False):
         """``step(state, memory, x, y, class_offset)`` vmapped over the lanes, jitted with
-        donated state and memory, the batch split over the devices."""
+        donated state and memory, the batch split over the devices (`compiler.jit`'s
+        ``memory_scheduler``)."""
         rep, split = self.parallel.replicated, self.parallel.split_along(self.lanes.batch_axis)
         return compiler.jit(self.lanes.vmap(step, in_axes=(0, 0, 0, 0, None)),
                             donate_argnums=(0, 1), in_shardings=(rep, rep, split, split, rep),
-                            out_shardings=rep)
+                            out_shardings=rep, memory_scheduler=memory_scheduler)
 
     def jit_eval_step(self, step: Callable):
         """``step(params, batch_stats, x, y, valid, class_offset)`` vmapped over the lanes'

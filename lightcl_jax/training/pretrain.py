@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from lightcl_jax import compiler
+from lightcl_jax.accounting.process import peak_rss_mb
 from lightcl_jax.data.pipeline import eval_batches, prefetch
 from lightcl_jax.data.sources import RecordImages, update_digest
 from lightcl_jax.data.streams import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
@@ -335,6 +336,7 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
         "identity": saver.identity,
         "normalisation": {"mean": list(data.mean), "std": list(data.std)},
         "eval_samples": 0 if data.y_eval is None else int(len(data.y_eval)),
+        "peak_rss_mb": peak_rss_mb(),
     })
     variables = jax.tree_util.tree_map(np.asarray, {"params": state.params,
                                                     "batch_stats": state.batch_stats})

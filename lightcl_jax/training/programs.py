@@ -12,7 +12,8 @@ from typing import Callable
 
 from lightcl_jax.accounting.xla import CompiledStep, run_resources
 from lightcl_jax.training.placement import Placement
-from lightcl_jax.training.steps import Phase, make_eval_step
+from lightcl_jax.config import Config
+from lightcl_jax.training.steps import Phase, make_eval_step, memory_scheduled
 
 
 class Programs:
@@ -22,13 +23,14 @@ class Programs:
       placement: how the steps are vmapped over seeds and sharded over devices.
       model: the model.
       classes_per_task: classes in each task.
+      config: the run's settings (``xla_scheduler``: how each phase's step compiles).
       step_wrapper: wraps each phase's pure train step before jit (tests pass
         `chex.assert_max_traces` here); None: none.
     """
 
-    def __init__(self, placement: Placement, model, classes_per_task: int,
+    def __init__(self, placement: Placement, model, classes_per_task: int, config: Config,
                  step_wrapper: Callable[[Callable], Callable] | None = None):
-        self.placement, self.step_wrapper = placement, step_wrapper
+        self.placement, self.step_wrapper, self.config = placement, step_wrapper, config
         self.train: dict[Phase, CompiledStep] = {}
         self.phase_tasks: dict[Phase, list[int]] = {}
         self.eval = CompiledStep(placement.jit_eval_step(make_eval_step(model, classes_per_task)))
@@ -43,7 +45,8 @@ class Programs:
             if self.step_wrapper is not None:
                 step = self.step_wrapper(step)
             self.train[phase] = CompiledStep(
-                self.placement.jit_train_step(step), calls=known.calls if known else 0,
+                self.placement.jit_train_step(step, memory_scheduled(self.config, phase)),
+                calls=known.calls if known else 0,
                 cost=known.cost if known else None)
         return self.train[phase]
 

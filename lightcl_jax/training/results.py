@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lightcl_jax.accounting.process import peak_rss_mb
 from lightcl_jax.metrics.continual import average_accuracy, backward_transfer, forgetting
 from lightcl_jax.training.lanes import seed_statistics
 from lightcl_jax.training.programs import Programs
@@ -10,6 +11,20 @@ from lightcl_jax.training.sparsity import sparsity_report
 
 # Per-run entries that a single run's results hold at the top level, not per seed.
 _PER_SEED_ONLY = ("seed", "freeze_auto", "layer_metrics", "sparsity")
+# What the clock and the operating system measured: differs between two runs of the same
+# computation (top-level keys, and keys of ``resources``).
+MEASURED = ("wall_time_s",)
+MEASURED_RESOURCES = ("peak_rss_mb",)
+
+
+def without_measurements(results: dict) -> dict:
+    """``results`` less `MEASURED` and `MEASURED_RESOURCES`: what two runs of the same
+    computation (resumed or not, on this code or another) must agree on exactly."""
+    out = {k: v for k, v in results.items() if k not in MEASURED}
+    if "resources" in out:
+        out["resources"] = {k: v for k, v in out["resources"].items()
+                            if k not in MEASURED_RESOURCES}
+    return out
 
 
 def seed_results(record: RunRecord, lane: int, seed: int, params, *, layer_metrics: bool,
@@ -63,7 +78,7 @@ def assemble_results(run, record: RunRecord, state, programs: Programs, *,
     return {
         **common,
         **summary,
-        "resources": programs.resources(run.eval_batch_size),
+        "resources": {**programs.resources(run.eval_batch_size), "peak_rss_mb": peak_rss_mb()},
         "identity": run.identity,
         "resumed_at_steps": resumed_at,
         "wall_time_s": wall_time_s,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightcl_jax.config import Config
+from lightcl_jax.config import EXECUTION_FIELDS, Config
 from lightcl_jax.data.sources import update_digest
 from lightcl_jax.data.streams import TaskStream
 from lightcl_jax.strategies import Strategy
@@ -53,10 +53,14 @@ def run_identity(config: Config, stream: TaskStream, pretrained: bool,
     the digest of that backbone's arrays (``init_digest``,
     `lightcl_jax.model.backbone.variables_digest`), the number of devices the
     batch is split over (which changes the order of float sums), and, for
-    more than one, the number of seeds trained together, as JSON values.
+    more than one, the number of seeds trained together, as JSON values. The
+    config's `EXECUTION_FIELDS` are left out: they never change a result.
     """
+    settings = config.resolved().to_dict()
+    for field in EXECUTION_FIELDS:
+        del settings[field]
     identity = {
-        "config": config.resolved().to_dict(),
+        "config": settings,
         "stream": {"name": stream.name, "num_tasks": stream.num_tasks,
                    "num_classes": stream.num_classes, "image_shape": list(stream.image_shape),
                    "eval_split": stream.eval_split, "fingerprint": stream_fingerprint(stream)},

@@ -44,6 +44,13 @@ def phase_for_task(strategy: Strategy, config: Config, task_index: int, pretrain
                  uses_memory=strategy.uses_memory(task_index))
 
 
+def memory_scheduled(config: Config, phase: Phase) -> bool:
+    """Whether ``phase``'s train step compiles with XLA's memory-optimized scheduler
+    (``config.xla_scheduler``; ``auto``: when the phase freezes layers)."""
+    return config.xla_scheduler == "memory" or (config.xla_scheduler == "auto"
+                                                and bool(phase.frozen))
+
+
 def phase_optimizer(config: Config, params, frozen: tuple[str, ...], masks=None):
     """SGD on the trainable leaves; with sparse ``masks``, pruned entries get no update.
 
