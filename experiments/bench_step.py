@@ -29,9 +29,8 @@ from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
 from lightcl_jax.training.forward import BatchStatsChain, jitted_eval_forward, jitted_forward
-from lightcl_jax.training.state import create_train_state
+from lightcl_jax.training.state import compact_model, create_lane_states
 from lightcl_jax.training.steps import memory_at_task_start, memory_scheduled, phase_step
-from lightcl_jax.training.sparsity import apply_masks, channel_prune_masks
 
 
 def prepared_step(config: Config, image_shape, num_classes: int, classes_per_task: int,
@@ -45,11 +44,10 @@ def prepared_step(config: Config, image_shape, num_classes: int, classes_per_tas
     config = config.resolved()
     strategy = get_strategy(config.strategy)
     model = ResNet18(num_classes=num_classes, nf=config.nf)
-    state = create_train_state(model, image_shape, jax.random.PRNGKey(config.seed))
-    masks = None
-    if config.sparse:
-        masks = channel_prune_masks(state.params)
-        state = state.replace(params=apply_masks(state.params, masks))
+    if config.sparse and config.sparse_execution == "compact":
+        model = compact_model(model, image_shape, config.seed)
+    (state,), (masks,) = create_lane_states(model, image_shape, [config.seed],
+                                            sparse=config.sparse)
     phase, tx, step = phase_step(model, strategy, config, state.params, task_index, pretrained,
                                  classes_per_task, masks)
     state = state.replace(opt_state=tx.init(state.params))

@@ -4,7 +4,7 @@
         [--image-size 32] [--batch-sizes 8,16,32] [--buffer-sizes 15] [--sparse] [--json PATH]
 
 For every freeze point (LightCL) x batch size x buffer size (x sparse or not,
-with ``--sparse``), compiles on abstract shapes -- no training, no data, no
+with ``--sparse``; the sparse rows run compact, ``--sparse-execution compact``), compiles on abstract shapes -- no training, no data, no
 download -- the train step of a task >= 1 from a pre-trained backbone, the
 phase a device runs for most of a run, and prints the configurations whose
 XLA step bytes (arguments + temporaries + outputs not aliased) fit the
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--num-tasks must divide the {num_classes} classes; "
                              f"got {num_tasks}")
         config = Config(strategy=args.strategy, dataset=args.dataset, nf=args.nf,
-                        batch_size=max(batch_sizes), buffer_size=min(buffer_sizes))
+                        batch_size=max(batch_sizes), buffer_size=min(buffer_sizes),
+                        sparse_execution="compact")
         config.validate()
     except ValueError as err:
         parser.error(str(err))

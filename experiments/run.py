@@ -18,7 +18,7 @@ import shutil
 import sys
 
 from experiments.common import Bars, Parser, parse_bool, write_json_atomic
-from lightcl_jax.config import FROZEN_BN_MODES, XLA_SCHEDULERS, Config
+from lightcl_jax.config import FROZEN_BN_MODES, SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
 from lightcl_jax.model.layers import FREEZE_POINTS
 from lightcl_jax.registry import SIMILARITIES, STRATEGIES
@@ -70,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random crop + flip: on/off (default: off for digits, else on)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--xla-scheduler", default=d.xla_scheduler, choices=XLA_SCHEDULERS,
-                   help="XLA:CPU's scheduler for train steps: memory-optimized, XLA's default, "
-                        "or auto (memory-optimized where layers are frozen; default auto)")
+                   help="XLA:CPU scheduler of train steps (auto: memory where layers freeze)")
     p.add_argument("--sparse", action="store_true",
                    help="the reference's channel pruning (sparsity 0.2/0.7/0.8 by stage)")
+    p.add_argument("--sparse-execution", default=d.sparse_execution, choices=SPARSE_EXECUTIONS,
+                   help="with --sparse: masked (dense layers, pruned weights held at zero, as "
+                        "the reference) or compact (narrower layers of the kept channels)")
     p.add_argument("--derpp-alpha", type=float, default=d.derpp_alpha, help="DER++ logit MSE weight")
     p.add_argument("--derpp-beta", type=float, default=d.derpp_beta,
                    help="DER++ replayed cross-entropy weight")

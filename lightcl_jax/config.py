@@ -18,9 +18,15 @@ FROZEN_BN_MODES = ("update", "fixed")
 # How XLA orders a train step's work (`lightcl_jax.compiler`): ``auto`` = memory-optimized
 # for steps that freeze layers, XLA's default for full-network steps.
 XLA_SCHEDULERS = ("auto", "memory", "default")
+# How the sparse variant runs: the reference's dense layers with pruned weights held at
+# zero, or narrower dense layers of the kept channels only (`lightcl_jax.model.resnet`).
+SPARSE_EXECUTIONS = ("masked", "compact")
 # Settings that change how steps compile, never what they compute (a test holds them to
 # it): a checkpoint resumes under another value, so they are not part of a run's identity.
 EXECUTION_FIELDS = ("xla_scheduler",)
+# Fields added after checkpoints existed, at the value that reproduces those runs: left
+# out of a run's identity at that value, so the older checkpoints still resume.
+IDENTITY_DEFAULTS = {"sparse_execution": "masked"}
 
 # Settings that depend on the dataset when not given: (epochs, nf).
 # digits: small enough that the default run finishes in under 2 minutes on 2 CPU cores.
@@ -76,6 +82,11 @@ class Config:
         the starting weights, masks kept on weights and updates
         (`lightcl_jax.training.sparsity`); with a pre-trained backbone
         LightCL's task 0 also trains the last block of the frozen prefix.
+      sparse_execution: with ``sparse``, ``masked`` runs the dense network
+        with pruned weights held at zero (the reference's way); ``compact``
+        runs narrower dense layers of the kept channels only (the same
+        results within float rounding, fewer bytes and FLOPs). Compact seeds
+        trained together must prune alike (e.g. from one pre-trained backbone).
       xla_scheduler: how XLA:CPU orders each train step's work: ``memory``
         (``CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``: a smaller peak), ``default``
         (XLA's), or ``auto``: memory-optimized for steps that freeze layers, where
@@ -110,6 +121,7 @@ class Config:
     augment: bool | None = None
     eval_batch_size: int = 256
     sparse: bool = False
+    sparse_execution: str = "masked"
     xla_scheduler: str = "auto"
     derpp_alpha: float = 0.1
     derpp_beta: float = 0.5
@@ -150,6 +162,9 @@ class Config:
         need(isinstance(self.sparse, bool), f"sparse must be True or False; got {self.sparse!r}")
         need(self.frozen_bn in FROZEN_BN_MODES,
              f"frozen_bn must be one of {', '.join(FROZEN_BN_MODES)}; got {self.frozen_bn!r}")
+        need(self.sparse_execution in SPARSE_EXECUTIONS,
+             f"sparse_execution must be one of {', '.join(SPARSE_EXECUTIONS)}; "
+             f"got {self.sparse_execution!r}")
         need(self.xla_scheduler in XLA_SCHEDULERS,
              f"xla_scheduler must be one of {', '.join(XLA_SCHEDULERS)}; "
              f"got {self.xla_scheduler!r}")

@@ -1,9 +1,11 @@
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from lightcl_jax.config import Config
 from lightcl_jax.data.streams import split_into_tasks
@@ -126,3 +128,56 @@ def test_sparse_pretrained_task0_also_trains_the_last_frozen_block():
     assert lightcl.frozen_groups(dense, 0, True) == ("stem", "stage1", "stage2", "stage3")
     assert lightcl.frozen_groups(TINY, 1, True) == ("stem", "stage1", "stage2", "stage3")
     assert lightcl.frozen_groups(TINY, 0, False) == ()
+
+
+def _two_task_stream():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 24).astype(np.int32)
+    x = rng.normal(size=(len(y), 8, 8, 1)).astype(np.float32)
+    x[np.arange(len(y)), y, :, 0] += 3.0
+    return split_into_tasks("tiny", x, y, x[::3], y[::3], 4, 2)
+
+
+def test_compact_execution_equals_the_masked_one_with_narrower_layers():
+    from lightcl_jax.accounting import compiled_train_step_cost
+    from lightcl_jax.training.sparsity import expand_variables, pruning_from_masks
+    stream = _two_task_stream()
+    # lr 1e-3: at 0.01 a tiny run magnifies float-order differences (see test_seeds).
+    config = dataclasses.replace(TINY, epochs=2, lr=1e-3)
+    masks = jax.tree_util.tree_map(np.asarray, channel_prune_masks(_params(seed=TINY.seed)))
+    pruning = pruning_from_masks(masks)
+    runs, ends = {}, {}
+    for mode in ("masked", "compact"):
+        ends[mode] = []
+        runs[mode] = train_and_evaluate(
+            dataclasses.replace(config, sparse_execution=mode), stream,
+            on_task_end=lambda t, s, mode=mode: ends[mode].append(
+                jax.tree_util.tree_map(np.asarray, s.params)))
+    for masked, compact in zip(ends["masked"], ends["compact"]):
+        # Only the kept channels exist: the last conv holds its kept inputs x outputs.
+        kernel = masks["stage4_block2"]["conv2"]["kernel"]
+        kept_in, kept_out = kernel.any(axis=(0, 1, 3)).sum(), kernel.any(axis=(0, 1, 2)).sum()
+        assert compact["stage4_block2"]["conv2"]["kernel"].shape == (3, 3, kept_in, kept_out)
+        assert kept_out < kernel.shape[-1]
+        widened = expand_variables(compact, pruning, masked)
+        chex.assert_trees_all_close(widened, masked, atol=1e-5, rtol=0)
+    for key in ("acc_til", "acc_cil", "sparsity"):
+        assert runs["compact"][key] == runs["masked"][key]
+    # Fewer FLOPs and bytes in the compiled step of a later task.
+    cost = {mode: compiled_train_step_cost(dataclasses.replace(TINY, sparse_execution=mode),
+                                           (8, 8, 1), 4, 2)
+            for mode in ("masked", "compact")}
+    assert cost["compact"]["flops"] < 0.7 * cost["masked"]["flops"]
+    assert cost["compact"]["step_bytes"] < 0.7 * cost["masked"]["step_bytes"]
+
+
+def test_compact_seeds_must_prune_alike_and_masked_runs_keep_their_identity():
+    from lightcl_jax.training.resume import run_identity
+    stream = _two_task_stream()
+    compact = dataclasses.replace(TINY, sparse_execution="compact")
+    # Without a backbone each seed starts (and prunes) from its own random weights.
+    with pytest.raises(ValueError, match="seed 1 prunes other channels than seed 0"):
+        train_and_evaluate(compact, stream, seeds=2)
+    # Runs made before the field existed were masked: their checkpoints still resume.
+    assert "sparse_execution" not in run_identity(TINY, stream, False)["config"]
+    assert run_identity(compact, stream, False)["config"]["sparse_execution"] == "compact"

@@ -22,8 +22,7 @@ from lightcl_jax.config import Config
 from lightcl_jax.model.layers import FREEZE_POINTS
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
-from lightcl_jax.training.sparsity import channel_prune_masks
-from lightcl_jax.training.state import create_train_state
+from lightcl_jax.training.state import compact_model, create_lane_states, create_train_state
 from lightcl_jax.training.steps import abstract_memory, make_eval_step, memory_scheduled, phase_step
 
 
@@ -52,9 +51,11 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
     model = ResNet18(num_classes=num_classes, nf=config.nf)
     state = jax.eval_shape(lambda: create_train_state(model, image_shape, jax.random.PRNGKey(0)))
     masks = None
-    if config.sparse:  # the masks' values come from real weights; their shapes are what count
-        masks = channel_prune_masks(
-            create_train_state(model, image_shape, jax.random.PRNGKey(0)).params)
+    if config.sparse:  # the masks come from real weights (what is kept decides the shapes)
+        if config.sparse_execution == "compact":
+            model = compact_model(model, image_shape, 0)
+        (concrete,), (masks,) = create_lane_states(model, image_shape, [0], sparse=True)
+        state = jax.eval_shape(lambda: concrete)
     phase, tx, step = phase_step(model, strategy, config, state.params, task_index, pretrained,
                                  classes_per_task, masks)
     state = state.replace(opt_state=jax.eval_shape(tx.init, state.params))
@@ -112,7 +113,8 @@ def memory_plan(config: Config, image_shape: tuple[int, int, int], num_classes: 
       freeze_points: default: every point of `FREEZE_POINTS` for LightCL, the
         config's own for other strategies.
       batch_sizes, buffer_sizes: the sizes to try (buffer default: the config's).
-      sparse: whether to try the masked sparse variant (LightCL), the dense one, or both.
+      sparse: whether to try the sparse variant (LightCL; run as
+        ``config.sparse_execution`` says), the dense one, or both.
       report: called with each row as it is compiled (e.g. to show progress).
 
     Returns:

@@ -25,6 +25,14 @@ At 32x32 input these are (N, 4, 4, 512) for nf=64.
 A forward pass can start or stop at a layer group (``start``/``stop``): a
 frozen prefix's output on fixed inputs can be computed once and reused, which
 is how LightCL avoids passing its buffer through the frozen layers every step.
+
+With ``pruning`` (`lightcl_jax.training.sparsity.pruning_from_masks`), the
+model is the channel-pruned network run compactly: each conv reads only its
+kept input channels and computes only its kept output channels (narrower
+dense convolutions, narrower parameters and BatchNorm statistics); a block's
+output, the stem's and the taps are widened back to the full width (pruned
+channels zero), as the residual adds and LightCL's regulation need them. It
+computes what the masked dense model computes, with the zeros left out.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lightcl_jax.model.layers import LAYER_GROUPS, LAYER_NAMES
 
@@ -61,26 +70,75 @@ _BatchNorm = functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=1e-5)
 _Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_torch_conv_init)
 
 
+# A conv's kept channels: ((kept input channels), (kept output channels)), indices into
+# the full widths; None for all of them.
+Kept = tuple[tuple[int, ...] | None, tuple[int, ...] | None]
+NOT_PRUNED: Kept = (None, None)
+
+
+def _take(x, channels: tuple[int, ...] | None):
+    """The given channels (last axis) of ``x``; None: all."""
+    return x if channels is None else jnp.take(x, np.asarray(channels), axis=-1)
+
+
+def _widen(h, channels: tuple[int, ...] | None, width: int):
+    """``h``'s channels placed at ``channels`` of a ``width``-channel map, zeros elsewhere.
+
+    A product with a one-hot matrix (exact: each output is one input times 1, at
+    full precision): on XLA:CPU it held less memory and ran faster than a
+    scatter or a gather (`experiments.bench_memory`'s compact row; BUILD.md).
+    """
+    if channels is None:
+        return h
+    placement = np.zeros((len(channels), width), np.float32)
+    placement[np.arange(len(channels)), np.asarray(channels)] = 1.0
+    return jnp.einsum("...c,cw->...w", h, placement.astype(h.dtype),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _within(inner: tuple[int, ...] | None, outer: tuple[int, ...] | None):
+    """Where the channels ``inner`` sit in a map that holds only the channels ``outer``."""
+    if inner is None or outer is None:
+        return inner
+    positions = np.searchsorted(outer, inner)
+    if np.any(np.asarray(outer)[np.minimum(positions, len(outer) - 1)] != inner):
+        raise ValueError("a conv reads channels its input does not hold")
+    return tuple(int(p) for p in positions)
+
+
+def _width(kept: tuple[int, ...] | None, full: int) -> int:
+    return full if kept is None else len(kept)
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 conv + BN layers with an identity or 1x1 conv + BN shortcut."""
+    """Two 3x3 conv + BN layers with an identity or 1x1 conv + BN shortcut.
+
+    ``pruning``: ``(conv1, conv2, shortcut_conv)`` `Kept` channels (see `ResNet`).
+    """
 
     features: int
     strides: int = 1
+    pruning: tuple[Kept, Kept, Kept] = (NOT_PRUNED, NOT_PRUNED, NOT_PRUNED)
 
     @nn.compact
     def __call__(self, x, *, use_running_average: bool):
-        conv1 = _Conv(self.features, (3, 3), (self.strides, self.strides),
+        (in1, out1), (in2, out2), (in_short, out_short) = self.pruning
+        conv1 = _Conv(_width(out1, self.features), (3, 3), (self.strides, self.strides),
                       padding=((1, 1), (1, 1)), name="conv1")
-        h = nn.relu(_BatchNorm(use_running_average=use_running_average, name="bn1")(conv1(x)))
-        first = h
-        h = _Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(h)
-        h = _BatchNorm(use_running_average=use_running_average, name="bn2")(h)
+        h = nn.relu(_BatchNorm(use_running_average=use_running_average, name="bn1")(
+            conv1(_take(x, in1))))
+        first = _widen(h, out1, self.features)
+        h = _Conv(_width(out2, self.features), (3, 3), padding=((1, 1), (1, 1)),
+                  name="conv2")(_take(h, _within(in2, out1)))
+        h = _widen(_BatchNorm(use_running_average=use_running_average, name="bn2")(h),
+                   out2, self.features)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = _Conv(self.features, (1, 1), (self.strides, self.strides),
-                             name="shortcut_conv")(x)
-            shortcut = _BatchNorm(use_running_average=use_running_average,
-                                  name="shortcut_bn")(shortcut)
+            shortcut = _Conv(_width(out_short, self.features), (1, 1),
+                             (self.strides, self.strides), name="shortcut_conv")(
+                                 _take(x, in_short))
+            shortcut = _widen(_BatchNorm(use_running_average=use_running_average,
+                                         name="shortcut_bn")(shortcut), out_short, self.features)
         return nn.relu(h + shortcut), first
 
 
@@ -91,11 +149,18 @@ class ResNet(nn.Module):
       num_classes: outputs of the head (all classes of the stream).
       nf: width of the first stage (64 in the paper).
       stage_sizes: BasicBlocks per stage ((2, 2, 2, 2) is ResNet-18).
+      pruning: None (dense), or the kept channels of a channel-pruned model,
+        run compactly: ``((path, kept_in, kept_out), ...)`` for the convs
+        (``stem_conv``, ``stage1_block1/conv1``, ...) and the head (``head``,
+        its kept input features), indices into the full widths, None for all
+        (`lightcl_jax.training.sparsity.pruning_from_masks`). Parameters and
+        statistics then have the kept widths (`compact_variables`).
     """
 
     num_classes: int
     nf: int = 64
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    pruning: tuple | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool, fixed_bn: Sequence[str] = (), start: str = "stem",
@@ -135,10 +200,14 @@ class ResNet(nn.Module):
         def running(group):
             return (not train) or (group in fixed_bn)
 
+        kept = {path: (kept_in, kept_out) for path, kept_in, kept_out in self.pruning or ()}
         h = x
         if runs("stem"):
-            h = _Conv(self.nf, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(h)
-            h = nn.relu(_BatchNorm(use_running_average=running("stem"), name="stem_bn")(h))
+            stem_in, stem_out = kept.get("stem_conv", NOT_PRUNED)
+            h = _Conv(_width(stem_out, self.nf), (3, 3), padding=((1, 1), (1, 1)),
+                      name="stem_conv")(_take(h, stem_in))
+            h = nn.relu(_widen(_BatchNorm(use_running_average=running("stem"),
+                                          name="stem_bn")(h), stem_out, self.nf))
             # Block outputs go to the "intermediates" collection when it is mutable
             # (`layer_features`); otherwise sow is a no-op and costs nothing.
             self.sow("intermediates", "out_stem", h)
@@ -151,7 +220,9 @@ class ResNet(nn.Module):
             for block in range(1, num_blocks + 1):
                 strides = 2 if (stage > 1 and block == 1) else 1
                 name = f"stage{stage}_block{block}"
-                h, first_act = BasicBlock(features, strides, name=name)(
+                pruning = tuple(kept.get(f"{name}/{conv}", NOT_PRUNED)
+                                for conv in ("conv1", "conv2", "shortcut_conv"))
+                h, first_act = BasicBlock(features, strides, pruning, name=name)(
                     h, use_running_average=running(f"stage{stage}") or name in fixed_bn)
                 self.sow("intermediates", f"out_{name}", h)
                 if stage == last_stage:
@@ -159,7 +230,7 @@ class ResNet(nn.Module):
                     taps[f"{name}_out"] = h
         if stop is not None:
             return h
-        pooled = jnp.mean(h, axis=(1, 2))
+        pooled = _take(jnp.mean(h, axis=(1, 2)), kept.get("head", NOT_PRUNED)[0])
         # A randomly initialised model gets PyTorch's default Linear init, as the
         # reference; a pre-trained backbone gets a fresh Xavier head (`fresh_head`).
         logits = nn.Dense(self.num_classes, kernel_init=_torch_conv_init,

@@ -8,6 +8,7 @@ from lightcl_jax.training.lanes import seed_statistics
 from lightcl_jax.training.programs import Programs
 from lightcl_jax.training.record import RunRecord
 from lightcl_jax.training.sparsity import sparsity_report
+from lightcl_jax.training.state import full_width_params
 
 # Per-run entries that a single run's results hold at the top level, not per seed.
 _PER_SEED_ONLY = ("seed", "freeze_auto", "layer_metrics", "sparsity")
@@ -53,7 +54,8 @@ def assemble_results(run, record: RunRecord, state, programs: Programs, *,
     config, placement = run.config, run.placement
     runs = placement.map_lanes(
         lambda lane, lane_state: seed_results(
-            record, lane, placement.lanes.seeds[lane], lane_state.params,
+            record, lane, placement.lanes.seeds[lane],
+            full_width_params(run.model, run.stream.image_shape, lane_state.params),
             layer_metrics=config.layer_metrics is not None, sparse=config.sparse),
         state, join=False)
     common = {

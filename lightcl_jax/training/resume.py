@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightcl_jax.config import EXECUTION_FIELDS, Config
+from lightcl_jax.config import EXECUTION_FIELDS, IDENTITY_DEFAULTS, Config
 from lightcl_jax.data.sources import update_digest
 from lightcl_jax.data.streams import TaskStream
 from lightcl_jax.strategies import Strategy
@@ -54,11 +54,15 @@ def run_identity(config: Config, stream: TaskStream, pretrained: bool,
     `lightcl_jax.model.backbone.variables_digest`), the number of devices the
     batch is split over (which changes the order of float sums), and, for
     more than one, the number of seeds trained together, as JSON values. The
-    config's `EXECUTION_FIELDS` are left out: they never change a result.
+    config's `EXECUTION_FIELDS` are left out: they never change a result; so are
+    `IDENTITY_DEFAULTS` at their values, as runs made before those fields existed.
     """
     settings = config.resolved().to_dict()
     for field in EXECUTION_FIELDS:
         del settings[field]
+    for field, value in IDENTITY_DEFAULTS.items():
+        if settings[field] == value:
+            del settings[field]
     identity = {
         "config": settings,
         "stream": {"name": stream.name, "num_tasks": stream.num_tasks,

@@ -19,6 +19,7 @@ from lightcl_jax.strategies import Strategy, get_strategy
 from lightcl_jax.training.forward import jitted_eval_forward
 from lightcl_jax.training.placement import Placement
 from lightcl_jax.training.resume import run_identity
+from lightcl_jax.training.state import compact_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,9 @@ def setup_run(config: Config, stream: TaskStream | None = None, *,
                               "eval_batch_size": config.eval_batch_size})
     pretrained = init_variables is not None
     model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
+    if config.sparse and config.sparse_execution == "compact":
+        model = compact_model(model, stream.image_shape, config.seed,
+                              init_variables=init_variables)
     identity = run_identity(config, stream, pretrained, placement.parallel.num_devices,
                             placement.lanes.size,
                             init_digest=variables_digest(init_variables) if pretrained else None)

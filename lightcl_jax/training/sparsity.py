@@ -119,6 +119,109 @@ def apply_masks(params: Any, masks: Any) -> Any:
     return jax.tree_util.tree_map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
 
 
+# A BatchNorm (or a head) follows the conv whose outputs it normalises (reads).
+_BN_OF = {"stem_bn": "stem_conv", "bn1": "conv1", "bn2": "conv2", "shortcut_bn": "shortcut_conv"}
+
+
+def _kept(values: np.ndarray) -> tuple[int, ...] | None:
+    """The True positions of a bool vector; None when all are True."""
+    return None if values.all() else tuple(int(i) for i in np.flatnonzero(values))
+
+
+def pruning_from_masks(masks: Any) -> tuple:
+    """The kept channels that `channel_prune_masks`' masks describe, as `ResNet`'s ``pruning``.
+
+    A conv keeps the output channels whose kernel has any kept entry and reads
+    the input channels that any kept entry reads; the head reads the features
+    whose rows are kept. A model built with it (``ResNet18(..., pruning=...)``)
+    runs the pruned network compactly; `compact_variables` narrows the weights.
+    """
+    masks = jax.tree_util.tree_map(np.asarray, masks)
+    entries = []
+
+    def conv(path: str, mask: np.ndarray):
+        entries.append((path, _kept(mask.any(axis=(0, 1, 3))), _kept(mask.any(axis=(0, 1, 2)))))
+
+    for module, sub in masks.items():
+        if module == "stem_conv":
+            conv(module, sub["kernel"])
+        elif module == "head":
+            entries.append((module, _kept(sub["kernel"].any(axis=1)), None))
+        elif module.startswith("stage"):
+            for name in ("conv1", "conv2", "shortcut_conv"):
+                if name in sub:
+                    conv(f"{module}/{name}", sub[name]["kernel"])
+    return tuple(sorted(entries))
+
+
+def _narrowings(pruning: tuple) -> dict:
+    """(module, submodule or None) -> (kept input channels, kept output channels)."""
+    out = {}
+    for path, kept_in, kept_out in pruning:
+        module, _, name = path.partition("/")
+        out[(module, name or None)] = (kept_in, kept_out)
+    return out
+
+
+def _leaf_channels(narrowing: dict, path: tuple[str, ...]):
+    """(kept input channels, kept output channels) of the leaf at ``path`` (axes -2, -1
+    of a kernel; the last axis of a BatchNorm vector or head bias)."""
+    module, *rest = path
+    if module == "head":
+        kept_in = narrowing.get(("head", None), (None, None))[0]
+        return (kept_in, None) if rest[-1] == "kernel" else (None, None)
+    if module in _BN_OF:  # the stem's BatchNorm
+        return None, narrowing.get((_BN_OF[module], None), (None, None))[1]
+    if module == "stem_conv":
+        return narrowing.get((module, None), (None, None))
+    name = rest[0]
+    if name in _BN_OF:
+        return None, narrowing.get((module, _BN_OF[name]), (None, None))[1]
+    return narrowing.get((module, name), (None, None))
+
+
+def _path(key_path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in key_path)
+
+
+def compact_variables(variables: Any, pruning: tuple) -> Any:
+    """Full-width ``{"params", "batch_stats"}`` (or a params tree) narrowed to the kept
+    channels of ``pruning``: the variables of ``ResNet18(..., pruning=pruning)``."""
+    narrowing = _narrowings(pruning)
+
+    def narrow(key_path, leaf):
+        path = _path(key_path)
+        path = path[1:] if path[0] in ("params", "batch_stats") else path
+        kept_in, kept_out = _leaf_channels(narrowing, path)
+        leaf = jnp.asarray(leaf)
+        if kept_out is not None:
+            leaf = jnp.take(leaf, np.asarray(kept_out), axis=-1)
+        if kept_in is not None:
+            leaf = jnp.take(leaf, np.asarray(kept_in), axis=-2 if leaf.ndim > 1 else -1)
+        return leaf
+    return jax.tree_util.tree_map_with_path(narrow, variables)
+
+
+def expand_variables(compact: Any, pruning: tuple, full: Any) -> Any:
+    """`compact_variables` undone: ``compact``'s values at their full-width places in a
+    tree shaped like ``full`` (arrays or shapes), zeros where channels were pruned."""
+    narrowing = _narrowings(pruning)
+
+    def widen(key_path, leaf, like):
+        path = _path(key_path)
+        path = path[1:] if path[0] in ("params", "batch_stats") else path
+        kept_in, kept_out = _leaf_channels(narrowing, path)
+        index = [slice(None)] * len(like.shape)
+        if kept_out is not None:
+            index[-1] = np.asarray(kept_out)
+        if kept_in is not None:
+            index[-2 if len(like.shape) > 1 else -1] = np.asarray(kept_in)
+        if kept_in is not None and kept_out is not None:  # an outer product of the two
+            index[-2], index[-1] = np.ix_(index[-2], index[-1])
+        return jnp.zeros(like.shape, jnp.asarray(leaf).dtype).at[tuple(index)].set(leaf)
+    return jax.tree_util.tree_map_with_path(widen, compact, full)
+
+
 class PruneState(NamedTuple):
     """The masks `keep_pruned` applies (bool; a () True stands for an unmasked leaf)."""
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightcl_jax.model.resnet import fresh_head
-from lightcl_jax.training.sparsity import apply_masks, channel_prune_masks
+from lightcl_jax.training.sparsity import (apply_masks, channel_prune_masks, compact_variables,
+                                           expand_variables, pruning_from_masks)
 
 
 @flax.struct.dataclass
@@ -91,14 +92,49 @@ def create_lane_states(model, image_shape, seeds, *, init_variables=None, sparse
 
     The masks are fixed once from the starting weights (the pre-trained ones
     when given), and the weights are pruned with them
-    (`lightcl_jax.training.sparsity`).
+    (`lightcl_jax.training.sparsity`). A compact ``model`` (`compact_model`)
+    gets the kept channels' variables, and no masks: nothing is left to mask.
+
+    Raises:
+      ValueError: a seed's pruning differs from the compact ``model``'s.
     """
-    states = [create_train_state(model, image_shape, jax.random.PRNGKey(s),
+    full = model.clone(pruning=None)
+    states = [create_train_state(full, image_shape, jax.random.PRNGKey(s),
                                  init_variables=init_variables) for s in seeds]
     if not sparse:
         return states, [None] * len(states)
     masks = [channel_prune_masks(s.params) for s in states]
-    return [s.replace(params=apply_masks(s.params, m)) for s, m in zip(states, masks)], masks
+    states = [s.replace(params=apply_masks(s.params, m)) for s, m in zip(states, masks)]
+    if model.pruning is None:
+        return states, masks
+    for seed, lane_masks in zip(seeds, masks):
+        if pruning_from_masks(lane_masks) != model.pruning:
+            raise ValueError(
+                f"seed {seed} prunes other channels than seed {seeds[0]}: compact sparse "
+                "execution trains seeds together only when they prune alike (from one "
+                "pre-trained backbone); use sparse_execution='masked', or one seed at a time")
+    return [s.replace(params=compact_variables(s.params, model.pruning),
+                      batch_stats=compact_variables(s.batch_stats, model.pruning))
+            for s in states], [None] * len(states)
+
+
+def compact_model(model, image_shape, seed: int, *, init_variables=None):
+    """``model`` run compactly with the channel pruning of the weights seed ``seed``
+    starts with (`lightcl_jax.model.resnet`, ``pruning``)."""
+    state = create_train_state(model.clone(pruning=None), image_shape,
+                               jax.random.PRNGKey(seed), init_variables=init_variables)
+    return model.clone(pruning=pruning_from_masks(channel_prune_masks(state.params)))
+
+
+def full_width_params(model, image_shape, params):
+    """``params`` at the full widths (pruned channels zero) for a compact ``model``;
+    unchanged for a dense one."""
+    if model.pruning is None:
+        return params
+    full = model.clone(pruning=None)
+    shapes = jax.eval_shape(lambda: full.init(jax.random.PRNGKey(0),
+                                              jnp.zeros((1, *image_shape)), train=False))
+    return expand_variables(params, model.pruning, shapes["params"])
 
 
 def copy_variables(state: TrainState) -> dict:
