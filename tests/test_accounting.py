@@ -96,3 +96,15 @@ def test_plan_memory_refuses_bad_budgets_and_sizes(capsys):
         with pytest.raises(SystemExit) as exit_info:
             plan_memory.main(argv)
         assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_peak_rss_is_the_kernels_figure_and_malloc_arenas_cap_on_glibc():
+    import platform
+    import sys
+
+    from lightcl_jax.accounting.process import limit_malloc_arenas, peak_rss_mb
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    assert 0 < peak_rss_mb() and abs(peak_rss_mb() - hwm) < 64  # both in MiB, moments apart
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert limit_malloc_arenas(8) is glibc  # 8 arenas: harmless to the test process

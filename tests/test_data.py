@@ -244,3 +244,22 @@ def test_bench_input_prints_every_figure(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_input.main(["--steps", "0"])
     assert exit_info.value.code == 2
+
+
+def test_digits_are_scikit_learns_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from lightcl_jax.data.streams import _load_digits
+    x, y, num_classes = _load_digits()
+    digits = load_digits()
+    np.testing.assert_array_equal(x[..., 0], (digits.images / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(y, digits.target)
+    assert num_classes == 10 and x.dtype == np.float32 and y.dtype == np.int32
+    # scikit-learn (and SciPy with it) stays out of a run's process.
+    code = ("import sys; from lightcl_jax.data.streams import make_stream; make_stream('digits32'); "
+            "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

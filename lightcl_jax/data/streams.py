@@ -37,7 +37,9 @@ Evaluation split (``eval_split``):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+
 import numpy as np
 
 from lightcl_jax.data.sources import RecordImages, read_labels, skip_image_decoding, take
@@ -231,10 +233,20 @@ def split_into_tasks(name: str, x_train, y_train, x_eval, y_eval, num_classes: i
 
 
 def _load_digits():
-    from sklearn.datasets import load_digits
-    bunch = load_digits()
-    x = (bunch.images.astype(np.float32) / 16.0)[..., None]  # (1797, 8, 8, 1) in [0, 1]
-    return x, bunch.target.astype(np.int32), 10
+    """scikit-learn's bundled digits: its ``datasets/data/digits.csv.gz``, read as
+    ``sklearn.datasets.load_digits`` reads it (64 pixels and the label per row), without
+    importing scikit-learn, whose import (SciPy with it) added 70 MB to a run's peak
+    resident memory. A test compares it with ``load_digits``."""
+    spec = importlib.util.find_spec("sklearn")
+    path = None if spec is None else os.path.join(spec.submodule_search_locations[0],
+                                                 "datasets", "data", "digits.csv.gz")
+    if path is None or not os.path.isfile(path):
+        raise ValueError("the digits datasets are scikit-learn's bundled digits, and no "
+                         "scikit-learn with its data is installed: pip install scikit-learn")
+    data = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    images = data[:, :-1].reshape(-1, 8, 8)
+    x = (images.astype(np.float32) / 16.0)[..., None]  # (1797, 8, 8, 1) in [0, 1]
+    return x, data[:, -1].astype(np.int32), 10
 
 
 def _upscale(x: np.ndarray) -> np.ndarray:
