@@ -25,7 +25,7 @@ import numpy as np
 from lightcl_jax import compiler
 from lightcl_jax.accounting import compiled_train_step_cost
 from lightcl_jax.accounting.xla import CompiledStep
-from lightcl_jax.config import Config
+from lightcl_jax.config import XLA_SCHEDULERS, Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
 from lightcl_jax.training.forward import BatchStatsChain, jitted_eval_forward, jitted_forward
@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
     p.add_argument("--freeze", default="stage3",
                    help="LightCL's freeze point (none, stem, stage1, stage2, stage3, all-but-head)")
+    p.add_argument("--xla-scheduler", default="auto", choices=XLA_SCHEDULERS,
+                   help="XLA:CPU's scheduler of the steps (Config.xla_scheduler)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -113,12 +115,14 @@ def main(argv=None) -> int:
                 "(results.json: freeze_auto.chosen)")
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"input {image_shape}, nf {args.nf}, batch {args.batch_size}, "
-          f"{args.num_classes} classes, lightcl freeze {args.freeze}")
+          f"{args.num_classes} classes, lightcl freeze {args.freeze}, "
+          f"XLA scheduler {args.xla_scheduler}")
     rows = {}
     for name in args.strategies.split(","):
         try:
             config = Config(strategy=name, dataset="cifar10", nf=args.nf, freeze=args.freeze,
-                            batch_size=args.batch_size).resolved()
+                            batch_size=args.batch_size, xla_scheduler=args.xla_scheduler
+                            ).resolved()
         except ValueError as err:
             p.error(str(err))
         cost = compiled_train_step_cost(config, image_shape, args.num_classes,

@@ -17,7 +17,7 @@ before the first compilation to try others (e.g. ``{}``: XLA's defaults).
 ``memory_scheduler=True`` adds `MEMORY_SCHEDULER`: XLA:CPU orders the
 program's work to lower its peak of live buffers. Measured on LightCL's step
 at the paper's CIFAR-10 setting: 127.6 -> 90.1 MB at the same step time; on
-a full-network (finetune) step: 238.1 -> 270.8 MB and 10% slower, so the
+a full-network (finetune) step: 238.1 -> 270.8 MB at about the same time, so the
 train steps choose it per phase (`lightcl_jax.training.steps.memory_scheduled`).
 """
 
@@ -36,10 +36,20 @@ MEMORY_SCHEDULER: dict[str, Any] = {
 }
 
 
-def jit(fn: Callable | None = None, /, *, memory_scheduler: bool = False, **kwargs):
-    """`jax.jit` with `COMPILER_OPTIONS` (as it is when called), and `MEMORY_SCHEDULER`
-    when ``memory_scheduler``; usable as a decorator."""
+# For programs compiled only to be measured: LLVM's optimisations off. XLA's memory and
+# cost analyses come from its HLO passes, before LLVM runs, so the figures are the same
+# (`tests/test_accounting.py` compares them) and compiling takes about half the time.
+MEASURE_ONLY: dict[str, Any] = {"xla_backend_optimization_level": 0}
+
+
+def jit(fn: Callable | None = None, /, *, memory_scheduler: bool = False,
+        measure_only: bool = False, **kwargs):
+    """`jax.jit` with `COMPILER_OPTIONS` (as it is when called), `MEMORY_SCHEDULER` when
+    ``memory_scheduler`` and `MEASURE_ONLY` when ``measure_only`` (never for a program
+    that runs); usable as a decorator."""
     if fn is None:
-        return lambda f: jit(f, memory_scheduler=memory_scheduler, **kwargs)
-    options = {**COMPILER_OPTIONS, **(MEMORY_SCHEDULER if memory_scheduler else {})}
+        return lambda f: jit(f, memory_scheduler=memory_scheduler, measure_only=measure_only,
+                             **kwargs)
+    options = {**COMPILER_OPTIONS, **(MEMORY_SCHEDULER if memory_scheduler else {}),
+               **(MEASURE_ONLY if measure_only else {})}
     return jax.jit(fn, compiler_options=options, **kwargs)

@@ -92,7 +92,7 @@ class Config:
         (XLA's), or ``auto``: memory-optimized for steps that freeze layers, where
         it cut LightCL's step at the paper's setting from 127.6 to 90.1 MB at the
         same speed, XLA's default for full-network steps, where it held more
-        (238.1 to 270.8 MB for finetune) and ran 10% slower. Results are
+        (238.1 to 270.8 MB for finetune). Step times did not change. Results are
         bit-identical either way.
       derpp_alpha, derpp_beta: DER++'s weights of the logit MSE and of the
         replayed cross-entropy (Mammoth's CIFAR-10 values).

@@ -81,10 +81,11 @@ def test_memory_plan_lists_what_fits_deepest_first_and_each_fits_when_compiled_a
                        buffer_sizes=(8,))
     fitting = [r for r in rows if r["fits"]]
     assert len(fitting) >= 6 and rows[:len(fitting)] == fitting
-    for row in fitting:
+    for row in fitting:  # compiled again, with LLVM's optimisations (the plan's are off)
         trial = dataclasses.replace(config, freeze=row["freeze"], batch_size=row["batch_size"])
         again = compiled_train_step_cost(trial, shape, 10, 2, pretrained=True)
-        assert again["step_bytes"] / 2 ** 20 <= budget
+        assert again["step_bytes"] / 2 ** 20 == row["step_mb"] <= budget
+        assert again["flops"] == row["flops"]
 
 
 def test_plan_memory_refuses_bad_budgets_and_sizes(capsys):
@@ -108,3 +109,10 @@ def test_peak_rss_is_the_kernels_figure_and_malloc_arenas_cap_on_glibc():
     assert 0 < peak_rss_mb() and abs(peak_rss_mb() - hwm) < 64  # both in MiB, moments apart
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert limit_malloc_arenas(8) is glibc  # 8 arenas: harmless to the test process
+
+
+def test_bench_rss_refuses_a_bad_setting_before_running_anything(capsys):
+    from experiments import bench_rss
+    with pytest.raises(SystemExit) as exit_info:
+        bench_rss.main(["--nf", "0"])
+    assert exit_info.value.code == 2 and "nf must be an integer >= 1" in capsys.readouterr().err

@@ -67,6 +67,10 @@ def test_cli_on_mock_cifar10_through_tfds(tmp_path):
     (["--layer-metrics", "nope"], "invalid choice: 'nope'"),
     (["--ckpt-every", "-1"], "--ckpt-every must be >= 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--sparse-execution", "fast"], "invalid choice: 'fast'"),
+    (["--xla-scheduler", "fast"], "invalid choice: 'fast'"),
+    (["--sparse", "--sparse-execution", "compact", "--seeds", "2", "--nf", "4"],
+     "seed 1 prunes other channels than seed 0"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "'/nonexistent' is missing or empty"),
 ])
 def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, args, words):
