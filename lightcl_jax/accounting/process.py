@@ -28,9 +28,9 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     glibc gives threads their own arenas (up to 8 per core), and memory freed in
     one stays with it; JAX's and XLA's threads then hold more resident memory
     than they use. Capped at 2 before JAX started, a Split Digits 32x32 (nf 64)
-    LightCL run peaked 60 MB lower here at the same speed (BUILD.md, "Memory a
-    process holds"). The experiment scripts call it first; call it before
-    importing JAX. Returns whether it applied (False where the C library is not
+    LightCL run peaked 48 MB lower here with the same results (`experiments.bench_rss`;
+    BUILD.md, "Memory a process holds"). The experiment scripts call it first; call it
+    before importing JAX. Returns whether it applied (False where the C library is not
     glibc: it changes nothing there).
     """
     if not sys.platform.startswith("linux"):
