@@ -123,7 +123,8 @@ def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdi
     env = dict(os.environ, LIGHTCL_STREAM=stream_path)
     runs = []
     settings = {"checkout": checkout, "stream": stream.name, "epochs": epochs,
-                "ours": {k: v for k, v in config.to_dict().items() if k not in ("seed", "epochs")}}
+                "ours": {k: v for k, v in config.identity_dict().items()
+                         if k not in ("seed", "epochs")}}
     for seed in seeds:
         record = os.path.join(workdir, f"seed{seed}.json")
         if reuse and os.path.exists(record):

@@ -197,6 +197,17 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity_dict(self) -> dict[str, Any]:
+        """`to_dict` less what never changes a result (`EXECUTION_FIELDS`) and the
+        `IDENTITY_DEFAULTS` at their values: what two runs must share to be the same run."""
+        settings = self.to_dict()
+        for field in EXECUTION_FIELDS:
+            del settings[field]
+        for field, value in IDENTITY_DEFAULTS.items():
+            if settings[field] == value:
+                del settings[field]
+        return settings
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

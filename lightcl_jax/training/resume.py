@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightcl_jax.config import EXECUTION_FIELDS, IDENTITY_DEFAULTS, Config
+from lightcl_jax.config import Config
 from lightcl_jax.data.sources import update_digest
 from lightcl_jax.data.streams import TaskStream
 from lightcl_jax.strategies import Strategy
@@ -57,14 +57,8 @@ def run_identity(config: Config, stream: TaskStream, pretrained: bool,
     config's `EXECUTION_FIELDS` are left out: they never change a result; so are
     `IDENTITY_DEFAULTS` at their values, as runs made before those fields existed.
     """
-    settings = config.resolved().to_dict()
-    for field in EXECUTION_FIELDS:
-        del settings[field]
-    for field, value in IDENTITY_DEFAULTS.items():
-        if settings[field] == value:
-            del settings[field]
     identity = {
-        "config": settings,
+        "config": config.resolved().identity_dict(),
         "stream": {"name": stream.name, "num_tasks": stream.num_tasks,
                    "num_classes": stream.num_classes, "image_shape": list(stream.image_shape),
                    "eval_split": stream.eval_split, "fingerprint": stream_fingerprint(stream)},
