@@ -22,7 +22,7 @@ from lightcl_jax.config import Config
 from lightcl_jax.model.layers import FREEZE_POINTS
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import get_strategy
-from lightcl_jax.training.state import compact_model, create_lane_states, create_train_state
+from lightcl_jax.training.state import create_lane_states, create_train_state, run_model
 from lightcl_jax.training.steps import abstract_memory, make_eval_step, memory_scheduled, phase_step
 
 
@@ -50,12 +50,10 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
     """
     config = config.resolved()
     strategy = get_strategy(config.strategy)
-    model = ResNet18(num_classes=num_classes, nf=config.nf)
+    model = run_model(config, num_classes, image_shape, 0)
     state = jax.eval_shape(lambda: create_train_state(model, image_shape, jax.random.PRNGKey(0)))
     masks = None
     if config.sparse:  # the masks come from real weights (what is kept decides the shapes)
-        if config.sparse_execution == "compact":
-            model = compact_model(model, image_shape, 0)
         (concrete,), (masks,) = create_lane_states(model, image_shape, [0], sparse=True)
         state = jax.eval_shape(lambda: concrete)
     phase, tx, step = phase_step(model, strategy, config, state.params, task_index, pretrained,

@@ -14,12 +14,12 @@ from typing import Any, Callable
 from lightcl_jax.config import Config
 from lightcl_jax.data.streams import TaskStream, make_stream, validate_stream
 from lightcl_jax.model.backbone import variables_digest
-from lightcl_jax.model.resnet import ResNet, ResNet18
+from lightcl_jax.model.resnet import ResNet
 from lightcl_jax.strategies import Strategy, get_strategy
 from lightcl_jax.training.forward import jitted_eval_forward
 from lightcl_jax.training.placement import Placement
 from lightcl_jax.training.resume import run_identity
-from lightcl_jax.training.state import compact_model
+from lightcl_jax.training.state import run_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +71,8 @@ def setup_run(config: Config, stream: TaskStream | None = None, *,
                              {"batch_size": config.batch_size,
                               "eval_batch_size": config.eval_batch_size})
     pretrained = init_variables is not None
-    model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
-    if config.sparse and config.sparse_execution == "compact":
-        model = compact_model(model, stream.image_shape, config.seed,
-                              init_variables=init_variables)
+    model = run_model(config, stream.num_classes, stream.image_shape, config.seed,
+                      init_variables=init_variables)
     identity = run_identity(config, stream, pretrained, placement.parallel.num_devices,
                             placement.lanes.size,
                             init_digest=variables_digest(init_variables) if pretrained else None)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightcl_jax.model.resnet import fresh_head
+from lightcl_jax.model.resnet import ResNet18, fresh_head
 from lightcl_jax.training.sparsity import (apply_masks, channel_prune_masks, compact_variables,
                                            expand_variables, pruning_from_masks)
 
@@ -92,7 +92,7 @@ def create_lane_states(model, image_shape, seeds, *, init_variables=None, sparse
 
     The masks are fixed once from the starting weights (the pre-trained ones
     when given), and the weights are pruned with them
-    (`lightcl_jax.training.sparsity`). A compact ``model`` (`compact_model`)
+    (`lightcl_jax.training.sparsity`). A compact ``model`` (`run_model`)
     gets the kept channels' variables, and no masks: nothing is left to mask.
 
     Raises:
@@ -118,11 +118,15 @@ def create_lane_states(model, image_shape, seeds, *, init_variables=None, sparse
             for s in states], [None] * len(states)
 
 
-def compact_model(model, image_shape, seed: int, *, init_variables=None):
-    """``model`` run compactly with the channel pruning of the weights seed ``seed``
-    starts with (`lightcl_jax.model.resnet`, ``pruning``)."""
-    state = create_train_state(model.clone(pruning=None), image_shape,
-                               jax.random.PRNGKey(seed), init_variables=init_variables)
+def run_model(config, num_classes: int, image_shape, seed: int, *, init_variables=None):
+    """The ResNet-18 a run of ``config`` trains: of width ``config.nf``, and with
+    ``--sparse --sparse-execution compact`` run compactly with the channel pruning of
+    the weights seed ``seed`` starts with (`lightcl_jax.model.resnet`, ``pruning``)."""
+    model = ResNet18(num_classes=num_classes, nf=config.nf)
+    if not (config.sparse and config.sparse_execution == "compact"):
+        return model
+    state = create_train_state(model, image_shape, jax.random.PRNGKey(seed),
+                               init_variables=init_variables)
     return model.clone(pruning=pruning_from_masks(channel_prune_masks(state.params)))
 
 
