@@ -39,77 +39,31 @@ ROWS = {"finetune": ("finetune", None), "ewc": ("ewc", None), "er": ("er", None)
 MIB = 2 ** 20
 
 
-def _tree_bytes(tree) -> int:
-    import jax
-    import numpy as np
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree_util.tree_leaves(tree))
+def lightcl_terms(config, theory: dict) -> dict:
+    """LightCL's step bytes as XLA holds them at the step's peak, term by term (MiB).
 
-
-def lightcl_terms(config, figures: dict, theory: dict) -> dict:
-    """LightCL's XLA step bytes taken apart, beside the theoretical terms (MiB).
-
-    Arguments split by what they hold (exact, from the shapes). Temporaries hold
-    the gradients of the trained layers, the activations their backward pass
-    keeps (counted as in the theory), the working set of the batch's forward
-    through the frozen layers (that forward compiled alone: its temporaries;
-    counted only when the temporaries are large enough to hold it beside the
-    gradients and kept activations, i.e. when the peak is in the forward)
-    and the compiler's other scratch (the remainder: activation gradients,
-    layout copies, fusion buffers live at the step's peak).
+    The step is compiled once more with XLA's dump on and its live set at the
+    peak read value by value (`lightcl_jax.accounting.live`); each value goes
+    to a term of the theoretical count or to what the theory does not count.
+    Beside it, `theoretical_cost`'s terms. ``largest`` lists the live values of
+    1 MiB or more, for a reader who wants to check the sorting.
     """
-    import jax
-    import jax.numpy as jnp
+    from lightcl_jax.accounting.compiled import lowered_train_step
+    from lightcl_jax.accounting.live import peak_live_set, train_step_terms, value_terms
 
-    from lightcl_jax import compiler
-    from lightcl_jax.accounting.xla import compiled_cost
-    from lightcl_jax.model.layers import LAYER_GROUPS
-    from lightcl_jax.model.resnet import ResNet18
-    from lightcl_jax.training.freezing import freeze_labels
-    from lightcl_jax.training.state import create_train_state
-
-    model = ResNet18(num_classes=SETTING["num_classes"], nf=config.nf)
     shape = (SETTING["image_size"], SETTING["image_size"], SETTING["channels"])
-    state = jax.eval_shape(lambda: create_train_state(model, shape, jax.random.PRNGKey(0)))
-    labels = freeze_labels(state.params, figures["phase"]["frozen"])
-    trained = sum(_tree_bytes(p) for p, label in zip(jax.tree_util.tree_leaves(state.params),
-                                                    jax.tree_util.tree_leaves(labels))
-                  if label == "trainable")
-    weights = _tree_bytes(state.params)
-    batch_stats = _tree_bytes(state.batch_stats)
-    batch = SETTING["batch_size"] * (shape[0] * shape[1] * shape[2] + 1) * 4 + 4
-    memory = figures["argument_bytes"] - weights - batch_stats - batch - 4  # step counter
-    breakdown = theory["mem_breakdown_mb"]
-    kept = breakdown["activations"] * MIB
-    # The working set of the batch's forward through the frozen layers: that forward
-    # compiled alone, its temporaries (feature maps alive at once, none kept).
-    start = LAYER_GROUPS[len(figures["phase"]["frozen"])]
-    prefix = compiler.jit(lambda p, b, x: model.apply({"params": p, "batch_stats": b}, x, train=True,
-                                                 mutable=["batch_stats"], stop=start))
-    x = jax.ShapeDtypeStruct((SETTING["batch_size"], *shape), jnp.float32)
-    working = compiled_cost(prefix.lower(state.params, state.batch_stats, x).compile())[
-        "temp_bytes"]
-    # The frozen forward runs before any gradient exists: its working set is part of the
-    # step's peak only when the peak is there. XLA's memory-optimized scheduler (the
-    # default for this step) puts the peak in the backward pass, where the gradients and
-    # kept activations are live, and the forward's working set fits below it.
-    at_peak = working if figures["temp_bytes"] >= trained + kept + working else 0
-    scratch = figures["temp_bytes"] - trained - kept - at_peak
+    lowered, _ = lowered_train_step(config, shape, SETTING["num_classes"],
+                                    SETTING["classes_per_task"], task_index=1, pretrained=True)
+    live = peak_live_set(lowered)
+    largest = [{"value": v.name, "mb": v.bytes / MIB, "term": term, "op_name": v.op_name,
+                "argument": v.parameter, "role": v.role}
+               for v, term in sorted(value_terms(live), key=lambda vt: -vt[0].bytes)
+               if v.bytes >= MIB]
     return {
-        "xla_mb": {
-            "weights": weights / MIB,
-            "batch_stats": batch_stats / MIB,
-            "batch": batch / MIB,
-            "memory_state": memory / MIB,
-            "gradients": trained / MIB,
-            "kept_activations": kept / MIB,
-            "frozen_forward_working_set": at_peak / MIB,
-            "frozen_forward_working_set_alone": working / MIB,
-            "compiler_scratch": scratch / MIB,
-            "outputs_not_aliased": (figures["output_bytes"] - figures["alias_bytes"]) / MIB,
-            "total": figures["train_bytes"] / MIB,
-        },
-        "theory_mb": {**breakdown, "total": theory["mem_mb"]},
+        "xla_mb": {**{k: b / MIB for k, b in train_step_terms(live).items()},
+                   "total": live.step_bytes / MIB},
+        "theory_mb": {**theory["mem_breakdown_mb"], "total": theory["mem_mb"]},
+        "largest": largest,
     }
 
 
@@ -149,7 +103,7 @@ def measure(steps: int, warmup: int, rows: list[str], torch_threads: int | None)
             "phase": cost["phase"],
         }
         if name == "lightcl":
-            row["terms"] = lightcl_terms(config, cost, theory)
+            row["terms"] = lightcl_terms(config, theory)
         out["strategies"][name] = row
     rows_ = out["strategies"]
     if "lightcl" in rows_ and "finetune" in rows_:
@@ -195,20 +149,21 @@ def report(out: dict) -> str:
                   f"step time {ratio['step_time_s']:.2f}x"]
     if "lightcl" in out["strategies"]:
         terms = out["strategies"]["lightcl"]["terms"]
-        lines += ["", "lightcl step bytes, term by term (MB): XLA | theory"]
+        lines += ["", "lightcl step bytes, term by term (MB): live at XLA's peak | theory"]
         x, t = terms["xla_mb"], terms["theory_mb"]
-        pairs = [("weights", x["weights"], t["weights"]),
+        pairs = [("weights, each once", x["weights"], t["weights"]),
+                 ("a weight's old value, read after its update", x["weights held twice"], 0.0),
                  ("gradients", x["gradients"], t["gradients"]),
-                 ("kept activations", x["kept_activations"], t["activations"]),
-                 ("buffer + stored features + masks, BN statistics",
-                  x["memory_state"] + x["batch_stats"],
-                  t["buffer"] + t["stored_features"]),
-                 ("training batch", x["batch"], 0.0),
-                 (f"frozen forward working set at peak (alone "
-                  f"{x['frozen_forward_working_set_alone']:.1f})",
-                  x["frozen_forward_working_set"], 0.0),
-                 ("other compiler scratch", x["compiler_scratch"], 0.0),
-                 ("outputs not aliased", x["outputs_not_aliased"], 0.0),
+                 ("optimizer state", x["optimizer state"], t["optimizer_state"]),
+                 ("forward activations the backward reads", x["forward activations"],
+                  t["activations"]),
+                 ("memory state (buffer, features, taps, masks)", x["memory state"],
+                  t["buffer"] + t["stored_features"] + t["strategy_state"]),
+                 ("BatchNorm running statistics", x["BatchNorm running statistics"], 0.0),
+                 ("training batch", x["training batch"], 0.0),
+                 ("scratch (activation gradients, layout copies)", x["scratch"], 0.0),
+                 ("other", x["other"], 0.0),
+                 ("left unused by XLA's packing of buffers", x["packing"], 0.0),
                  ("total", x["total"], t["total"])]
         lines += [f"  {label:<50}{a:8.1f} | {b:6.1f}" for label, a, b in pairs]
     if out.get("torch"):

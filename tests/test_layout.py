@@ -23,7 +23,7 @@ LAYERS = (
      "lightcl_jax.accounting.process"),
     ("lightcl_jax.compiler", "lightcl_jax.data", "lightcl_jax.model", "lightcl_jax.metrics",
      "lightcl_jax.memory",
-     "lightcl_jax.accounting.theory", "lightcl_jax.accounting.xla"),
+     "lightcl_jax.accounting.theory", "lightcl_jax.accounting.xla", "lightcl_jax.accounting.live"),
     ("lightcl_jax.config",),
     ("lightcl_jax.strategies",),
     ("lightcl_jax.training",),

@@ -26,10 +26,10 @@ from lightcl_jax.training.state import create_lane_states, create_train_state, r
 from lightcl_jax.training.steps import abstract_memory, make_eval_step, memory_scheduled, phase_step
 
 
-def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
-                             num_classes: int, classes_per_task: int, *, task_index: int = 1,
-                             pretrained: bool = False, quick: bool = False) -> dict:
-    """Compiles the train step a strategy runs in ``task_index`` and reads XLA's figures.
+def lowered_train_step(config: Config, image_shape: tuple[int, int, int], num_classes: int,
+                       classes_per_task: int, *, task_index: int = 1, pretrained: bool = False,
+                       quick: bool = False):
+    """The train step a strategy runs in ``task_index``, lowered on abstract shapes.
 
     Args:
       config: run settings (strategy, nf, batch size, buffer size, freeze, ...).
@@ -43,10 +43,8 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
         the same figures in about half the time.
 
     Returns:
-      `compiled_cost`'s ``flops``, ``argument_bytes``, ``output_bytes``,
-      ``temp_bytes``, ``alias_bytes`` and ``step_bytes`` (arguments +
-      temporaries + outputs not aliased to donated arguments; also as
-      ``train_bytes``), plus the ``phase`` compiled.
+      ``(lowered, phase)``: a `jax.stages.Lowered` with the run's compiler
+      options (``.compile()`` it) and the `Phase` it trains.
     """
     config = config.resolved()
     strategy = get_strategy(config.strategy)
@@ -66,10 +64,29 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
     if phase.uses_memory:
         memory = abstract_memory(model, strategy, config, phase, task_index, state.params,
                                  state.batch_stats, image_shape, classes_per_task)
-    compiled = compiler.jit(step, donate_argnums=(0, 1),
-                            memory_scheduler=memory_scheduled(config, phase), measure_only=quick
-                            ).lower(state, memory, x, y, offset).compile()
-    figures = compiled_cost(compiled)
+    lowered = compiler.jit(step, donate_argnums=(0, 1),
+                           memory_scheduler=memory_scheduled(config, phase), measure_only=quick
+                           ).lower(state, memory, x, y, offset)
+    return lowered, phase
+
+
+def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
+                             num_classes: int, classes_per_task: int, *, task_index: int = 1,
+                             pretrained: bool = False, quick: bool = False) -> dict:
+    """Compiles the train step a strategy runs in ``task_index`` and reads XLA's figures.
+
+    Arguments as `lowered_train_step`'s.
+
+    Returns:
+      `compiled_cost`'s ``flops``, ``argument_bytes``, ``output_bytes``,
+      ``temp_bytes``, ``alias_bytes`` and ``step_bytes`` (arguments +
+      temporaries + outputs not aliased to donated arguments; also as
+      ``train_bytes``), plus the ``phase`` compiled.
+    """
+    lowered, phase = lowered_train_step(config, image_shape, num_classes, classes_per_task,
+                                        task_index=task_index, pretrained=pretrained,
+                                        quick=quick)
+    figures = compiled_cost(lowered.compile())
     figures["train_bytes"] = figures["step_bytes"]
     figures["phase"] = {"frozen": list(phase.frozen), "memory": phase.uses_memory}
     return figures
