@@ -8,10 +8,14 @@ set size, MiB), one after the other:
 * the imports: the interpreter, then JAX with its CPU client started, Flax
   and optax, the library's training loop, and scikit-learn (which the
   library no longer imports: the digits are read from its bundled file);
-* a LightCL run (`train_and_evaluate`, no checkpoints) with glibc's malloc
-  arenas left as they are, and the same run with them capped at 2
-  (`lightcl_jax.accounting.process.limit_malloc_arenas`, as the experiment
-  scripts do before JAX starts), with each run's accuracy and wall time.
+* a LightCL run (`train_and_evaluate`, no checkpoints) three ways, with
+  each run's accuracy and wall time: as the library ran before either cut
+  (glibc's malloc arenas as they are, freed heap pages kept); with the
+  arenas capped at 2 (`lightcl_jax.accounting.process.limit_malloc_arenas`,
+  as the experiment scripts do before JAX starts); and, as every run now
+  goes, capped and with the compiler's freed memory handed back after the
+  initialisation and each compilation
+  (`lightcl_jax.accounting.process.release_free_memory`).
 """
 
 from __future__ import annotations
@@ -35,10 +39,14 @@ print(json.dumps(out))
 
 RUN = """
 import json, sys
-cap = sys.argv[1] == "capped"
-if cap:
+mode = sys.argv[1]
+if mode != "neither":
     from lightcl_jax.accounting.process import limit_malloc_arenas
     assert limit_malloc_arenas(2)
+if mode != "capped, released":  # the library releases; undo it for the comparison
+    import lightcl_jax.accounting.xla, lightcl_jax.training.state
+    for module in (lightcl_jax.accounting.xla, lightcl_jax.training.state):
+        module.release_free_memory = lambda: False
 from lightcl_jax.config import Config
 from lightcl_jax.training.loop import train_and_evaluate
 config = Config(**json.loads(sys.argv[2]))
@@ -46,6 +54,11 @@ r = train_and_evaluate(config)
 print(json.dumps({"peak_rss_mb": r["resources"]["peak_rss_mb"], "avg_til": r["avg_til"],
                   "avg_cil": r["avg_cil"], "wall_time_s": r["wall_time_s"]}))
 """
+
+
+MODES = {"neither": "arenas uncapped, nothing released",
+         "capped": "arenas capped, nothing released",
+         "capped, released": "arenas capped, freed memory released (as runs go)"}
 
 
 def _child(code: str, *args: str) -> dict:
@@ -72,10 +85,10 @@ def main(argv=None) -> int:
     print("peak resident MB after importing (cumulative): " +
           ", ".join(f"{name} {mb:.0f}" for name, mb in imports.items()))
     runs = {}
-    for name in ("uncapped", "capped"):
+    for name in MODES:
         runs[name] = _child(RUN, name, json.dumps(settings))
-        print(f"LightCL on {args.dataset}, nf {args.nf}, {args.epochs} epochs a task, malloc "
-              f"arenas {name}: peak {runs[name]['peak_rss_mb']:.0f} MB, TIL "
+        print(f"LightCL on {args.dataset}, nf {args.nf}, {args.epochs} epochs a task, "
+              f"{MODES[name]}: peak {runs[name]['peak_rss_mb']:.0f} MB, TIL "
               f"{runs[name]['avg_til']:.2f}, CIL {runs[name]['avg_cil']:.2f}, "
               f"{runs[name]['wall_time_s']:.1f} s")
     if args.json:

@@ -111,6 +111,38 @@ def test_peak_rss_is_the_kernels_figure_and_malloc_arenas_cap_on_glibc():
     assert limit_malloc_arenas(8) is glibc  # 8 arenas: harmless to the test process
 
 
+def test_release_free_memory_hands_freed_heap_pages_back():
+    import ctypes
+    import platform
+    import sys
+
+    from lightcl_jax.accounting.process import release_free_memory
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        assert release_free_memory() is False
+        return
+
+    def resident_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    # 128 MiB in 64 KiB blocks (below glibc's mmap threshold: from the heap), touched, then
+    # freed under a block kept last, so that free() itself cannot shrink the heap's top.
+    blocks = [libc.malloc(64 << 10) for _ in range(2048)]
+    keep = libc.malloc(64 << 10)
+    for b in blocks:
+        ctypes.memset(b, 1, 64 << 10)
+    for b in blocks:
+        libc.free(b)
+    before = resident_mb()
+    assert release_free_memory() is True
+    after = resident_mb()
+    libc.free(keep)
+    assert before - after > 64, (before, after)
+
+
 def test_bench_rss_refuses_a_bad_setting_before_running_anything(capsys):
     from experiments import bench_rss
     with pytest.raises(SystemExit) as exit_info:

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import jax
 
+from lightcl_jax.accounting.process import release_free_memory
+
 
 def compiled_cost(compiled) -> dict:
     """XLA's figures for a compiled function: FLOPs and bytes.
@@ -52,6 +54,7 @@ class CompiledStep:
         if self.compiled is None:
             self.compiled = self.jitted.lower(*args).compile()
             self.cost = compiled_cost(self.compiled)
+            release_free_memory()  # what the compiler freed, before the step's buffers
         self.calls += 1
         return self.compiled(*args)
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lightcl_jax.accounting.process import release_free_memory
 from lightcl_jax.model.resnet import ResNet18, fresh_head
 from lightcl_jax.training.sparsity import (apply_masks, channel_prune_masks, compact_variables,
                                            expand_variables, pruning_from_masks)
@@ -101,6 +102,7 @@ def create_lane_states(model, image_shape, seeds, *, init_variables=None, sparse
     full = model.clone(pruning=None)
     states = [create_train_state(full, image_shape, jax.random.PRNGKey(s),
                                  init_variables=init_variables) for s in seeds]
+    release_free_memory()  # the initialisation's compiler memory (accounting.process)
     if not sparse:
         return states, [None] * len(states)
     masks = [channel_prune_masks(s.params) for s in states]
