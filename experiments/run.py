@@ -18,6 +18,7 @@ import shutil
 import sys
 
 from experiments.common import Bars, Parser, parse_bool, write_json_atomic
+from experiments.figures import accuracy_figure, save_figure
 from lightcl_jax.accounting.process import limit_malloc_arenas
 from lightcl_jax.config import FROZEN_BN_MODES, SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
@@ -252,7 +253,9 @@ def main(argv=None) -> int:
                                 "source": backbone.get("source"), "digest": backbone["digest"]}
     write_json_atomic(path, results)
     print(format_table(results))
-    print(f"results written to {path} (checkpoints in {checkpoints.directory})")
+    figure = save_figure(accuracy_figure(results), os.path.join(workdir, "accuracy.png"))
+    print(f"results written to {path}, the accuracy matrices drawn in {figure} "
+          f"(checkpoints in {checkpoints.directory})")
     return 0
 
 

@@ -1,0 +1,80 @@
+"""Figures written next to the JSON they come from (matplotlib, Agg: no display needed).
+
+* `accuracy_figure`: a run's TIL and CIL accuracy matrices as annotated heatmaps
+  (row: after training task i; column: task j; only j <= i exists), each titled with
+  its final average. For a ``--seeds N`` run, the matrices are the seeds' mean and the
+  titles give mean +- std over seeds. `experiments.run` writes it as ``accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def accuracy_matrices(results: dict) -> dict[str, tuple[np.ndarray, str]]:
+    """``{"TIL": (matrix, average label), "CIL": ...}`` of a run's results.
+
+    A matrix is (tasks x tasks), NaN above the diagonal (tasks not yet seen).
+    """
+    runs = results["seeds"] if "seeds" in results else [results]
+    out = {}
+    for kind in ("til", "cil"):
+        mats = []
+        for run in runs:
+            rows = run[f"acc_{kind}"]
+            mat = np.full((len(rows), len(rows)), np.nan)
+            for i, row in enumerate(rows):
+                mat[i, :len(row)] = row
+            mats.append(mat)
+        finals = [run[f"avg_{kind}"] for run in runs]
+        label = (f"average {finals[0]:.2f}" if len(runs) == 1 else
+                 f"average {np.mean(finals):.2f} ± {np.std(finals):.2f}, {len(runs)} seeds")
+        out[kind.upper()] = (np.mean(mats, axis=0), label)
+    return out
+
+
+def accuracy_figure(results: dict):
+    """The TIL and CIL accuracy matrices of ``results`` side by side (a matplotlib Figure)."""
+    plt = _pyplot()
+    matrices = accuracy_matrices(results)
+    tasks = len(next(iter(matrices.values()))[0])
+    fig, axes = plt.subplots(1, 2, figsize=(4.2 + 1.2 * tasks, 1.6 + 0.6 * tasks),
+                             constrained_layout=True)
+    title = f"{results.get('strategy', '?')} on {results.get('dataset', '?')}"
+    fig.suptitle(f"{title}: accuracy (%) on task j after training task i")
+    for ax, (kind, (mat, label)) in zip(axes, matrices.items()):
+        image = ax.imshow(np.ma.masked_invalid(mat), vmin=0, vmax=100, cmap="viridis")
+        for i in range(tasks):
+            for j in range(i + 1):
+                ax.text(j, i, f"{mat[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if mat[i, j] < 60 else "black")
+        ax.set_title(f"{kind} ({label})")
+        ax.set_xlabel("task j (evaluated)")
+        ax.set_ylabel("after training task i")
+        ax.set_xticks(range(tasks))
+        ax.set_yticks(range(tasks))
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy (%)")
+    return fig
+
+
+def save_figure(fig, path: str) -> str:
+    """Writes ``fig`` as a PNG (atomically: a temporary file, then renamed) and closes it."""
+    plt = _pyplot()
+    tmp = f"{path}.tmp"
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,37 @@
+"""Figures written beside results.json (`experiments.figures`)."""
+
+import numpy as np
+
+from experiments.figures import accuracy_figure, accuracy_matrices, save_figure
+
+
+def _run(til, cil, **extra):
+    return {"strategy": "lightcl", "dataset": "digits", "acc_til": til, "acc_cil": cil,
+            "avg_til": float(np.mean(til[-1])), "avg_cil": float(np.mean(cil[-1])), **extra}
+
+
+TIL = [[100.0], [98.0, 96.0], [97.0, 90.0, 99.0]]
+CIL = [[100.0], [40.0, 96.0], [30.0, 20.0, 99.0]]
+
+
+def test_accuracy_figure_draws_both_matrices_with_their_averages(tmp_path):
+    fig = accuracy_figure(_run(TIL, CIL))
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["TIL (average 95.33)", "CIL (average 49.67)"]
+    til_ax = fig.axes[0]
+    labels = sorted(t.get_text() for t in til_ax.texts)
+    assert labels == sorted(f"{v:.1f}" for row in TIL for v in row)  # j <= i only
+    path = save_figure(fig, str(tmp_path / "accuracy.png"))
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert not (tmp_path / "accuracy.png.tmp").exists()
+
+
+def test_accuracy_matrices_of_seeds_are_their_mean_with_the_spread_in_the_label():
+    other_til = [[100.0], [96.0, 98.0], [95.0, 92.0, 97.0]]
+    results = {"seeds": [_run(TIL, CIL), _run(other_til, CIL)]}
+    mats = accuracy_matrices(results)
+    til, label = mats["TIL"]
+    assert np.isnan(til[0, 1]) and til[2, 1] == 91.0 and til[1, 0] == 97.0
+    finals = [np.mean(TIL[-1]), np.mean(other_til[-1])]
+    assert label == f"average {np.mean(finals):.2f} ± {np.std(finals):.2f}, 2 seeds"
