@@ -37,7 +37,7 @@ class Bars(Progress):
     def __init__(self, enabled: bool = True):
         self.enabled, self.bar = enabled, None
 
-    def resumed(self, checkpoint: str, where: str) -> None:
+    def resumed(self, checkpoint: str, where: str, global_step: int | None = None) -> None:
         print(f"resuming from {checkpoint}: {where}", file=sys.stderr)
 
     def start(self, name: str, total: int, done: int = 0) -> None:

@@ -220,6 +220,7 @@ def main(argv=None) -> int:
     from lightcl_jax.training.checkpoint import RunCheckpoints
     from lightcl_jax.training.epochs import DivergenceError
     from lightcl_jax.training.loop import train_and_evaluate
+    from lightcl_jax.training.progress import Fanout, MetricsLog
 
     try:
         run, backbone = prepare_run(config, args)
@@ -236,8 +237,9 @@ def main(argv=None) -> int:
                 print(format_table(finished))
                 print(f"{path} already holds this run's results; pass --overwrite to run it again")
                 return 0
+        log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), lr=config.lr)
         results = train_and_evaluate(run, checkpoints=checkpoints,
-                                     progress=Bars(not args.no_progress))
+                                     progress=Fanout(Bars(not args.no_progress), log))
     except DivergenceError as err:
         latest = checkpoints.latest()
         kept = (f"; the last good checkpoint is {checkpoints.path(*latest)}" if latest

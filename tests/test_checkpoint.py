@@ -247,6 +247,28 @@ def test_cli_results_file_of_a_run(finished_workdir):
     config = results["config"]
     assert (config["nf"], config["epochs"], config["lr"], config["beta"], config["ratio"],
             config["buffer_size"], config["freeze"]) == (4, 1, 0.01, 2e-4, 0.15, 15, "stage3")
+    assert (finished_workdir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # metrics.jsonl: per epoch (1 a task here) and per task, in order.
+    lines = _metrics(finished_workdir)
+    epochs = [line for line in lines if line["kind"] == "epoch"]
+    tasks = [line for line in lines if line["kind"] == "task"]
+    assert [line["kind"] for line in lines] == ["epoch", "task"] * 5
+    steps = [325 // 32, 325 // 32, 327 // 32, 324 // 32, 317 // 32]  # whole batches of 32
+    assert [e["steps"] for e in epochs] == steps
+    assert [e["global_step"] for e in epochs] == list(np.cumsum(steps))
+    for t, (e, task) in enumerate(zip(epochs, tasks)):
+        assert (e["task"], e["epoch"], e["lr"], task["task"]) == (t, 1, 0.01, t)
+        assert set(e) >= {"seconds", "step_time_s", "examples_per_s", "loss", "ce"}
+        assert ("regulation" in e) == (t >= 1)  # LightCL's buffer loss from task 1 on
+        assert e["step_time_s"] == pytest.approx(e["seconds"] / e["steps"])
+        assert e["examples_per_s"] == pytest.approx(32 * e["steps"] / e["seconds"])
+        assert task["til_row"] == results["acc_til"][t] and task["cil_row"] == results["acc_cil"][t]
+        assert task["global_step"] == e["global_step"]
+
+
+def _metrics(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
 
 
 def test_cli_rerun_of_a_finished_run_prints_it_and_trains_nothing(finished_workdir, capsys):
@@ -373,6 +395,11 @@ def test_sigkill_mid_task_then_rerun_writes_the_clean_results(tmp_path, finished
         got = json.load(f)
     assert len(got["resumed_at_steps"]) == 1 and got["resumed_at_steps"][0] >= 15
     assert _same(got) == _same(want)
+    # The log holds each epoch and task once: what the killed run wrote after the
+    # checkpoint was dropped and written again.
+    lines, clean = _metrics(killed_dir), _metrics(finished_workdir)
+    assert [(x["kind"], x["task"]) for x in lines] == [(x["kind"], x["task"]) for x in clean]
+    assert [x for x in lines if x["kind"] == "task"] == [x for x in clean if x["kind"] == "task"]
     np.testing.assert_array_equal(got["acc_cil"][-1], want["acc_cil"][-1])
     # The real command prints the tables and the averages it wrote.
     assert "TIL accuracy" in resumed.stdout and "CIL accuracy" in resumed.stdout

@@ -35,3 +35,26 @@ def test_accuracy_matrices_of_seeds_are_their_mean_with_the_spread_in_the_label(
     assert np.isnan(til[0, 1]) and til[2, 1] == 91.0 and til[1, 0] == 97.0
     finals = [np.mean(TIL[-1]), np.mean(other_til[-1])]
     assert label == f"average {np.mean(finals):.2f} ± {np.std(finals):.2f}, 2 seeds"
+
+
+def test_metrics_log_starts_afresh_and_a_resume_drops_what_it_replays(tmp_path):
+    import json
+
+    from lightcl_jax.training.progress import MetricsLog
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "epoch", "global_step": 99}\n')  # another run's line
+    log = MetricsLog(str(path), lr=0.5)
+    log.start("task 1/2", 10)
+    for step in (5, 10):
+        log.record("epoch", {"global_step": step})
+    log.record("task", {"global_step": 10})
+    log.record("epoch", {"global_step": 15})
+    read = lambda: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    assert read() == [{"kind": "epoch", "global_step": 5, "lr": 0.5},
+                      {"kind": "epoch", "global_step": 10, "lr": 0.5},
+                      {"kind": "task", "global_step": 10},
+                      {"kind": "epoch", "global_step": 15, "lr": 0.5}]
+    resumed = MetricsLog(str(path), lr=0.5)
+    resumed.resumed("ckpt", "task 2/2", 10)  # steps 11.. are trained again
+    resumed.start("task 2/2", 10, 0)
+    assert [line["global_step"] for line in read()] == [5, 10, 10]

@@ -11,6 +11,7 @@ losses were all finite.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Iterator
 
 import jax.numpy as jnp
@@ -160,12 +161,21 @@ def train_epochs(train_step, state, memory, batches: TaskBatches, start: Positio
         for _ in range(skip):  # batches a resumed run already trained on: same draws
             next(epoch_iter)
         position = dataclasses.replace(position, epoch=epoch, batch=skip)
+        began, steps_before = time.perf_counter(), position.global_step
         state, memory, position, means = _train_epoch(
             train_step, state, memory, epoch_iter, position, offset,
             last_step=batches.steps_per_epoch * epochs, uses_memory=uses_memory, seeds=seeds,
             progress=progress, every=checkpoint_every, checkpoint=checkpoint,
             rng_states=rng_states)
         progress.advance(0, {"epoch": epoch + 1, **means})
+        steps = position.global_step - steps_before
+        if steps:
+            seconds = time.perf_counter() - began
+            progress.record("epoch", {
+                "task": position.task, "epoch": epoch + 1, "global_step": position.global_step,
+                "steps": steps, "seconds": seconds, "step_time_s": seconds / steps,
+                "examples_per_s": steps * batches.batch_size * placement.lanes.size / seconds,
+                **means})
     return state, memory, position
 
 

@@ -116,11 +116,23 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
             record.add_layer_metrics(t, layer_metrics(run.model, placement, before, state,
                                                       run.stream, t, run.config.layer_metrics))
         save(dataclasses.replace(end, task_done=True), state, memory)
-        progress.end({"til": float(til.mean()), "cil": float(cil.mean())})
+        _task_done(progress, t, global_step, til, cil, run.placement.lanes.seeds)
         if on_task_end is not None:
             on_task_end(t, state)
     return assemble_results(run, record, state, programs, resumed_at=list(clock.resumed_at),
                             wall_time_s=clock.elapsed())
+
+
+def _task_done(progress: Progress, task: int, global_step: int, til, cil, seeds) -> None:
+    """Reports a trained and evaluated task: its accuracy rows (per seed when several)."""
+    rows = {}
+    for name, acc in (("til", til), ("cil", cil)):
+        per_seed = [[float(v) for v in acc[:, lane]] for lane in range(acc.shape[1])]
+        rows[f"{name}_row"] = per_seed[0] if len(seeds) == 1 else per_seed
+        rows[name] = float(acc.mean())
+    progress.record("task", {"task": task, "global_step": global_step, **rows,
+                             **({"seeds": list(seeds)} if len(seeds) > 1 else {})})
+    progress.end({"til": rows["til"], "cil": rows["cil"]})
 
 
 def _restore(run: Run, resume, checkpoints, states: list, masks: list, programs: Programs,
@@ -131,7 +143,8 @@ def _restore(run: Run, resume, checkpoints, states: list, masks: list, programs:
         return ((run.placement.lanes.join(states), None, None), RunRecord.new(run.placement.lanes),
                 Clock(start_time))
     progress.resumed(resume.path, resume.position.describe(run.stream.num_tasks,
-                                                           run.config.epochs))
+                                                           run.config.epochs),
+                     resume.position.global_step)
     arrays, record = restore_run(run, resume, checkpoints, states[0], masks, programs)
     clock = Clock(start_time, resume.meta["elapsed_s"],
                   (*resume.meta["resumed_at_steps"], resume.step))

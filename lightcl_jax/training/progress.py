@@ -7,6 +7,9 @@ of the base class does nothing, so a subclass overrides what it needs.
 
 from __future__ import annotations
 
+import json
+import os
+
 
 class Progress:
     """Receives a run's progress: one unit (a task, an epoch) at a time.
@@ -15,8 +18,9 @@ class Progress:
     already did as ``done``; units finished before the resume get no events.
     """
 
-    def resumed(self, checkpoint: str, where: str) -> None:
-        """The run goes on from ``checkpoint``, taken at ``where`` (e.g. "task 2/5, epoch 3/10")."""
+    def resumed(self, checkpoint: str, where: str, global_step: int | None = None) -> None:
+        """The run goes on from ``checkpoint``, taken at ``where`` (e.g. "task 2/5, epoch
+        3/10") after ``global_step`` train steps of the run."""
 
     def start(self, name: str, total: int, done: int = 0) -> None:
         """A unit called ``name`` ("task 2/5", "epoch 3/50") of ``total`` steps begins."""
@@ -26,3 +30,77 @@ class Progress:
 
     def end(self, summary: dict[str, float]) -> None:
         """The unit ended; ``summary``: e.g. the task's average TIL and CIL accuracy."""
+
+    def record(self, kind: str, values: dict) -> None:
+        """A structured record of what just happened, for logs (`MetricsLog`).
+
+        ``kind`` "epoch": ``task``, ``epoch`` (1-based), ``global_step`` (run's
+        steps after it), ``steps`` trained in it by this process, ``seconds``
+        (the first epoch of a phase includes compiling its step),
+        ``step_time_s``, ``examples_per_s`` and the mean loss terms. ``kind``
+        "task": ``task``, ``global_step``, ``til_row`` and ``cil_row`` (accuracy
+        on each task seen so far) with their means ``til`` and ``cil``.
+        """
+
+
+class Fanout(Progress):
+    """Passes every event on to each of ``sinks`` (e.g. progress bars and a log)."""
+
+    def __init__(self, *sinks: Progress):
+        self.sinks = sinks
+
+    def resumed(self, checkpoint, where, global_step=None):
+        for sink in self.sinks:
+            sink.resumed(checkpoint, where, global_step)
+
+    def start(self, name, total, done=0):
+        for sink in self.sinks:
+            sink.start(name, total, done)
+
+    def advance(self, steps, metrics=None):
+        for sink in self.sinks:
+            sink.advance(steps, metrics)
+
+    def end(self, summary):
+        for sink in self.sinks:
+            sink.end(summary)
+
+    def record(self, kind, values):
+        for sink in self.sinks:
+            sink.record(kind, values)
+
+
+class MetricsLog(Progress):
+    """Appends each `Progress.record` as one JSON line (``{"kind": ..., **values}``) to ``path``.
+
+    ``extra`` (e.g. the learning rate) joins every epoch line. A run that
+    starts afresh starts the file afresh; a resumed run first drops the lines
+    written after its checkpoint's ``global_step`` (the steps it trains
+    again), so no step is logged twice. Each line is flushed as it is written.
+    """
+
+    def __init__(self, path: str, **extra):
+        self.path, self.extra, self.began = path, extra, False
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def start(self, name, total, done=0):
+        if not self.began:  # not resumed: lines already there are another run's
+            open(self.path, "w").close()
+            self.began = True
+
+    def resumed(self, checkpoint, where, global_step=None):
+        self.began = True
+        if global_step is None or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f
+                    if line.strip() and json.loads(line).get("global_step", 0) <= global_step]
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def record(self, kind, values):
+        line = {"kind": kind, **values, **(self.extra if kind == "epoch" else {})}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
