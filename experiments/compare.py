@@ -13,7 +13,8 @@ on the same stream, model and settings, and writes into the workdir:
     aliased), and the mean wall time of a run. The cost columns count train
     steps only, not the work at task boundaries (EWC's Fisher pass, LightCL's
     reference and vital-channel forwards, LwF's copy);
-  * ``<strategy>-seed<k>.json``: each run's full results.
+  * ``<strategy>-seed<k>.json``: each run's full results;
+  * ``accuracy_curve.png`` and ``cost_vs_accuracy.png`` (`experiments.figures`).
 Exit codes: 0 done, 2 bad flag value or data, 1 a run diverged.
 """
 
@@ -27,6 +28,7 @@ import sys
 import numpy as np
 
 from experiments.common import Bars, Parser, write_json_atomic
+from experiments.figures import accuracy_curve_figure, cost_accuracy_figure, save_figure
 from lightcl_jax.config import Config
 from lightcl_jax.data.streams import DATASETS
 from lightcl_jax.registry import STRATEGIES
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
         parser.error(str(err))
 
     os.makedirs(workdir, exist_ok=True)
-    rows = []
+    rows, all_runs = [], {}
     seeds = range(args.seed, args.seed + args.seeds)
     for name in names:
         runs = []
@@ -167,6 +169,7 @@ def main(argv=None) -> int:
                 return 1
             write_json_atomic(os.path.join(workdir, f"{name}-seed{seed}.json"), results)
             runs.append(results)
+        all_runs[name] = runs
         uses_buffer = name in ("er", "derpp", "lightcl")
         rows.append(summarize(name, runs, run_cost(runs[0]),
                               configs[name].buffer_size if uses_buffer else None))
@@ -179,7 +182,13 @@ def main(argv=None) -> int:
     _write_text(os.path.join(workdir, "table.md"), markdown)
     _write_text(os.path.join(workdir, "table.csv"), to_csv(rows))
     print(markdown)
-    print(f"written: {os.path.join(workdir, 'table.md')}, {os.path.join(workdir, 'table.csv')}")
+    curve = save_figure(accuracy_curve_figure(all_runs, f"{stream.name}: average accuracy "
+                                                        "over the tasks seen so far"),
+                        os.path.join(workdir, "accuracy_curve.png"))
+    costs = save_figure(cost_accuracy_figure(rows, f"{stream.name}: accuracy against cost"),
+                        os.path.join(workdir, "cost_vs_accuracy.png"))
+    print(f"written: {os.path.join(workdir, 'table.md')}, {os.path.join(workdir, 'table.csv')}, "
+          f"{curve}, {costs}")
     return 0
 
 

@@ -4,6 +4,12 @@
   (row: after training task i; column: task j; only j <= i exists), each titled with
   its final average. For a ``--seeds N`` run, the matrices are the seeds' mean and the
   titles give mean +- std over seeds. `experiments.run` writes it as ``accuracy.png``.
+* `accuracy_curve_figure`: average accuracy over the tasks seen so far after each
+  task, a line per strategy with a band of +- one std over seeds, TIL and CIL panels;
+  `experiments.compare` writes it as ``accuracy_curve.png``.
+* `cost_accuracy_figure`: final CIL and TIL against the train step's XLA bytes and
+  against the whole run's FLOPs, a labelled point per strategy (the paper's argument
+  in one picture); `experiments.compare` writes it as ``cost_vs_accuracy.png``.
 """
 
 from __future__ import annotations
@@ -63,6 +69,52 @@ def accuracy_figure(results: dict):
         ax.set_xticks(range(tasks))
         ax.set_yticks(range(tasks))
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy (%)")
+    return fig
+
+
+def accuracy_curve_figure(runs: dict[str, list[dict]], title: str = ""):
+    """Average accuracy over seen tasks after each task: ``runs`` maps a strategy to
+    its seeds' results (each with ``acc_til`` and ``acc_cil``)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True, sharey=True)
+    fig.suptitle(title or "average accuracy over the tasks seen so far")
+    for ax, kind in zip(axes, ("til", "cil")):
+        for name, seeds in runs.items():
+            curves = np.array([[np.mean(row) for row in r[f"acc_{kind}"]] for r in seeds])
+            mean, std = curves.mean(axis=0), curves.std(axis=0)
+            x = np.arange(1, len(mean) + 1)
+            (line,) = ax.plot(x, mean, marker="o", label=name)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{kind.upper()} (mean ± std over seeds)")
+        ax.set_xlabel("after training task")
+        ax.set_xticks(x)
+        ax.set_ylim(0, 101)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("average accuracy (%)")
+    axes[1].legend(loc="lower left", fontsize=8)
+    return fig
+
+
+def cost_accuracy_figure(rows: list[dict], title: str = ""):
+    """Final CIL and TIL (mean over seeds) against the step's XLA MB and the run's train
+    FLOPs: ``rows`` as `experiments.compare.summarize` makes them."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), constrained_layout=True)
+    fig.suptitle(title or "accuracy against cost")
+    costs = (("step_mb", "largest train step, XLA MB"), ("train_flops", "whole-run train FLOPs"))
+    for i, kind in enumerate(("cil", "til")):
+        for j, (key, label) in enumerate(costs):
+            ax = axes[i, j]
+            for r in rows:
+                ax.errorbar(r[key], r[f"{kind}_mean"], yerr=r[f"{kind}_std"], fmt="o", capsize=3)
+                ax.annotate(r["strategy"], (r[key], r[f"{kind}_mean"]), fontsize=8,
+                            xytext=(4, 4), textcoords="offset points")
+            if key == "train_flops":
+                ax.set_xscale("log")
+            ax.set_title(f"final {kind.upper()} against {label}")
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"final average {kind.upper()} (%)")
+            ax.grid(alpha=0.3)
     return fig
 
 

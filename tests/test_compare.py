@@ -24,6 +24,8 @@ def test_compare_writes_both_tables(tmp_path):
     assert float(lightcl["step_mb"]) == float(rows[0]["step_mb"])
     assert float(lightcl["step_mb_later"]) < float(rows[0]["step_mb_later"])
     assert float(lightcl["train_flops"]) < float(rows[0]["train_flops"])
+    for figure in ("accuracy_curve.png", "cost_vs_accuracy.png"):
+        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_compare_refuses_unknown_strategies(tmp_path, capsys):

@@ -58,3 +58,29 @@ def test_metrics_log_starts_afresh_and_a_resume_drops_what_it_replays(tmp_path):
     resumed.resumed("ckpt", "task 2/2", 10)  # steps 11.. are trained again
     resumed.start("task 2/2", 10, 0)
     assert [line["global_step"] for line in read()] == [5, 10, 10]
+
+
+def test_compare_figures_have_a_panel_per_measure_and_a_line_or_point_per_strategy(tmp_path):
+    from experiments.figures import accuracy_curve_figure, cost_accuracy_figure
+    runs = {"lightcl": [_run(TIL, CIL), _run(TIL, CIL)], "finetune": [_run(TIL, CIL)]}
+    fig = accuracy_curve_figure(runs, "digits")
+    assert [ax.get_title() for ax in fig.axes] == ["TIL (mean ± std over seeds)",
+                                                   "CIL (mean ± std over seeds)"]
+    til_ax = fig.axes[0]
+    assert [line.get_label() for line in til_ax.get_lines()] == ["lightcl", "finetune"]
+    # After task 2 the TIL average over seen tasks is mean(98, 96) = 97.
+    np.testing.assert_allclose(til_ax.get_lines()[0].get_ydata(), [100.0, 97.0, 95.0 + 1 / 3])
+    save_figure(fig, str(tmp_path / "curve.png"))
+    rows = [{"strategy": "lightcl", "cil_mean": 50.0, "cil_std": 1.0, "til_mean": 93.0,
+             "til_std": 0.5, "step_mb": 9.2, "train_flops": 6.4e10},
+            {"strategy": "finetune", "cil_mean": 47.0, "cil_std": 2.0, "til_mean": 96.0,
+             "til_std": 1.0, "step_mb": 10.9, "train_flops": 1.2e11}]
+    fig = cost_accuracy_figure(rows, "digits")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["final CIL against largest train step, XLA MB",
+                      "final CIL against whole-run train FLOPs",
+                      "final TIL against largest train step, XLA MB",
+                      "final TIL against whole-run train FLOPs"]
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["finetune", "lightcl"]
+    path = save_figure(fig, str(tmp_path / "cost.png"))
+    assert open(path, "rb").read()[:4] == b"\x89PNG"

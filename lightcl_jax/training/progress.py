@@ -81,11 +81,15 @@ class MetricsLog(Progress):
 
     def __init__(self, path: str, **extra):
         self.path, self.extra, self.began = path, extra, False
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def _open(self, mode: str):
+        # Only once the run trains: a run refused before that leaves no file or folder.
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        return open(self.path, mode)
 
     def start(self, name, total, done=0):
         if not self.began:  # not resumed: lines already there are another run's
-            open(self.path, "w").close()
+            self._open("w").close()
             self.began = True
 
     def resumed(self, checkpoint, where, global_step=None):
@@ -102,5 +106,5 @@ class MetricsLog(Progress):
 
     def record(self, kind, values):
         line = {"kind": kind, **values, **(self.extra if kind == "epoch" else {})}
-        with open(self.path, "a") as f:
+        with self._open("a") as f:
             f.write(json.dumps(line) + "\n")
