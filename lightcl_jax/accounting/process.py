@@ -33,13 +33,8 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     before importing JAX. Returns whether it applied (False where the C library is not
     glibc: it changes nothing there).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return mallopt(_M_ARENA_MAX, arenas) == 1
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and mallopt(_M_ARENA_MAX, arenas) == 1
 
 
 def release_free_memory() -> bool:
@@ -53,11 +48,18 @@ def release_free_memory() -> bool:
     few milliseconds; changes no result. Returns whether it applied (False
     where the C library is not glibc).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    trim = _glibc("malloc_trim")
+    if trim is None:
         return False
     trim(0)
     return True
+
+
+def _glibc(name: str):
+    """The C library's function ``name`` where it is glibc's (on Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
