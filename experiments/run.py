@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lwf-alpha", type=float, default=d.lwf_alpha, help="LwF distillation weight")
     p.add_argument("--lwf-temperature", type=float, default=d.lwf_temperature,
                    help="LwF distillation temperature")
+    _add_run_flags(p)
+    return p
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of where and how the run goes, not what it computes."""
     p.add_argument("--workdir", default=None,
                    help="where results.json and checkpoints/ go (default: "
                         "runs/<dataset>-<strategy>-seed<seed>); rerunning the same command with "
@@ -105,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split each batch over the first N visible devices (data parallel; "
                         "default: all of them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log each epoch and task as TensorBoard scalars in "
+                        "<workdir>/tensorboard (tensorboard --logdir runs/)")
 
 
 def format_table(results: dict) -> str:
@@ -210,6 +219,9 @@ def main(argv=None) -> int:
     if args.ckpt_every < 0:
         parser.error(f"--ckpt-every must be >= 0 (0: checkpoint only after each task); "
                      f"got {args.ckpt_every}")
+    if args.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        parser.error("--tensorboard writes with tensorboardX, which is not installed: "
+                     "pip install tensorboardX")
     seeds = (f"seed{args.seed}" if args.seeds == 1
              else f"seeds{args.seed}-{args.seed + args.seeds - 1}")
     workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{args.strategy}-{seeds}")
@@ -220,7 +232,7 @@ def main(argv=None) -> int:
     from lightcl_jax.training.checkpoint import RunCheckpoints
     from lightcl_jax.training.epochs import DivergenceError
     from lightcl_jax.training.loop import train_and_evaluate
-    from lightcl_jax.training.progress import Fanout, MetricsLog
+    from lightcl_jax.training.progress import Fanout, MetricsLog, TensorBoardLog
 
     try:
         run, backbone = prepare_run(config, args)
@@ -237,9 +249,11 @@ def main(argv=None) -> int:
                 print(format_table(finished))
                 print(f"{path} already holds this run's results; pass --overwrite to run it again")
                 return 0
-        log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), lr=config.lr)
-        results = train_and_evaluate(run, checkpoints=checkpoints,
-                                     progress=Fanout(Bars(not args.no_progress), log))
+        sinks = [Bars(not args.no_progress),
+                 MetricsLog(os.path.join(workdir, "metrics.jsonl"), lr=config.lr)]
+        if args.tensorboard:
+            sinks.append(TensorBoardLog(os.path.join(workdir, "tensorboard"), lr=config.lr))
+        results = train_and_evaluate(run, checkpoints=checkpoints, progress=Fanout(*sinks))
     except DivergenceError as err:
         latest = checkpoints.latest()
         kept = (f"; the last good checkpoint is {checkpoints.path(*latest)}" if latest

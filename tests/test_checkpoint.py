@@ -367,7 +367,8 @@ def test_sigkill_mid_task_then_rerun_writes_the_clean_results(tmp_path, finished
     The clean reference is ``finished_workdir``: the same flags, run uninterrupted
     (with the default checkpoint interval, which changes no number).
     """
-    args = [sys.executable, "-m", "experiments.run", *CLI_TINY, "--ckpt-every", "5"]
+    args = [sys.executable, "-m", "experiments.run", *CLI_TINY, "--ckpt-every", "5",
+            "--tensorboard"]
     env = dict(os.environ)  # with conftest's XLA flags and compilation cache
     killed_dir = tmp_path / "killed"
     # Mid-task checkpoints come at steps 5, 15, 25, 35 and 45; kill after one from task 1 on.
@@ -400,6 +401,19 @@ def test_sigkill_mid_task_then_rerun_writes_the_clean_results(tmp_path, finished
     lines, clean = _metrics(killed_dir), _metrics(finished_workdir)
     assert [(x["kind"], x["task"]) for x in lines] == [(x["kind"], x["task"]) for x in clean]
     assert [x for x in lines if x["kind"] == "task"] == [x for x in clean if x["kind"] == "task"]
+    # TensorBoard's own reader sees each epoch and task once too (the resumed process's
+    # file marks the checkpoint's step: what the killed one logged after it is dropped).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(killed_dir / "tensorboard"))
+    events.Reload()
+    epoch_steps = [x["global_step"] for x in clean if x["kind"] == "epoch"]
+    assert [e.step for e in events.Scalars("train/ce")] == epoch_steps
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([0.01] * 5)
+    cil = events.Scalars("accuracy/cil")
+    tasks = [x for x in clean if x["kind"] == "task"]
+    assert [e.step for e in cil] == [x["global_step"] for x in tasks]
+    assert [e.value for e in cil] == pytest.approx([x["cil"] for x in tasks])
+    assert [e.step for e in events.Scalars("accuracy_til/task0")] == epoch_steps
     np.testing.assert_array_equal(got["acc_cil"][-1], want["acc_cil"][-1])
     # The real command prints the tables and the averages it wrote.
     assert "TIL accuracy" in resumed.stdout and "CIL accuracy" in resumed.stdout

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 
 class Progress:
     """Receives a run's progress: one unit (a task, an epoch) at a time.
@@ -108,3 +110,68 @@ class MetricsLog(Progress):
         line = {"kind": kind, **values, **(self.extra if kind == "epoch" else {})}
         with self._open("a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+class TensorBoardLog(Progress):
+    """Writes each `Progress.record` as TensorBoard scalars under ``logdir`` (tensorboardX).
+
+    Epochs: ``train/<term>`` for every loss term, ``train/step_time_s``,
+    ``train/examples_per_s`` and ``extra`` (e.g. ``train/lr``); tasks:
+    ``accuracy/til`` and ``accuracy/cil`` (the average over seen tasks) and
+    ``accuracy_til/task<j>``, ``accuracy_cil/task<j>`` (the mean over seeds
+    with several); all at the run's global step. Each record is on disk when
+    `record` returns (tensorboardX's synchronous `EventsWriter`: its
+    `SummaryWriter` queues events for a thread, and a killed run would lose
+    the last ones). A fresh run removes the event files already in ``logdir``;
+    a resumed one starts its file with TensorBoard's restart marker at its
+    checkpoint's step, so that TensorBoard drops what the run trains again.
+    Needs ``pip install tensorboardX``; view with ``tensorboard --logdir``.
+    """
+
+    def __init__(self, logdir: str, **extra):
+        from tensorboardX.event_file_writer import EventsWriter  # noqa: F401  (fail early)
+        self.logdir, self.extra, self.writer = logdir, extra, None
+
+    def _open(self, purge_step=None) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        os.makedirs(self.logdir, exist_ok=True)
+        # The pid keeps two processes of one run (killed, resumed) in separate files.
+        self.writer = EventsWriter(os.path.join(self.logdir, "events"), f".{os.getpid()}")
+        if purge_step is not None:
+            self.writer.write_event(Event(step=purge_step,
+                                          session_log=SessionLog(status=SessionLog.START)))
+            self.writer.flush()
+
+    def resumed(self, checkpoint, where, global_step=None):
+        self._open(None if global_step is None else global_step + 1)
+
+    def start(self, name, total, done=0):
+        if self.writer is None:
+            if os.path.isdir(self.logdir):
+                for entry in os.listdir(self.logdir):
+                    if entry.startswith("events.out.tfevents."):
+                        os.remove(os.path.join(self.logdir, entry))
+            self._open()
+
+    def record(self, kind, values):
+        import time
+
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+        scalars = {}
+        if kind == "epoch":
+            skip = {"task", "epoch", "global_step", "steps", "seconds"}
+            scalars = {f"train/{k}": v for k, v in {**values, **self.extra}.items()
+                       if k not in skip}
+        elif kind == "task":
+            for name in ("til", "cil"):
+                scalars[f"accuracy/{name}"] = values[name]
+                row = values[f"{name}_row"]
+                per_task = np.mean(row, axis=0) if np.ndim(row) == 2 else row
+                scalars.update({f"accuracy_{name}/task{j}": float(a)
+                                for j, a in enumerate(per_task)})
+        for tag, value in scalars.items():
+            self.writer.write_event(Event(wall_time=time.time(), step=values["global_step"],
+                                          summary=scalar(tag, float(value))))
+        self.writer.flush()
