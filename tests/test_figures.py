@@ -72,14 +72,14 @@ def test_compare_figures_have_a_panel_per_measure_and_a_line_or_point_per_strate
     np.testing.assert_allclose(til_ax.get_lines()[0].get_ydata(), [100.0, 97.0, 95.0 + 1 / 3])
     save_figure(fig, str(tmp_path / "curve.png"))
     rows = [{"strategy": "lightcl", "cil_mean": 50.0, "cil_std": 1.0, "til_mean": 93.0,
-             "til_std": 0.5, "step_mb": 9.2, "train_flops": 6.4e10},
+             "til_std": 0.5, "step_mb_later": 9.2, "train_flops": 6.4e10},
             {"strategy": "finetune", "cil_mean": 47.0, "cil_std": 2.0, "til_mean": 96.0,
-             "til_std": 1.0, "step_mb": 10.9, "train_flops": 1.2e11}]
+             "til_std": 1.0, "step_mb_later": 10.9, "train_flops": 1.2e11}]
     fig = cost_accuracy_figure(rows, "digits")
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["final CIL against largest train step, XLA MB",
+    assert titles == ["final CIL against train step from task 1 on, XLA MB",
                       "final CIL against whole-run train FLOPs",
-                      "final TIL against largest train step, XLA MB",
+                      "final TIL against train step from task 1 on, XLA MB",
                       "final TIL against whole-run train FLOPs"]
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["finetune", "lightcl"]
     path = save_figure(fig, str(tmp_path / "cost.png"))
