@@ -30,8 +30,6 @@ from lightcl_jax.accounting.xla import compiled_cost
 
 _PEAK = re.compile(r"^\s*Live ranges at (\d+) \(peak\):\s*$")
 _LIVE = re.compile(r"^\s+(\S+?)\{[\d,]*\}: (\d+) bytes")
-_RANGE = re.compile(r"^\s+(\S+?)\{[\d,]*\}:(\d+)-(\d+)\s*$")
-_MAX = re.compile(r"^HloLiveRange \(max (\d+)\)")
 _INSTR = re.compile(r"^\s+(ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*)$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _ALIAS = re.compile(r"\{(\d+)\}: \((\d+), \{\}")
@@ -45,7 +43,7 @@ class LiveValue:
     ``parameter`` is the entry parameter the value holds, if any: the argument
     itself (``role`` "argument"), a copy XLA made of it ("copy of argument"),
     or the output written back into its donated buffer ("output into
-    argument"); other values are "computed". ``live_out``: returned by the step.
+    argument"); other values are "computed".
     """
     name: str
     bytes: int
@@ -54,7 +52,6 @@ class LiveValue:
     op_name: str
     parameter: str | None
     role: str
-    live_out: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,11 +131,9 @@ def parse_dump(folder: str, step_bytes: int) -> PeakLiveSet:
                   if out < len(root) and p in params}
     updated = {param: instrs[param]["shape"] for out, param in into_param.items()
                if out != param}
-    last = _MAX.search(live_text)
-    ends = {m.group(1): int(m.group(3)) for m in map(_RANGE.match, live_text.splitlines()) if m}
     lines = live_text.splitlines()
     starts = [i for i, line in enumerate(lines) if _PEAK.match(line)]
-    if not starts or last is None:
+    if not starts:
         raise ValueError(f"no peak live set in the XLA dump in {folder}: its format changed?")
     time = int(_PEAK.match(lines[starts[0]]).group(1))
     values = []
@@ -158,8 +153,7 @@ def parse_dump(folder: str, step_bytes: int) -> PeakLiveSet:
             parameter, role = into_param[name], "output into argument"
         values.append(LiveValue(name=name, bytes=size, opcode=instr["opcode"],
                                 shape=instr["shape"], op_name=instr["op_name"],
-                                parameter=parameter, role=role,
-                                live_out=ends.get(name) == int(last.group(1))))
+                                parameter=parameter, role=role))
     return PeakLiveSet(time=time, values=tuple(values), step_bytes=step_bytes, updated=updated)
 
 
