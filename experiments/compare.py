@@ -1,29 +1,37 @@
 """Strategies x seeds on one stream, tabulated like Table 1 of the LightCL paper.
 
     python -m experiments.compare --dataset digits --seeds 3
-    python -m experiments.compare --dataset cifar10 --data-dir DIR --seeds 5   # needs the data
+    python -m experiments.compare --config split_cifar10 --init-from BACKBONE --data-dir DIR
 
 Runs every strategy (default: all registered) for seeds --seed .. --seed+N-1
-on the same stream, model and settings, and writes into the workdir:
+on the same stream, model and settings. Each strategy's seeds train together
+in one compiled program (`lightcl_jax.training.lanes`; ``--one-by-one``
+trains them one after another instead). ``--config`` takes a paper
+configuration (or a ``.py`` file with FLAGS, as ``experiments.run``): its
+values are the defaults of every strategy (its ``strategy`` excepted), and
+flags given here win; ``--init-from`` starts every strategy from the same
+pre-trained backbone, as Table 1 did. Writes into the workdir:
   * ``table.md`` and ``table.csv``: one row per strategy (named as --strategy
     names it): CIL and TIL final average accuracy as mean +/- std over seeds,
-    CIL and TIL forgetting (mean), whole-run training FLOPs, the largest
-    train step's bytes and those of the step of tasks >= 1 (all from XLA's
-    analysis of the compiled steps: arguments + temporaries + outputs not
-    aliased), and the mean wall time of a run. The cost columns count train
-    steps only, not the work at task boundaries (EWC's Fisher pass, LightCL's
-    reference and vital-channel forwards, LwF's copy);
-  * ``<strategy>-seed<k>.json``: each run's full results;
+    CIL and TIL forgetting (mean), one run's training FLOPs, one run's largest
+    train step's bytes and those of its step of tasks >= 1 (all from XLA's
+    analysis of one seed's compiled steps, `one_run_cost`: arguments +
+    temporaries + outputs not aliased), and the wall time of all of the strategy's seeds. The cost
+    columns count train steps only, not the work at task boundaries (EWC's
+    Fisher pass, LightCL's reference and vital-channel forwards, LwF's copy);
+  * ``<strategy>-seed<k>.json``: each seed's results;
   * ``accuracy_curve.png`` and ``cost_vs_accuracy.png`` (`experiments.figures`).
-Exit codes: 0 done, 2 bad flag value or data, 1 a run diverged.
+Exit codes: 0 done, 2 bad flag value, config, backbone or data, 1 a run diverged.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -34,44 +42,116 @@ from lightcl_jax.data.streams import DATASETS
 from lightcl_jax.registry import STRATEGIES
 
 # Table 1's order, then anything registered later.
-ORDER = ("joint", "finetune", "ewc", "lwf", "er", "derpp", "lightcl")
+ORDER = ("joint", "finetune", "ewc", "lwf", "er", "agem", "derpp", "lightcl")
 COLUMNS = ("strategy", "buffer", "cil_mean", "cil_std", "til_mean", "til_std", "forgetting_cil",
            "forgetting_til", "train_flops", "step_mb", "step_mb_later", "wall_time_s")
+# The flags of this script that set a `Config` field; None: not given.
+CONFIG_FLAGS = ("dataset", "data_dir", "num_tasks", "epochs", "nf", "batch_size", "buffer_size")
+DEFAULT_SEEDS = 3
 
 
 def build_parser():
-    d = Config()
     p = Parser(prog="python -m experiments.compare", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default=d.dataset, choices=DATASETS)
+    p.add_argument("--config", default=None, metavar="NAME",
+                   help="a paper configuration (split_cifar10, split_tinyimagenet) or a .py file "
+                        "defining FLAGS: the defaults of every strategy; flags here override")
+    p.add_argument("--init-from", default=None, metavar="BACKBONE",
+                   help="start every strategy from this pre-trained backbone (a directory of "
+                        "experiments.pretrain or experiments.convert_torch); --nf defaults to its")
+    p.add_argument("--dataset", default=None, choices=DATASETS,
+                   help=f"default: the config's, or {Config().dataset}")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--num-tasks", type=int, default=None)
     p.add_argument("--strategies", default=None,
                    help="comma-separated (default: " + ",".join(ORDER) + ")")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"number of seeds (default: the config's, or {DEFAULT_SEEDS})")
     p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--one-by-one", action="store_true",
+                   help="train a strategy's seeds one after another, not in one program")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--nf", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--buffer-size", type=int, default=d.buffer_size)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--buffer-size", type=int, default=None)
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="split each batch over the first N visible devices (default: all)")
     p.add_argument("--workdir", default=None, help="default: runs/compare-<dataset>")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def run_cost(results: dict) -> dict:
-    """Whole-run training FLOPs and train-step bytes from a run's ``resources`` (XLA).
+def strategy_configs(parser, args, names: list[str]) -> tuple[dict[str, Config], int]:
+    """(strategy -> its `Config`, number of seeds) of the flags and ``--config``."""
+    base = {}
+    if args.config is not None:
+        from experiments.configs import load_config
+        try:
+            base = dict(load_config(args.config).FLAGS)
+        except ValueError as err:
+            parser.error(str(err))
+    seeds = args.seeds if args.seeds is not None else base.pop("seeds", DEFAULT_SEEDS)
+    base.pop("seeds", None)
+    base.pop("strategy", None)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(base) - fields)
+    if unknown:
+        parser.error(f"config {args.config} sets {unknown}, which experiments.compare cannot "
+                     f"apply; it takes Config fields and seeds: {', '.join(sorted(fields))}")
+    given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        parser.error(f"--seeds must be an integer >= 1; got {seeds!r}")
+    configs = {}
+    try:
+        for name in names:
+            configs[name] = Config(**{**base, **given, "strategy": name, "seed": args.seed})
+            configs[name].validate()
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    return configs, seeds
 
-    ``step_bytes`` is the largest compiled train step of the run, ``step_bytes_later``
-    the step of the phase that trained the last task (LightCL: frozen + regulation).
+
+def load_start(parser, args, configs: dict[str, Config]):
+    """The backbone's (variables, meta), (None, None) without ``--init-from``; sets each
+    config's nf to the backbone's."""
+    if args.init_from is None:
+        return None, None
+    from lightcl_jax.model.backbone import load_backbone
+    try:
+        variables, meta = load_backbone(args.init_from)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.nf is not None and args.nf != meta["nf"]:
+        parser.error(f"--nf {args.nf} differs from the backbone's nf={meta['nf']} "
+                     f"({args.init_from}); leave --nf out to use it")
+    for name, config in configs.items():
+        configs[name] = dataclasses.replace(config, nf=meta["nf"])
+    return variables, meta
+
+
+def one_run_cost(config: Config, stream, results: dict, pretrained: bool) -> dict:
+    """One seed's whole-run training FLOPs and train-step bytes, from XLA.
+
+    Each phase's train step is compiled here for one seed (a program of N
+    seeds holds N of everything, and vmapped kernels count differently), and
+    its FLOPs are multiplied by the steps the run took in that phase.
+    ``step_bytes`` is the largest step, ``step_bytes_later`` the step of the
+    phase that trained the last task (LightCL: frozen + regulation).
     """
-    resources = results["resources"]
-    last = max(resources["train_steps"], key=lambda s: max(s["tasks"]))
-    return {"train_flops": resources["train_flops"],
-            "step_bytes": resources["peak_train_step_bytes"],
-            "step_bytes_later": last["step_bytes"]}
+    from lightcl_jax.accounting.compiled import compiled_train_step_cost
+    flops, steps = 0.0, []
+    for phase in results["resources"]["train_steps"]:
+        cost = compiled_train_step_cost(config, stream.image_shape, stream.num_classes,
+                                        stream.classes_per_task, task_index=phase["tasks"][0],
+                                        pretrained=pretrained, quick=True)
+        flops += phase["steps"] * cost["flops"]
+        steps.append((max(phase["tasks"]), cost["step_bytes"]))
+    return {"train_flops": flops, "step_bytes": max(b for _, b in steps),
+            "step_bytes_later": max(steps)[1]}
 
 
-def summarize(name: str, runs: list[dict], cost: dict, buffer: int | None) -> dict:
+def summarize(name: str, runs: list[dict], cost: dict, buffer: int | None,
+              wall_time_s: float) -> dict:
+    """A table row: ``runs`` are the seeds' results, ``wall_time_s`` that of all of them."""
     cil = np.array([r["avg_cil"] for r in runs])
     til = np.array([r["avg_til"] for r in runs])
     return {
@@ -84,14 +164,14 @@ def summarize(name: str, runs: list[dict], cost: dict, buffer: int | None) -> di
         "train_flops": cost["train_flops"],
         "step_mb": cost["step_bytes"] / 2 ** 20,
         "step_mb_later": cost["step_bytes_later"] / 2 ** 20,
-        "wall_time_s": float(np.mean([r["wall_time_s"] for r in runs])),
+        "wall_time_s": float(wall_time_s),
     }
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
              "| Method | Buffer | CIL (%) | TIL (%) | Forgetting CIL | Forgetting TIL "
-             "| Train FLOPs | Peak step MB | Step MB, task >= 1 | Wall s |",
+             "| Train FLOPs | Peak step MB | Step MB, task >= 1 | Wall s, all seeds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
@@ -119,6 +199,35 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def train_seeds(config: Config, stream, variables, seeds: int, args) -> tuple[list[dict], dict]:
+    """(each seed's results, the results a run's cost is read from) of one strategy.
+
+    Raises:
+      DivergenceError: a seed diverged.
+    """
+    from lightcl_jax.training.loop import train_and_evaluate
+    from lightcl_jax.training.setup import setup_run
+
+    progress = Bars(not args.no_progress)
+    if not args.one_by_one:
+        run = setup_run(config, stream, init_variables=variables, devices=args.devices,
+                        seeds=seeds)
+        results = train_and_evaluate(run, progress=progress)
+        if seeds == 1:
+            return [results], results
+        common = {k: results[k] for k in ("strategy", "dataset", "num_tasks", "eval_split",
+                                          "pretrained", "config", "phases")}
+        runs = [{**common, **seed, "trained_with_seeds": [r["seed"] for r in results["seeds"]]}
+                for seed in results["seeds"]]
+        return runs, results
+    runs = []
+    for seed in range(config.seed, config.seed + seeds):
+        run = setup_run(dataclasses.replace(config, seed=seed), stream, init_variables=variables,
+                        devices=args.devices)
+        runs.append(train_and_evaluate(run, progress=progress))
+    return runs, runs[0]
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -127,57 +236,59 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
         parser.error(f"unknown strategies {unknown}; known: {', '.join(sorted(STRATEGIES))}")
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1; got {args.seeds}")
-    configs = {}
-    try:
-        for name in names:
-            configs[name] = Config(strategy=name, dataset=args.dataset, data_dir=args.data_dir,
-                                   num_tasks=args.num_tasks, epochs=args.epochs, nf=args.nf,
-                                   batch_size=args.batch_size,
-                                   buffer_size=args.buffer_size).resolved()
-    except ValueError as err:
-        parser.error(str(err))
-    workdir = args.workdir or os.path.join("runs", f"compare-{args.dataset}")
+    configs, seeds = strategy_configs(parser, args, names)
+    variables, meta = load_start(parser, args, configs)
+    first = next(iter(configs.values())).resolved()
+    workdir = args.workdir or os.path.join("runs", f"compare-{first.dataset}")
 
     from lightcl_jax.data.streams import make_stream, validate_stream
     from lightcl_jax.training.epochs import DivergenceError
-    from lightcl_jax.training.loop import train_and_evaluate
 
-    first = next(iter(configs.values()))
     try:
         stream = make_stream(first.dataset, data_dir=first.data_dir, num_tasks=first.num_tasks,
                              eval_split=first.eval_split)
         for config in configs.values():
-            validate_stream(stream, config.batch_size)
+            validate_stream(stream, config.resolved().batch_size)
     except ValueError as err:
         parser.error(str(err))
+    if meta is not None and meta["in_channels"] != stream.image_shape[-1]:
+        parser.error(f"the backbone {args.init_from} takes {meta['in_channels']}-channel "
+                     f"images; {first.dataset} has {stream.image_shape[-1]}")
 
     os.makedirs(workdir, exist_ok=True)
     rows, all_runs = [], {}
-    seeds = range(args.seed, args.seed + args.seeds)
     for name in names:
-        runs = []
-        for seed in seeds:
-            config = Config(**{**configs[name].to_dict(), "seed": seed})
-            print(f"[{name} seed {seed}]", file=sys.stderr, flush=True)
-            try:
-                results = train_and_evaluate(
-                    config, stream, progress=Bars(not args.no_progress))
-            except DivergenceError as err:
-                print(f"{parser.prog}: error: {name} seed {seed}: {err}", file=sys.stderr)
-                return 1
-            write_json_atomic(os.path.join(workdir, f"{name}-seed{seed}.json"), results)
-            runs.append(results)
+        print(f"[{name}: seeds {args.seed}..{args.seed + seeds - 1}"
+              f"{' one by one' if args.one_by_one else ' in one program'}]",
+              file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            runs, costed = train_seeds(configs[name], stream, variables, seeds, args)
+        except DivergenceError as err:
+            print(f"{parser.prog}: error: {name}: {err}", file=sys.stderr)
+            return 1
+        except ValueError as err:
+            parser.error(f"{name}: {err}")
+        wall = time.perf_counter() - start
+        for results in runs:
+            write_json_atomic(os.path.join(workdir, f"{name}-seed{results['seed']}.json"), results)
         all_runs[name] = runs
-        uses_buffer = name in ("er", "derpp", "lightcl")
-        rows.append(summarize(name, runs, run_cost(runs[0]),
-                              configs[name].buffer_size if uses_buffer else None))
+        uses_buffer = name in ("er", "agem", "derpp", "lightcl")
+        cost = one_run_cost(configs[name], stream, costed, variables is not None)
+        rows.append(summarize(name, runs, cost,
+                              configs[name].buffer_size if uses_buffer else None, wall))
+    write_outputs(workdir, stream, first, rows, all_runs, seeds, args)
+    return 0
 
-    c = first
-    header = (f"{stream.name}: {stream.num_tasks} tasks, ResNet-18 nf={c.nf}, {c.epochs} epochs "
-              f"per task, batch {c.batch_size}, lr {c.lr}, seeds {seeds.start}..{seeds.stop - 1}, "
-              f"eval split {stream.eval_split}; mean ± std over seeds (forgetting: mean)")
+
+def write_outputs(workdir, stream, c: Config, rows, all_runs, seeds: int, args) -> None:
+    """table.md, table.csv and the two figures, printed and written into ``workdir``."""
+    how = "one after another" if args.one_by_one else "trained together"
+    start = "from " + args.init_from if args.init_from else "from scratch"
+    header = (f"{stream.name}: {stream.num_tasks} tasks, ResNet-18 nf={c.nf} {start}, "
+              f"{c.epochs} epochs per task, batch {c.batch_size}, lr {c.lr}, seeds "
+              f"{args.seed}..{args.seed + seeds - 1} ({how}), eval split {stream.eval_split}; "
+              "mean ± std over seeds (forgetting: mean)")
     markdown = to_markdown(rows, header)
     _write_text(os.path.join(workdir, "table.md"), markdown)
     _write_text(os.path.join(workdir, "table.csv"), to_csv(rows))
@@ -189,7 +300,6 @@ def main(argv=None) -> int:
                         os.path.join(workdir, "cost_vs_accuracy.png"))
     print(f"written: {os.path.join(workdir, 'table.md')}, {os.path.join(workdir, 'table.csv')}, "
           f"{curve}, {costs}")
-    return 0
 
 
 if __name__ == "__main__":
