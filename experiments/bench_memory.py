@@ -36,7 +36,7 @@ SETTING = dict(nf=64, image_size=32, channels=3, num_classes=10, classes_per_tas
 # reference's way (pruned weights held at zero in dense layers), ``lightcl_compact`` the
 # same pruned network as narrower layers.
 ROWS = {"finetune": ("finetune", None), "ewc": ("ewc", None), "er": ("er", None),
-        "derpp": ("derpp", None), "lightcl": ("lightcl", None),
+        "derpp": ("derpp", None), "agem": ("agem", None), "lightcl": ("lightcl", None),
         "lightcl_sparse": ("lightcl", "masked"), "lightcl_compact": ("lightcl", "compact")}
 MIB = 2 ** 20
 
@@ -105,7 +105,8 @@ def measure(steps: int, warmup: int, rows: list[str], torch_threads: int | None)
         times = time_steps(config, shape, SETTING["num_classes"], SETTING["classes_per_task"],
                            steps, task_index=1, warmup=warmup, pretrained=True)
         theory = theoretical_cost(strategy, sparse=sparse, **PAPER_SETTINGS["cifar10"])
-        paper = PAPER_TABLE1["cifar10"]["lightcl_sparse" if sparse else name]
+        paper = PAPER_TABLE1["cifar10"].get("lightcl_sparse" if sparse else name,
+                                            {"mem_mb": None, "train_flops": None})  # A-GEM
         first = compiled_train_step_cost(config, shape, SETTING["num_classes"],
                                          SETTING["classes_per_task"], task_index=0,
                                          pretrained=True, quick=True)
@@ -157,11 +158,13 @@ def report(out: dict) -> str:
              f"{'strategy':<15}{'XLA MB':>9}{'GFLOP':>9}{'step s':>9}{'theory MB':>11}"
              f"{'paper MB':>10}{'XLA run FLOPs':>15}{'theory FLOPs':>14}{'paper FLOPs':>13}"]
     for name, r in out["strategies"].items():
+        paper_mb, paper_flops = (("-", "-") if r["paper_mem_mb"] is None else
+                                 (f"{r['paper_mem_mb']:.1f}", f"{r['paper_train_flops']:.3g}"))
         lines.append(f"{name:<15}{r['xla_train_bytes'] / MIB:9.1f}"
                      f"{r['train_step_flops'] / 1e9:9.2f}{r['step_time_s']:9.3f}"
-                     f"{r['theory_mem_mb']:11.1f}{r['paper_mem_mb']:10.1f}"
+                     f"{r['theory_mem_mb']:11.1f}{paper_mb:>10}"
                      f"{r['xla_run_flops']:15.3g}{r['theory_train_flops']:14.3g}"
-                     f"{r['paper_train_flops']:13.3g}")
+                     f"{paper_flops:>13}")
     if "lightcl_over_finetune" in out:
         ratio = out["lightcl_over_finetune"]
         lines += ["", f"lightcl / finetune: XLA bytes {ratio['xla_train_bytes']:.2f}x, "

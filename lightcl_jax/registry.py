@@ -87,6 +87,7 @@ STRATEGIES = Registry("strategy", {
     "lwf": "lightcl_jax.strategies.regularization:LearningWithoutForgetting",
     "er": "lightcl_jax.strategies.replay:ExperienceReplay",
     "derpp": "lightcl_jax.strategies.replay:DERPlusPlus",
+    "agem": "lightcl_jax.strategies.agem:AGEM",
 }, make=_instance)
 
 SIMILARITIES = Registry("similarity", {

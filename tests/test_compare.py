@@ -54,9 +54,9 @@ def test_compare_writes_both_tables(tmp_path):
 def test_compare_refuses_unknown_strategies(tmp_path, capsys):
     import pytest
     with pytest.raises(SystemExit) as exit_info:
-        compare.main(["--strategies", "finetune,agem", "--workdir", str(tmp_path)])
+        compare.main(["--strategies", "finetune,gem", "--workdir", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "unknown strategies ['agem']" in capsys.readouterr().err
+    assert "unknown strategies ['gem']" in capsys.readouterr().err
 
 
 def test_compare_from_one_backbone_with_a_paper_config(tmp_path):

@@ -170,6 +170,7 @@ def test_each_strategy_runs_end_to_end(strategy):
     assert all(0.0 <= v <= 100.0 for row in results["acc_cil"] for v in row)
     memory_flags = [p["memory"] for p in results["phases"]]
     expected = {"finetune": [False] * 3, "joint": [False] * 3, "er": [True] * 3,
+                "agem": [False, True, True],
                 "derpp": [True] * 3}.get(strategy, [False, True, True])
     assert memory_flags == expected
 
@@ -198,3 +199,111 @@ def test_build_md_strategy_example_registers_and_trains(monkeypatch):
         assert results["phases"][1]["memory"] is True
     finally:
         STRATEGIES.pop("l2", None)
+
+
+def _np_agem(g, r, keep):
+    """A-GEM's projection in NumPy over lists of arrays; ``keep``: which enter the dots."""
+    dot = sum(float(np.sum(a * b)) for a, b, k in zip(g, r, keep) if k)
+    norm = sum(float(np.sum(b * b)) for b, k in zip(r, keep) if k)
+    if dot >= 0 or norm == 0:
+        return g, 0.0
+    return [a - dot / norm * b if k else a for a, b, k in zip(g, r, keep)], 1.0
+
+
+@pytest.mark.parametrize("case", ["conflict", "agree", "empty memory"])
+def test_agem_projection_matches_numpy(case):
+    from lightcl_jax.strategies.agem import project_gradient
+    rng = np.random.default_rng(5)
+    shapes = {"a": (3, 4), "b": (5,), "frozen": (2, 2)}
+    g = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    r = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    keep = {"a": True, "b": True, "frozen": False}
+    # Make the trainable parts conflict (negative dot) or agree, as the case says.
+    dot = sum(np.sum(g[k] * r[k]) for k in ("a", "b"))
+    if (case == "conflict") != (dot < 0):
+        r = {k: -v if keep[k] else v for k, v in r.items()}
+    if case == "empty memory":
+        r = {k: np.zeros_like(v) for k, v in r.items()}
+    names = sorted(shapes)
+    expected, was = _np_agem([g[k] for k in names], [r[k] for k in names],
+                             [keep[k] for k in names])
+    got, projected = project_gradient(jax.tree_util.tree_map(jnp.asarray, g),
+                                      jax.tree_util.tree_map(jnp.asarray, r), keep)
+    assert float(projected) == was == (1.0 if case == "conflict" else 0.0)
+    for k, e in zip(names, expected):
+        np.testing.assert_allclose(np.asarray(got[k]), e, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got["frozen"]), g["frozen"])
+    if case == "conflict":  # the projected gradient no longer opposes the memory's
+        assert abs(sum(float(np.sum(np.asarray(got[k]) * r[k])) for k in ("a", "b"))) < 1e-4
+
+
+def test_agem_step_applies_the_projected_gradient():
+    """One A-GEM train step against the same step done by hand: the batch's gradient and the
+    memory's (each from its own jax.grad, BatchNorm chained batch -> memory), projected in
+    NumPy, times the learning rate."""
+    import optax
+    from lightcl_jax.model.resnet import ResNet18
+    from lightcl_jax.strategies.agem import AGEM
+    from lightcl_jax.training.forward import BatchStatsChain, make_forward
+    from lightcl_jax.training.state import create_train_state
+    from lightcl_jax.training.steps import Phase, make_train_step
+    config = dataclasses.replace(TINY, strategy="agem", buffer_size=6).resolved()
+    model = ResNet18(num_classes=4, nf=4)
+    state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0))
+    tx = optax.sgd(0.5)
+    state = state.replace(opt_state=tx.init(state.params))
+    rng = np.random.default_rng(6)
+    mem_x = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
+    memory = reservoir_add(empty_buffer(6, (8, 8, 1), num_classes=None, key=jax.random.PRNGKey(1)),
+                           mem_x, jnp.asarray([0, 1, 1, 0], jnp.int32))
+    x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(2, 4, size=16), jnp.int32)
+    phase = Phase(frozen=(), fixed_bn=(), uses_memory=True)
+    step = make_train_step(model, tx, AGEM(), config, phase, 2)
+    new, _, metrics = jax.jit(step)(state, memory, x, y, jnp.asarray(2, jnp.int32))
+
+    def loss(params, images, labels, valid, stats):
+        chain = BatchStatsChain(stats)
+        logits, _ = make_forward(model, chain, ())(params, images)
+        ce = task_cross_entropy(logits, labels, 2)
+        return jnp.sum(ce * valid) / jnp.sum(valid), chain.latest
+    (_, stats), g = jax.value_and_grad(loss, has_aux=True)(state.params, x, y, jnp.ones(16),
+                                                          state.batch_stats)
+    valid = (np.arange(6) < 4).astype(np.float32)
+    (ref_ce, stats), r = jax.value_and_grad(loss, has_aux=True)(
+        state.params, memory.x, memory.y, jnp.asarray(valid), stats)
+    leaves = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(g)]
+    expected, was = _np_agem(leaves, [np.asarray(v, np.float64)
+                                      for v in jax.tree_util.tree_leaves(r)], [True] * len(leaves))
+    assert float(metrics["projected"]) == was
+    np.testing.assert_allclose(float(metrics["memory_ce"]), float(ref_ce), rtol=1e-5)
+    for p0, p1, e in zip(jax.tree_util.tree_leaves(state.params),
+                         jax.tree_util.tree_leaves(new.params), expected):
+        np.testing.assert_allclose(np.asarray(p1), np.asarray(p0) - 0.5 * e, rtol=1e-4, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           new.batch_stats, stats)
+
+
+def test_agem_memory_holds_each_finished_tasks_share():
+    from lightcl_jax.strategies.agem import AGEM
+    config = dataclasses.replace(TINY, strategy="agem", buffer_size=7)   # 7 // 3 tasks = 2 a task
+    stream = _tiny_stream(num_tasks=3)
+    agem, memory = AGEM(), None
+    from lightcl_jax.model.resnet import ResNet18
+    from lightcl_jax.training.forward import make_eval_forward
+    from lightcl_jax.training.state import create_train_state
+    model = ResNet18(num_classes=6, nf=4)
+    state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0))
+    eval_forward = make_eval_forward(model)
+    kwargs = dict(config=config, forward=None, eval_forward=eval_forward, params=state.params,
+                  batch_stats=state.batch_stats, classes_per_task=2)
+    for t in range(2):
+        task = stream.tasks[t]
+        batch = (task.x_train[:16], task.y_train[:16])
+        memory = agem.begin_task(memory, task_index=t, batch=batch, **kwargs)
+        memory = agem.end_task(memory, task_index=t, batch=batch, **kwargs)
+        assert int(memory.num_seen) == 2 * (t + 1)
+    np.testing.assert_array_equal(np.asarray(memory.y[:4]),
+                                  np.concatenate([stream.tasks[0].y_train[:2],
+                                                  stream.tasks[1].y_train[:2]]))
+    np.testing.assert_array_equal(np.asarray(valid_mask(memory)), np.arange(7) < 4)

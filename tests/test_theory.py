@@ -110,6 +110,14 @@ def test_strategy_parts():
     assert lightcl["mem_breakdown_mb"]["stored_features"] == (taps + logits + masks) / 2 ** 20
     # Other strategies train everything whatever ``freeze`` says.
     assert _cost("er", "cifar10", freeze="stage1") == er
+    # A-GEM: ER's FLOPs (the buffer's forward and backward a step), finetune's activations
+    # (the two backward passes run one after the other), a second gradient and the images.
+    agem, parts = _cost("agem", "cifar10"), finetune["mem_breakdown_mb"]
+    assert agem["train_flops"] == er["train_flops"]
+    assert agem["mem_breakdown_mb"] == {**parts, "strategy_state": parts["gradients"],
+                                        "buffer": er["mem_breakdown_mb"]["buffer"]}
+    assert agem["mem_mb"] == pytest.approx(finetune["mem_mb"] + parts["gradients"]
+                                           + 15 * 3 * 32 * 32 * 4 / 2 ** 20)
 
 
 @pytest.mark.parametrize("freeze", ["stem", "stage1", "stage2", "stage3", "all-but-head"])
@@ -155,7 +163,7 @@ def test_sparse_lightcl_costs_less_than_dense(dataset):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(strategy="joint"), "unknown strategy 'joint'; known: finetune, ewc, er, derpp, "
-                             "lightcl, sgd"),
+                             "lightcl, agem, sgd"),
     (dict(freeze="stage5"), "unknown freeze point 'stage5'; known: none, stem"),
     (dict(strategy="er", sparse=True), "allowed with sparse: lightcl"),
     (dict(batch_size=0), "batch_size must be an integer >= 1; got 0"),

@@ -19,18 +19,23 @@ and LightCL's FLOPs to within 1.5%, on both datasets; `PAPER_TABLE1`, tests/test
 * Memory = weights (all parameters) + gradients (trainable ones) + optimizer state (0:
   plain SGD without momentum) + activations x samples that carry a gradient each step
   (finetune/EWC: batch; ER: batch + buffer; DER++: batch + 2 buffer, its two replayed
-  minibatches; LightCL: batch + buffer, its buffer goes through the net every step)
+  minibatches; LightCL: batch + buffer, its buffer goes through the net every step;
+  A-GEM: batch, its memory's forward and backward come after the batch's)
   + the buffer's images + what the strategy stores beside them (DER++: logits; LightCL:
   four reference taps, reference logits, vital masks) + strategy state (EWC: one
   parameter-sized Fisher; online EWC also keeps the anchor parameters, which the paper
-  did not count, so neither do we). Labels are not counted.
+  did not count, so neither do we; A-GEM: the memory's gradient, held beside the batch's
+  for the projection). Labels are not counted. A-GEM is not in the paper.
 * FLOPs: 1 MAC = 2 FLOPs; a sample trained costs its forward pass through the whole net
   plus a backward pass of twice the trainable layers' forward MACs. A run trains
   ``train_samples * epochs`` samples, times samples per step / batch for the replayed
   ones. EWC's Fisher and penalty are not counted, as in the paper. The paper counts
   LightCL's buffer in every task, task 0 included, where a real run has none yet
   (its buffer is built at the start of task 1); ``num_tasks`` adds
-  ``train_flops_no_task0_buffer`` without it. ER/DER++ replay from task 0 on.
+  ``train_flops_no_task0_buffer`` without it. ER/DER++ replay from task 0 on; A-GEM's
+  memory gradient (a forward and backward of the buffer a step, as ER's replay) is
+  counted in every task too, though task 0 has no memory yet (the projection's dot
+  products, 4 FLOPs a parameter, are not counted).
 
 LightCL's memory does not reproduce (`LIGHTCL_MEM_GAP`, computed at import): these
 conventions give 85.53 MB (CIFAR-10) and 118.87 MB (TinyImageNet) against the paper's 92.8
@@ -71,7 +76,7 @@ MIB = 2 ** 20
 FLOAT_BYTES = 4
 MASK_BYTES = 1
 
-STRATEGIES = ("finetune", "ewc", "er", "derpp", "lightcl")
+STRATEGIES = ("finetune", "ewc", "er", "derpp", "lightcl", "agem")
 ALIASES = {"sgd": "finetune"}
 
 # Table 1 of the paper: Mem in MB and FLOPs of the whole run.
@@ -109,7 +114,8 @@ CONVENTIONS = (
     "2 FLOPs, backward = 2x trainable forward; activations = outputs of stem + 3x3 convs of "
     "trainable layers + input of the first trainable layer, x samples with gradient per step; "
     "plain SGD (no optimizer state); "
-    "EWC: one Fisher copy; buffer counted in every task (paper)")
+    "EWC: one Fisher copy; A-GEM: a second gradient, activations of the batch only; "
+    "buffer counted in every task (paper)")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -201,8 +207,11 @@ def _trainable_blocks(rows, frozen_groups, extra_block):
 
 
 def _phase(rows, trainable, *, name, share, samples_per_step, batch_size, buffer_bytes,
-           stored_bytes, state_bytes, samples_trained):
-    """Memory and FLOPs of one phase of the run (a set of tasks with one trainable set)."""
+           stored_bytes, state_bytes, samples_trained, activation_samples=None):
+    """Memory and FLOPs of one phase of the run (a set of tasks with one trainable set).
+
+    ``activation_samples``: samples whose activations are alive at once (default: all
+    ``samples_per_step``, which go through one forward and backward)."""
     params = sum(r["params"] for r in rows)
     train_rows = [r for r in rows if r["block"] in trainable]
     trainable_params = sum(r["params"] for r in train_rows)
@@ -216,7 +225,8 @@ def _phase(rows, trainable, *, name, share, samples_per_step, batch_size, buffer
         "weights": params * FLOAT_BYTES / MIB,
         "gradients": trainable_params * FLOAT_BYTES / MIB,
         "optimizer_state": 0.0,
-        "activations": activations * samples_per_step * FLOAT_BYTES / MIB,
+        "activations": activations * (activation_samples or samples_per_step) * FLOAT_BYTES
+        / MIB,
         "buffer": buffer_bytes / MIB,
         "stored_features": stored_bytes / MIB,
         "strategy_state": state_bytes / MIB,
@@ -248,11 +258,11 @@ def theoretical_cost(strategy: str, *, image_size: int, num_classes: int, batch_
     """Memory and FLOPs of a training run, counted as the paper's Table 1 (module docstring).
 
     Args:
-      strategy: one of finetune (alias sgd), ewc, er, derpp, lightcl.
+      strategy: one of finetune (alias sgd), ewc, er, derpp, lightcl, agem.
       image_size: side of the square input images.
       num_classes: outputs of the head.
       batch_size: new samples a step.
-      buffer_size: samples in the memory buffer (er, derpp, lightcl).
+      buffer_size: samples in the memory buffer (er, derpp, lightcl, agem).
       train_samples: training samples of the whole stream (all tasks).
       epochs: epochs per task.
       nf: width of the first stage.
@@ -285,6 +295,7 @@ def theoretical_cost(strategy: str, *, image_size: int, num_classes: int, batch_
     samples = train_samples * epochs
     common = dict(batch_size=batch_size, samples_trained=samples)
     later = dict(name="all tasks", share=1.0, samples_per_step=batch_size + replayed * buffer_size,
+                 activation_samples=batch_size if strategy == "agem" else None,
                  **_stored_bytes(strategy, rows, buffer_size=buffer_size, nf=nf,
                                  num_classes=num_classes,
                                  image_bytes=channels * image_size * image_size * FLOAT_BYTES))
@@ -322,7 +333,7 @@ def theoretical_cost(strategy: str, *, image_size: int, num_classes: int, batch_
 
 
 # Buffer samples that go through the net with each step's batch, by strategy.
-REPLAYED = {"finetune": 0, "ewc": 0, "er": 1, "derpp": 2, "lightcl": 1}
+REPLAYED = {"finetune": 0, "ewc": 0, "er": 1, "derpp": 2, "lightcl": 1, "agem": 1}
 
 
 def _checked(strategy, freeze: str, sparse: bool, **counts) -> str:
@@ -346,7 +357,8 @@ def _checked(strategy, freeze: str, sparse: bool, **counts) -> str:
 def _stored_bytes(strategy: str, rows: list[dict], *, buffer_size: int, nf: int,
                   num_classes: int, image_bytes: int) -> dict:
     """What a strategy keeps besides the model: buffer images, what is stored beside them
-    (DER++: logits; LightCL: taps, logits, vital masks), and its state (EWC: a Fisher)."""
+    (DER++: logits; LightCL: taps, logits, vital masks), and its state (EWC: a Fisher;
+    A-GEM: a second gradient)."""
     stored_bytes = 0
     if strategy == "derpp":
         stored_bytes = buffer_size * num_classes * FLOAT_BYTES
@@ -357,8 +369,8 @@ def _stored_bytes(strategy: str, rows: list[dict], *, buffer_size: int, nf: int,
                         + 4 * 8 * nf * MASK_BYTES)
     return {"buffer_bytes": buffer_size * image_bytes if REPLAYED[strategy] else 0,
             "stored_bytes": stored_bytes,
-            "state_bytes": sum(r["params"] for r in rows) * FLOAT_BYTES if strategy == "ewc"
-            else 0}
+            "state_bytes": sum(r["params"] for r in rows) * FLOAT_BYTES
+            if strategy in ("ewc", "agem") else 0}
 
 
 def lightcl_memory_gap() -> dict:

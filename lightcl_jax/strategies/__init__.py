@@ -5,6 +5,7 @@ importing them; looking one up imports its module.
 """
 
 from lightcl_jax.registry import STRATEGIES
+from lightcl_jax.strategies.agem import AGEM
 from lightcl_jax.strategies.base import Strategy, task_cross_entropy
 from lightcl_jax.strategies.finetune import Finetune
 from lightcl_jax.strategies.joint import Joint
@@ -26,5 +27,5 @@ def get_strategy(name: str) -> Strategy:
 
 
 __all__ = ["STRATEGIES", "Strategy", "Finetune", "LightCL", "Joint", "OnlineEWC",
-           "LearningWithoutForgetting", "ExperienceReplay", "DERPlusPlus", "register_strategy",
+           "LearningWithoutForgetting", "ExperienceReplay", "DERPlusPlus", "AGEM", "register_strategy",
            "get_strategy", "task_cross_entropy"]

@@ -10,6 +10,9 @@ Every strategy shares the model, data, jitted train step and evaluation
     jitted step: `extra_loss` runs before the batch's forward pass (its own
     forwards, e.g. over a buffer, come first, as LightCL's reference does),
     `batch_loss` after it and sees the batch's logits (e.g. distillation);
+  * how the batch's gradient is changed before the optimizer sees it
+    (`gradient_projection`, traced inside the jitted step: A-GEM projects it
+    against its memory's gradient);
   * how the step changes its memory after the update (`after_step`, traced
     inside the jitted step: replay buffers insert the batch here);
   * how its memory changes at task boundaries (`begin_task`, `end_task`, run
@@ -97,6 +100,21 @@ class Strategy:
                    classes_per_task: int) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Like `extra_loss`, given the batch's ``logits`` (differentiable)."""
         return jnp.zeros((), jnp.float32), {}
+
+    def gradient_projection(self, grads: Any, *, value_and_grad: Callable, memory: Any,
+                            trainable: Any, config: Config, classes_per_task: int
+                            ) -> tuple[Any, dict[str, jax.Array]]:
+        """Returns (the gradient the optimizer applies, named terms to report).
+
+        ``grads`` is the gradient of the batch's loss (cross-entropy plus the
+        extra losses) with respect to every parameter; ``trainable`` a pytree of
+        Python bools of its structure, the leaves the optimizer updates.
+        ``value_and_grad(fn)`` returns ``(fn(forward, params), its gradient)``
+        at the step's parameters for a scalar ``fn`` of a training-mode
+        forward and the parameters; its forwards fold their statistics into
+        BatchNorm's running ones after the batch's. Default: ``grads`` as they are.
+        """
+        return grads, {}
 
     def after_step(self, memory: Any, *, x: jax.Array, y: jax.Array, logits: jax.Array,
                    config: Config) -> Any:

@@ -73,7 +73,8 @@ def make_train_step(model, tx: optax.GradientTransformation, strategy: Strategy,
     ``train_step(state, memory, x, y, class_offset) -> (state, memory, metrics)``:
     cross-entropy over each sample's own task's logits (labels shifted to
     0..C-1; `task_cross_entropy`) plus the strategy's extra loss, one optax
-    update, then the strategy's `after_step` on its memory. As in the reference, the
+    update of the gradient the strategy's `gradient_projection` returns, then
+    the strategy's `after_step` on its memory. As in the reference, the
     strategy's forward passes (LightCL: the buffer) run first, then the
     batch's, and each folds its statistics into BatchNorm's running ones.
     ``metrics`` holds scalar ``loss``, ``ce`` and the strategy's terms.
@@ -102,6 +103,15 @@ def make_train_step(model, tx: optax.GradientTransformation, strategy: Strategy,
 
         (loss, (batch_stats, logits, terms)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
+        if phase.uses_memory:
+            chain = BatchStatsChain(batch_stats)
+            trainable = jax.tree_util.tree_map(lambda label: label == TRAINABLE,
+                                               freeze_labels(state.params, phase.frozen))
+            grads, projection_terms = strategy.gradient_projection(
+                grads, value_and_grad=_chained_value_and_grad(model, chain, phase, state.params),
+                memory=memory, trainable=trainable, **hooks)
+            batch_stats = chain.latest
+            terms = {**terms, **projection_terms}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(params=params, batch_stats=batch_stats, opt_state=opt_state,
@@ -112,6 +122,19 @@ def make_train_step(model, tx: optax.GradientTransformation, strategy: Strategy,
         return new_state, memory, {"loss": loss, **terms}
 
     return train_step
+
+
+def _chained_value_and_grad(model, chain: BatchStatsChain, phase: Phase, params) -> Callable:
+    """``value_and_grad(fn) -> (fn(forward, params), gradient)`` for `Strategy.gradient_projection`:
+    its training-mode forwards continue ``chain`` (read ``chain.latest`` after)."""
+    def value_and_grad(fn):
+        def wrapped(params):
+            inner = BatchStatsChain(chain.latest)
+            value = fn(make_forward(model, inner, phase.fixed_bn), params)
+            return value, inner.latest
+        (value, chain.latest), grad = jax.value_and_grad(wrapped, has_aux=True)(params)
+        return value, grad
+    return value_and_grad
 
 
 def make_eval_step(model, classes_per_task: int) -> Callable:
