@@ -21,7 +21,8 @@ import sys
 from experiments.common import Bars, Parser, parse_bool, write_json_atomic
 from experiments.figures import accuracy_figure, save_figure
 from lightcl_jax.accounting.process import limit_malloc_arenas
-from lightcl_jax.config import FROZEN_BN_MODES, SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config
+from lightcl_jax.config import (FROZEN_BN_MODES, LAST_BATCH_MODES, SPARSE_EXECUTIONS,
+                                XLA_SCHEDULERS, Config)
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
 from lightcl_jax.model.layers import FREEZE_POINTS
 from lightcl_jax.registry import SIMILARITIES, STRATEGIES
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default similarity: {d.similarity})")
     p.add_argument("--frozen-bn", default=d.frozen_bn, choices=FROZEN_BN_MODES,
                    help="frozen layers' BatchNorm statistics: update (reference) or fixed")
+    p.add_argument("--last-batch", default=d.last_batch, choices=LAST_BATCH_MODES,
+                   help="an epoch's samples after its last full batch: drop them, or keep them "
+                        "as a smaller last batch as the reference does (one device only)")
     p.add_argument("--augment", type=parse_bool, default=None,
                    help="random crop + flip: on/off (default: off for digits, else on)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)

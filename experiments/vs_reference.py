@@ -11,7 +11,9 @@ LightCL without pre-training, its own defaults otherwise) and then lightcl_jax
 (``experiments/side_by_side/run_ours.py``: LightCL without pre-training, nf 64,
 batch 32, lr 0.01, beta 2e-4, buffer 15, ratio 0.15, stem + stages 1-3 frozen
 from task 1, no augmentation, no checkpoints) each run in their own process
-on that file. Prints, per seed and as mean +/- std (population), the final
+on that file. Both keep an epoch's smaller last batch, as the script's
+DataLoader does (``--last-batch drop``: both drop it, the script's loaders
+served with ``drop_last=True``, a diagnostic). Prints, per seed and as mean +/- std (population), the final
 average TIL and CIL of both, the wall time of each process and its peak
 resident memory (``wait4``'s ``ru_maxrss``), and the wall-time ratio ours /
 the reference's summed over seeds. The script hard-codes 50 epochs per task;
@@ -45,6 +47,9 @@ REFERENCE_SHAPE = {"num_tasks": 5, "num_classes": 10, "channels": 3}
 # Our side of the comparison: the reference's settings (SPEC section 2), no pre-training.
 OUR_SETTINGS = dict(strategy="lightcl", nf=64, batch_size=32, lr=0.01, beta=2e-4, buffer_size=15,
                     ratio=0.15, freeze="stage3", frozen_bn="update", augment=False)
+LAST_BATCH = {"keep": "both keep an epoch's smaller last batch (the script's DataLoader does)",
+              "drop": "both drop it (a diagnostic: the script's loaders are served with "
+                      "drop_last=True)"}
 
 
 def export_stream(stream, path: str) -> None:
@@ -120,9 +125,13 @@ def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdi
     os.makedirs(workdir, exist_ok=True)
     stream_path = os.path.join(workdir, "stream.npz")
     export_stream(stream, stream_path)
-    env = dict(os.environ, LIGHTCL_STREAM=stream_path)
+    # The reference's loaders keep an epoch's smaller last batch (PyTorch's default), or
+    # drop it when ours does (a diagnostic: the served loaders' drop_last, the script as is).
+    env = dict(os.environ, LIGHTCL_STREAM=stream_path,
+               LIGHTCL_DROP_LAST="1" if config.last_batch == "drop" else "0")
     runs = []
     settings = {"checkout": checkout, "stream": stream.name, "epochs": epochs,
+                "last_batch": config.last_batch,
                 "ours": {k: v for k, v in config.identity_dict().items()
                          if k not in ("seed", "epochs")}}
     for seed in seeds:
@@ -276,6 +285,8 @@ def format_summary(summary: dict) -> str:
     lines.append(f"mean TIL difference {fidelity['til_difference']:+.2f} points (within 1: "
                  f"{fidelity['til_within_1_point']}); mean CIL within the authors' mean ± std: "
                  f"{fidelity['cil_within_reference_spread']}")
+    if "last_batch" in summary:
+        lines.append(f"last batch of an epoch: {summary['last_batch']}")
     if summary["epochs_overridden"]:
         lines.append(f"epochs: {summary['epochs']} per task, set in a temporary copy of the "
                      f"authors' LightCL.py (it hard-codes {SCRIPT_EPOCHS})")
@@ -314,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="TFDS data_dir, for a TFDS dataset")
     p.add_argument("--workdir", default=os.path.join("runs", "vs-reference"),
                    help="where the exported stream, logs and per-run results go")
+    p.add_argument("--last-batch", default="keep", choices=sorted(LAST_BATCH),
+                   help="an epoch's samples after its last full batch: keep (default, as the "
+                        "script's DataLoader) or drop, on both sides")
     p.add_argument("--reuse", action="store_true",
                    help="take a seed's figures from an earlier run in --workdir with the same "
                         "settings (its seedN.json) instead of running it again")
@@ -340,7 +354,7 @@ def main(argv=None) -> int:
     from lightcl_jax.data.streams import make_stream
     try:
         config = Config(dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-                        **OUR_SETTINGS).resolved()
+                        last_batch=args.last_batch, **OUR_SETTINGS).resolved()
         stream = make_stream(args.dataset, data_dir=args.data_dir)
         check_fits_reference(stream)
     except ValueError as err:
@@ -352,7 +366,8 @@ def main(argv=None) -> int:
     except RuntimeError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
-    summary.update(stream=stream.name, ours_config=config.to_dict())
+    summary.update(stream=stream.name, ours_config=config.to_dict(),
+                   last_batch=LAST_BATCH[args.last_batch])
     print(format_summary(summary))
     print(format_breakdown(summary["seeds"][0]))
     if args.json:

@@ -15,6 +15,9 @@ from lightcl_jax.model.layers import FREEZE_POINTS
 from lightcl_jax.registry import SIMILARITIES, STRATEGIES
 
 FROZEN_BN_MODES = ("update", "fixed")
+# What an epoch does with the samples left after its last full batch: drop them (one
+# compiled shape), or keep them as a smaller last batch, as the reference's DataLoader does.
+LAST_BATCH_MODES = ("drop", "keep")
 # How XLA orders a train step's work (`lightcl_jax.compiler`): ``auto`` = memory-optimized
 # for steps that freeze layers, XLA's default for full-network steps.
 XLA_SCHEDULERS = ("auto", "memory", "default")
@@ -26,7 +29,7 @@ SPARSE_EXECUTIONS = ("masked", "compact")
 EXECUTION_FIELDS = ("xla_scheduler",)
 # Fields added after checkpoints existed, at the value that reproduces those runs: left
 # out of a run's identity at that value, so the older checkpoints still resume.
-IDENTITY_DEFAULTS = {"sparse_execution": "masked"}
+IDENTITY_DEFAULTS = {"sparse_execution": "masked", "last_batch": "drop"}
 
 # Settings that depend on the dataset when not given: (epochs, nf).
 # digits: small enough that the default run finishes in under 2 minutes on 2 CPU cores.
@@ -73,6 +76,11 @@ class Config:
       frozen_bn: frozen layers' BatchNorm statistics: ``update`` keeps
         updating them from each batch as the reference does, ``fixed`` uses
         and keeps the running statistics.
+      last_batch: ``drop`` the samples left after an epoch's last full batch
+        (every step has one shape), or ``keep`` them as a smaller last batch,
+        as the reference's PyTorch DataLoader does (its step compiles once
+        more; one device only). With train-mode BatchNorm a batch of a few
+        samples is a noisy step, and its statistics enter the running ones.
       augment: random crop + flip on training batches (None: the dataset's
         default, on for CIFAR and off for digits, whose 8x8 strokes a flip
         or 4-pixel shift would change).
@@ -118,6 +126,7 @@ class Config:
     similarity: str = "linear_cka_debiased"
     layer_metrics: str | None = None
     frozen_bn: str = "update"
+    last_batch: str = "drop"
     augment: bool | None = None
     eval_batch_size: int = 256
     sparse: bool = False
@@ -160,6 +169,8 @@ class Config:
         need(isinstance(self.freeze_threshold, (int, float)) and -1 <= self.freeze_threshold <= 1,
              f"freeze_threshold must lie in [-1, 1]; got {self.freeze_threshold!r}")
         need(isinstance(self.sparse, bool), f"sparse must be True or False; got {self.sparse!r}")
+        need(self.last_batch in LAST_BATCH_MODES,
+             f"last_batch must be one of {', '.join(LAST_BATCH_MODES)}; got {self.last_batch!r}")
         need(self.frozen_bn in FROZEN_BN_MODES,
              f"frozen_bn must be one of {', '.join(FROZEN_BN_MODES)}; got {self.frozen_bn!r}")
         need(self.sparse_execution in SPARSE_EXECUTIONS,

@@ -53,6 +53,17 @@ def test_results_resources_are_per_step_figures_times_step_counts():
     assert res["eval_step"]["flops"] == compiled_eval_step_cost(config, (8, 8, 1), 4, 2)["flops"]
     assert res["eval_flops"] == 6 * res["eval_step"]["flops"]
     assert res["peak_train_step_bytes"] == max(s["step_bytes"] for s in res["train_steps"])
+    # Keeping each epoch's last 8 samples as a smaller batch: 3 steps an epoch, and the
+    # run's FLOPs count those steps at the smaller program's figure.
+    keep = train_and_evaluate(dataclasses.replace(config, last_batch="keep"), stream)
+    res = keep["resources"]
+    assert [(s["tasks"], s["steps"]) for s in res["train_steps"]] == [([0], 6), ([1], 6)]
+    for s, task in zip(res["train_steps"], (0, 1)):
+        full = compiled_train_step_cost(config, (8, 8, 1), 4, 2, task_index=task)["flops"]
+        small = compiled_train_step_cost(dataclasses.replace(config, batch_size=8), (8, 8, 1),
+                                         4, 2, task_index=task)["flops"]
+        assert s["flops"] == full and s["run_flops"] == 4 * full + 2 * small
+    assert res["train_flops"] == sum(s["run_flops"] for s in res["train_steps"])
 
 
 def test_sparse_step_compiles_with_its_masks_in_the_optimizer_state():

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from lightcl_jax.data.pipeline import augment_batch, epoch_batches, eval_batches, prefetch
+from lightcl_jax.data.pipeline import (augment_batch, epoch_batches, eval_batches, prefetch,
+                                       steps_per_epoch)
 from lightcl_jax.data.sources import RecordImages, concatenate
 from lightcl_jax.data.streams import CIFAR10_MEAN, CIFAR10_STD, make_stream, split_into_tasks
 
@@ -96,6 +97,15 @@ def test_batches_are_full_deterministic_and_padded_for_eval():
     evals = list(eval_batches(x, y, 4))
     assert [v.sum() for _, _, v in evals] == [4, 4, 2]
     np.testing.assert_array_equal(evals[-1][1][:2], [8, 9])
+    # Kept, the remainder is a smaller last batch of the same permutation, as a
+    # DataLoader without drop_last gives: every sample once.
+    kept = list(epoch_batches(x, y, 4, np.random.default_rng(3), augment=False,
+                              keep_remainder=True))
+    assert [len(b[1]) for b in kept] == [4, 4, 2]
+    assert steps_per_epoch(10, 4, keep_remainder=True) == 3 and steps_per_epoch(10, 4) == 2
+    for (xa, ya), (xb, yb) in zip(first, kept):
+        np.testing.assert_array_equal(ya, yb)
+    assert sorted(np.concatenate([b[1] for b in kept]).tolist()) == list(range(10))
 
 
 @pytest.mark.parametrize("name,num_tasks,classes_per_task", [("cifar10", None, 2),

@@ -67,13 +67,14 @@ def test_exported_stream_round_trips_and_the_harness_runs_both_sides(tmp_path):
     (checkout / "LightCL.py").write_text(STUB)
     (checkout / "models.py").write_text("CHECKOUT_MODELS = True\n")
     config = Config(dataset="digits", epochs=1, nf=4, batch_size=16, buffer_size=8,
-                    augment=False).resolved()
+                    augment=False, last_batch="keep").resolved()
     lines = []
     summary = vs_reference.compare(str(checkout), stream, config, [3], 2, str(tmp_path / "w"),
                                    report=lines.append)
     assert (checkout / "LightCL.py").read_text() == STUB  # the override ran on a copy
     (run,) = summary["seeds"]
-    # The stub's figures, from the stream: 2 epochs of every training sample.
+    # The stub's figures, from the stream: 2 epochs of every training sample (the last
+    # smaller batch kept).
     til = np.mean([np.mean(t.y_eval == t.classes[0]) for t in stream.tasks])
     assert run["reference"]["til"] == pytest.approx(100 * til)
     assert run["reference"]["cil"] == pytest.approx(100 * 2 * 200 / 1e5)
@@ -82,10 +83,11 @@ def test_exported_stream_round_trips_and_the_harness_runs_both_sides(tmp_path):
     assert ours["config"]["seed"] == 3 and ours["config"]["epochs"] == 2
     assert (run["ours"]["til"], run["ours"]["cil"]) == (ours["avg_til"], ours["avg_cil"])
     assert [len(row) for row in ours["acc_til"]] == [1, 2, 3, 4, 5]
-    # Where the time went: 2 epochs of 40 samples in batches of 16, the second epochs counted.
+    # Where the time went: 2 epochs of 40 samples in batches of 16, 16 and 8, the second
+    # epochs counted.
     breakdown = run["ours"]["breakdown"]
     assert {name: phase["steps"] for name, phase in breakdown["phases"].items()} == \
-        {"full": 2, "frozen": 8}
+        {"full": 3, "frozen": 12}
     assert 0 < breakdown["startup_s"] < breakdown["total_s"] <= run["ours"]["wall_time_s"]
     walls = {side: run[side]["wall_time_s"] for side in ("reference", "ours")}
     assert summary["wall_time_ratio"] == pytest.approx(walls["ours"] / walls["reference"])
@@ -119,3 +121,29 @@ def test_a_stream_the_authors_script_cannot_train_on_is_refused():
     vs_reference.check_fits_reference(make_stream("digits32"))
     with pytest.raises(ValueError, match="digits has 5 tasks, 10 classes and 1 channels"):
         vs_reference.check_fits_reference(make_stream("digits"))
+
+
+def test_the_served_loaders_keep_or_drop_the_last_batch(tmp_path, monkeypatch):
+    """What the authors' script is served: DataLoader batches of 32, the last smaller one
+    kept as PyTorch does by default, or dropped under $LIGHTCL_DROP_LAST=1."""
+    import importlib.util
+    import os
+    path = os.path.join(vs_reference.ROOT, "experiments", "side_by_side", "datasets",
+                        "seq_cifar10.py")
+    spec = importlib.util.spec_from_file_location("served_seq_cifar10", path)
+    served = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(served)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 20).astype(np.int32)   # 40 training samples a task
+    x = rng.normal(size=(len(y), 4, 4, 3)).astype(np.float32)
+    stream = split_into_tasks("tiny", x, y, x[::5], y[::5], 10, 5)
+    vs_reference.export_stream(stream, str(tmp_path / "s.npz"))
+    monkeypatch.setenv("LIGHTCL_STREAM", str(tmp_path / "s.npz"))
+    sizes = {}
+    for drop in ("0", "1"):
+        monkeypatch.setenv("LIGHTCL_DROP_LAST", drop)
+        train, _ = served.SequentialCIFAR10(None).get_data_loaders()
+        sizes[drop] = [len(batch_y) for _, batch_y in train]
+    n = len(stream.tasks[0].y_train)
+    assert sizes["0"] == [32] * (n // 32) + ([n % 32] if n % 32 else [])
+    assert sizes["1"] == [32] * (n // 32) and n % 32 and sizes["0"] != sizes["1"]

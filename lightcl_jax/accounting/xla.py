@@ -38,25 +38,39 @@ def compiled_cost(compiled) -> dict:
 
 
 class CompiledStep:
-    """A jitted function compiled ahead of time on its first call's shapes.
+    """A jitted function compiled ahead of time, once for each shape of its arguments.
 
-    Later calls must have the same shapes (one compilation, as the loop's
-    phases guarantee). Keeps XLA's figures (`compiled_cost`) and counts calls,
-    so a run can report per-step and whole-run costs.
+    A step sees one shape, or two where a run keeps the smaller last batch of
+    an epoch (``Config.last_batch``): each is lowered and compiled on its
+    first call. Keeps XLA's figures (`compiled_cost`) of the first shape it
+    compiled (a run's full batch), counts calls, and adds up the FLOPs each
+    call's program reports (``run_flops``), so a run can report per-step and
+    whole-run costs.
     """
 
-    def __init__(self, jitted, *, calls: int = 0, cost: dict | None = None):
-        # ``calls`` and ``cost`` carry a resumed run's counts and figures over; ``jitted``
-        # may then be None until the phase trains again.
-        self.jitted, self.compiled, self.cost, self.calls = jitted, None, cost, calls
+    def __init__(self, jitted, *, calls: int = 0, cost: dict | None = None,
+                 run_flops: float | None = None):
+        # ``calls``, ``cost`` and ``run_flops`` carry a resumed run's counts and figures
+        # over; ``jitted`` may then be None until the phase trains again.
+        self.jitted, self.cost, self.calls = jitted, cost, calls
+        if run_flops is None:  # a checkpoint written before run_flops was kept
+            run_flops = calls * cost["flops"] if cost else 0.0
+        self.run_flops = run_flops
+        self.programs: dict[tuple, tuple[Any, float]] = {}  # shapes -> (compiled, its FLOPs)
 
     def __call__(self, *args):
-        if self.compiled is None:
-            self.compiled = self.jitted.lower(*args).compile()
-            self.cost = compiled_cost(self.compiled)
+        shapes = tuple(getattr(a, "shape", None) for a in args)
+        program = self.programs.get(shapes)
+        if program is None:
+            compiled = self.jitted.lower(*args).compile()
+            cost = compiled_cost(compiled)
+            if self.cost is None:  # the first shape (a resumed run's came with it)
+                self.cost = cost
+            program = self.programs[shapes] = (compiled, cost["flops"])
             release_free_memory()  # what the compiler freed, before the step's buffers
         self.calls += 1
-        return self.compiled(*args)
+        self.run_flops += program[1]
+        return program[0](*args)
 
 
 def run_resources(train_steps: Mapping[Any, CompiledStep], phase_tasks: Mapping[Any, list[int]],
@@ -76,17 +90,19 @@ def run_resources(train_steps: Mapping[Any, CompiledStep], phase_tasks: Mapping[
         if step.cost is None:
             continue
         steps.append({"tasks": phase_tasks[phase], "frozen": list(phase.frozen),
-                      "memory": phase.uses_memory, "steps": step.calls, **step.cost})
+                      "memory": phase.uses_memory, "steps": step.calls, **step.cost,
+                      "run_flops": step.run_flops})
     evals = {"batch_size": eval_batch_size, "steps": eval_step.calls, **(eval_step.cost or {})}
     return {
         "backend": jax.default_backend(),
         "device": device.device_kind,
         "train_steps": steps,
         "eval_step": evals,
-        "train_flops": sum(s["steps"] * s["flops"] for s in steps),
-        "eval_flops": evals["steps"] * evals.get("flops", 0.0),
+        "train_flops": sum(s["run_flops"] for s in steps),
+        "eval_flops": eval_step.run_flops,
         "peak_train_step_bytes": max((s["step_bytes"] for s in steps), default=0),
         "note": ("XLA cost and memory analysis of the compiled train and eval steps on the "
-                 "run's shapes; whole-run FLOPs = per-step FLOPs x steps. Work at task "
+                 "run's shapes; whole-run FLOPs = the sum over steps of each step's program's "
+                 "FLOPs (per-step FLOPs x steps, with a smaller last batch its own). Work at task "
                  "boundaries (buffers, Fisher, vital channels, probes) is not counted."),
     }

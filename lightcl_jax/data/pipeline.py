@@ -1,7 +1,9 @@
 """Batching and augmentation in NumPy, deterministic from a seed; prefetching.
 
 Every batch has exactly ``batch_size`` samples (the remainder of an epoch is
-dropped), so a jitted step sees one shape and compiles once. The images may
+dropped), so a jitted step sees one shape and compiles once -- unless the
+remainder is kept as a smaller last batch, as PyTorch's DataLoader does
+(``keep_remainder``; a second shape). The images may
 be an array or a `lightcl_jax.data.sources.RecordImages` (read when indexed).
 `prefetch` moves reading, augmentation and the transfer to the device into
 a background thread, a few batches ahead of the train step.
@@ -47,9 +49,10 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator, padding: int = 4,
 
 
 def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator,
-                  *, augment: bool, fill: Sequence[float] | None = None
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields shuffled full batches of one epoch; the remainder is dropped.
+                  *, augment: bool, fill: Sequence[float] | None = None,
+                  keep_remainder: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields shuffled full batches of one epoch; the remainder is dropped, or with
+    ``keep_remainder`` yielded last as a smaller batch.
 
     With ``augment``, each batch gets `augment_batch` with ``fill`` padding.
 
@@ -60,7 +63,8 @@ def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.
         raise ValueError(f"a task has {len(x)} training samples, fewer than one batch of "
                          f"{batch_size}; lower --batch-size")
     perm = rng.permutation(len(x))
-    for start in range(0, len(x) - batch_size + 1, batch_size):
+    for start in range(0, steps_per_epoch(len(x), batch_size, keep_remainder) * batch_size,
+                       batch_size):
         idx = perm[start:start + batch_size]
         xb = x[idx]
         if augment:
@@ -68,7 +72,9 @@ def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.
         yield xb, y[idx]
 
 
-def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+def steps_per_epoch(num_samples: int, batch_size: int, keep_remainder: bool = False) -> int:
+    if keep_remainder:
+        return -(-num_samples // batch_size)
     return num_samples // batch_size
 
 

@@ -70,9 +70,9 @@ class TaskBatches:
     """
 
     def __init__(self, x, y, batch_size: int, lanes: Lanes, task_index: int, *,
-                 augment: bool, fill):
+                 augment: bool, fill, keep_remainder: bool = False):
         self.x, self.y, self.batch_size, self.lanes = x, y, batch_size, lanes
-        self.augment, self.fill = augment, fill
+        self.augment, self.fill, self.keep_remainder = augment, fill, keep_remainder
         self.rngs = [np.random.default_rng([s, task_index]) for s in lanes.seeds]
 
     @classmethod
@@ -81,17 +81,19 @@ class TaskBatches:
         (its strategy's `training_arrays`)."""
         x, y = run.strategy.training_arrays(run.stream, task_index)
         return cls(x, y, run.config.batch_size, run.placement.lanes, task_index,
-                   augment=run.augment, fill=run.stream.pad_value)
+                   augment=run.augment, fill=run.stream.pad_value,
+                   keep_remainder=run.config.last_batch == "keep")
 
     @property
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(len(self.x), self.batch_size)
+        return steps_per_epoch(len(self.x), self.batch_size, self.keep_remainder)
 
     def epoch(self) -> Iterator:
         """One epoch of lane-stacked ``(x, y)`` batches (drawn as they are read)."""
         return self.lanes.zip_batches([
             epoch_batches(self.x, self.y, self.batch_size, rng, augment=self.augment,
-                          fill=self.fill) for rng in self.rngs])
+                          fill=self.fill, keep_remainder=self.keep_remainder)
+            for rng in self.rngs])
 
     def one(self):
         """A fresh shuffled batch, as the reference's ``next(iter(loader))``."""
@@ -169,12 +171,15 @@ def train_epochs(train_step, state, memory, batches: TaskBatches, start: Positio
             rng_states=rng_states)
         progress.advance(0, {"epoch": epoch + 1, **means})
         steps = position.global_step - steps_before
+        # Samples in batches skip..position.batch of the epoch (its last may be smaller).
+        examples = min(position.batch * batches.batch_size, len(batches.x)) \
+            - skip * batches.batch_size
         if steps:
             seconds = time.perf_counter() - began
             progress.record("epoch", {
                 "task": position.task, "epoch": epoch + 1, "global_step": position.global_step,
                 "steps": steps, "seconds": seconds, "step_time_s": seconds / steps,
-                "examples_per_s": steps * batches.batch_size * placement.lanes.size / seconds,
+                "examples_per_s": examples * placement.lanes.size / seconds,
                 **means})
     return state, memory, position
 

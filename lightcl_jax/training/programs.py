@@ -46,8 +46,8 @@ class Programs:
                 step = self.step_wrapper(step)
             self.train[phase] = CompiledStep(
                 self.placement.jit_train_step(step, memory_scheduled(self.config, phase)),
-                calls=known.calls if known else 0,
-                cost=known.cost if known else None)
+                calls=known.calls if known else 0, cost=known.cost if known else None,
+                run_flops=known.run_flops if known else None)
         return self.train[phase]
 
     def add_task(self, phase: Phase, task_index: int) -> None:
@@ -59,8 +59,10 @@ class Programs:
         return {
             "train_steps": [{"frozen": list(p.frozen), "fixed_bn": list(p.fixed_bn),
                              "memory": p.uses_memory, "tasks": self.phase_tasks[p],
-                             "calls": c.calls, "cost": c.cost} for p, c in self.train.items()],
-            "eval_step": {"calls": self.eval.calls, "cost": self.eval.cost},
+                             "calls": c.calls, "cost": c.cost, "run_flops": c.run_flops}
+                            for p, c in self.train.items()],
+            "eval_step": {"calls": self.eval.calls, "cost": self.eval.cost,
+                          "run_flops": self.eval.run_flops},
         }
 
     def restore(self, meta: dict) -> None:
@@ -68,10 +70,12 @@ class Programs:
         for entry in meta["train_steps"]:
             phase = Phase(frozen=tuple(entry["frozen"]), fixed_bn=tuple(entry["fixed_bn"]),
                           uses_memory=entry["memory"])
-            self.train[phase] = CompiledStep(None, calls=entry["calls"], cost=entry["cost"])
+            self.train[phase] = CompiledStep(None, calls=entry["calls"], cost=entry["cost"],
+                                             run_flops=entry.get("run_flops"))
             self.phase_tasks[phase] = entry["tasks"]
-        self.eval.calls = meta["eval_step"]["calls"]
-        self.eval.cost = meta["eval_step"]["cost"]
+        evals = meta["eval_step"]
+        self.eval = CompiledStep(self.eval.jitted, calls=evals["calls"], cost=evals["cost"],
+                                 run_flops=evals.get("run_flops"))
 
     def resources(self, eval_batch_size: int) -> dict:
         """The ``resources`` entry of the results (`run_resources`)."""

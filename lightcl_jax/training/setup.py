@@ -70,6 +70,10 @@ def setup_run(config: Config, stream: TaskStream | None = None, *,
     placement = Placement.of(config.seed, seeds, devices,
                              {"batch_size": config.batch_size,
                               "eval_batch_size": config.eval_batch_size})
+    if config.last_batch == "keep" and placement.parallel.num_devices > 1:
+        raise ValueError(f"last_batch keep runs on one device (an epoch's smaller last batch "
+                         f"need not split over {placement.parallel.num_devices}); pass "
+                         "--devices 1, or last_batch drop")
     pretrained = init_variables is not None
     model = run_model(config, stream.num_classes, stream.image_shape, config.seed,
                       init_variables=init_variables)

@@ -8,6 +8,10 @@ of 32, the training ones shuffled (torch's generator, which the script
 seeds), the last smaller batch kept; images NCHW float32, labels the global
 class ids. The images are served as they were exported (normalised, not
 augmented).
+
+Diagnostic: with ``$LIGHTCL_DROP_LAST=1`` the training loaders drop the last
+smaller batch, as lightcl_jax's pipeline does (``vs_reference
+--reference-drop-last``); the script itself is unchanged.
 """
 
 import os
@@ -16,6 +20,7 @@ import numpy as np
 
 STREAM_ENV = "LIGHTCL_STREAM"
 BATCH_SIZE = 32
+DROP_LAST_ENV = "LIGHTCL_DROP_LAST"
 
 
 class SequentialCIFAR10:
@@ -38,33 +43,37 @@ class SequentialCIFAR10:
         self.i += 1
         part = {key: self.stream[f"task{task}_{key}"]
                 for key in ("x_train", "y_train", "x_eval", "y_eval")}
-        return (_loader(part["x_train"], part["y_train"], shuffle=True),
-                _loader(part["x_eval"], part["y_eval"], shuffle=False))
+        drop_last = os.environ.get(DROP_LAST_ENV) == "1"
+        return (_loader(part["x_train"], part["y_train"], shuffle=True, drop_last=drop_last),
+                _loader(part["x_eval"], part["y_eval"], shuffle=False, drop_last=False))
 
 
-def _loader(x: np.ndarray, y: np.ndarray, *, shuffle: bool):
+def _loader(x: np.ndarray, y: np.ndarray, *, shuffle: bool, drop_last: bool):
     x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)  # NHWC -> NCHW
     try:
         import torch
         from torch.utils.data import DataLoader, TensorDataset
     except ImportError:  # the harness's tests run stub scripts without torch
-        return _NumpyLoader(x, y.astype(np.int64), shuffle)
+        return _NumpyLoader(x, y.astype(np.int64), shuffle, drop_last)
     return DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))),
-                      batch_size=BATCH_SIZE, shuffle=shuffle)
+                      batch_size=BATCH_SIZE, shuffle=shuffle, drop_last=drop_last)
 
 
 class _NumpyLoader:
     """A DataLoader's interface over NumPy arrays: ``len``, ``dataset`` and batches."""
 
-    def __init__(self, x, y, shuffle: bool):
-        self.x, self.y, self.shuffle = x, y, shuffle
+    def __init__(self, x, y, shuffle: bool, drop_last: bool):
+        self.x, self.y, self.shuffle, self.drop_last = x, y, shuffle, drop_last
         self.dataset = y  # what LightCL.py takes len() of
 
     def __len__(self):
+        if self.drop_last:
+            return len(self.y) // BATCH_SIZE
         return -(-len(self.y) // BATCH_SIZE)
 
     def __iter__(self):
         order = np.random.permutation(len(self.y)) if self.shuffle else np.arange(len(self.y))
-        for start in range(0, len(order), BATCH_SIZE):
+        stop = len(self) * BATCH_SIZE if self.drop_last else len(order)
+        for start in range(0, stop, BATCH_SIZE):
             index = order[start:start + BATCH_SIZE]
             yield self.x[index], self.y[index]
