@@ -10,8 +10,8 @@ class ids. The images are served as they were exported (normalised, not
 augmented).
 
 Diagnostic: with ``$LIGHTCL_DROP_LAST=1`` the training loaders drop the last
-smaller batch, as lightcl_jax's pipeline does (``vs_reference
---reference-drop-last``); the script itself is unchanged.
+smaller batch, as lightcl_jax does with ``last_batch="drop"`` (``vs_reference
+--last-batch drop``); the script itself is unchanged.
 """
 
 import os
