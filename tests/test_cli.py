@@ -69,6 +69,7 @@ def test_cli_on_mock_cifar10_through_tfds(tmp_path):
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--sparse-execution", "fast"], "invalid choice: 'fast'"),
     (["--xla-scheduler", "fast"], "invalid choice: 'fast'"),
+    (["--last-batch", "pad"], "invalid choice: 'pad'"),
     (["--sparse", "--sparse-execution", "compact", "--seeds", "2", "--nf", "4"],
      "seed 1 prunes other channels than seed 0"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "'/nonexistent' is missing or empty"),
@@ -138,3 +139,9 @@ def test_check_identical_compares_all_but_the_wall_time_and_refuses_a_non_checko
         with pytest.raises(SystemExit) as exit_info:
             check_identical.main(argv)
         assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_the_library_names_the_allowed_last_batch_modes():
+    from lightcl_jax.config import Config
+    with pytest.raises(ValueError, match=r"last_batch must be one of drop, keep; got 'pad'"):
+        Config(last_batch="pad").validate()

@@ -56,10 +56,16 @@ print(json.dumps({"max_param_diff": max(float(np.max(np.abs(a - b))) for a, b in
                       jax.tree_util.tree_leaves(p4), jax.tree_util.tree_leaves(p1))),
                   "acc_til": [[e["acc_til"] for e in r["seeds"]] for r in (r4, r1)]}))
 from lightcl_jax.training.parallel import data_parallel
+refusals = []
 try:
     data_parallel(4, {"batch_size": 30})
 except ValueError as err:
-    print(json.dumps({"refusal": str(err)}))
+    refusals.append(str(err))
+try:
+    train_and_evaluate(dataclasses.replace(TINY, last_batch="keep"), stream, devices=4)
+except ValueError as err:
+    refusals.append(str(err))
+print(json.dumps({"refusal": refusals}))
 """
 
 
@@ -70,8 +76,10 @@ def test_four_devices_give_the_numbers_of_one_device():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out, seeds, refusal = [json.loads(line) for line in proc.stdout.strip().splitlines()[-3:]]
-    assert refusal["refusal"] == ("batch_size=30 does not split over 4 devices; use a multiple "
-                                  "of 4 or fewer devices")
+    assert refusal["refusal"] == [
+        "batch_size=30 does not split over 4 devices; use a multiple of 4 or fewer devices",
+        "last_batch keep runs on one device (an epoch's smaller last batch need not split over "
+        "4); pass --devices 1, or last_batch drop"]
     assert out["devices"] == [4, 1]
     # Same training up to the order of float sums (gradients, BatchNorm statistics).
     assert out["max_param_diff"] <= 1e-4 * out["param_scale"], out
