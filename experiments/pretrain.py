@@ -75,6 +75,17 @@ def main(argv=None) -> int:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
 
+    try:
+        data, finished, lock = _prepare_workdir(config, args, workdir)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    with lock:
+        return _pretrain_in_workdir(parser, args, config, data, finished, workdir)
+
+
+def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: str) -> int:
+    """Pre-trains (or reports the finished run) in ``workdir``, whose lock this process
+    holds; returns the exit code."""
     from lightcl_jax.model.backbone import BackboneError, save_backbone
     from lightcl_jax.training.checkpoint import RunCheckpoints
     from lightcl_jax.training.epochs import DivergenceError
@@ -82,10 +93,6 @@ def main(argv=None) -> int:
 
     results_path = os.path.join(workdir, "pretrain.json")
     backbone_dir = os.path.join(workdir, "backbone")
-    try:
-        data, finished = _prepare_workdir(config, args, workdir)
-    except (ValueError, OSError) as err:
-        parser.error(str(err))
     if finished:
         print(f"{results_path} already holds this run; its backbone is {backbone_dir} "
               "(pass --overwrite to run it again)")
@@ -125,16 +132,18 @@ def main(argv=None) -> int:
 
 
 def _prepare_workdir(config, args, workdir: str):
-    """(the data, whether ``workdir`` already holds this finished run). Discards the
-    workdir's results, checkpoints and backbone first with ``--overwrite``.
+    """(the data, whether ``workdir`` already holds this finished run, the workdir's
+    `WorkdirLock`, which the caller releases). Discards the workdir's results,
+    checkpoints and backbone first with ``--overwrite``.
 
     Raises:
-      ValueError: bad data or devices, or a workdir holding another run or a stray backbone.
+      ValueError: bad data or devices, a workdir holding another run or a stray backbone,
+        or one a live process trains in (`WorkdirInUse`).
     """
     from lightcl_jax.model.backbone import META_FILE
-    from lightcl_jax.training.checkpoint import identity_differences
     from lightcl_jax.training.parallel import data_parallel
-    from lightcl_jax.training.pretrain import load_tfds_data, pretrain_identity
+    from lightcl_jax.training.pretrain import load_tfds_data
+    from lightcl_jax.training.workdir_lock import lock_workdir
 
     results_path = os.path.join(workdir, "pretrain.json")
     backbone_dir = os.path.join(workdir, "backbone")
@@ -148,23 +157,39 @@ def _prepare_workdir(config, args, workdir: str):
             and not os.path.isdir(os.path.join(workdir, "checkpoints"))):
         raise ValueError(f"{backbone_dir} holds a backbone that no run in this workdir "
                          "wrote; pass --overwrite to replace it, or choose another --workdir")
+    lock = lock_workdir(workdir)  # one run per workdir
+    try:
+        return data, _finished(config, args, workdir, data, parallel.num_devices), lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _finished(config, args, workdir: str, data, num_devices: int) -> bool:
+    """Whether ``workdir`` holds this finished run; with ``--overwrite``, discards its
+    results, checkpoints and backbone first (then False)."""
+    from lightcl_jax.training.checkpoint import identity_differences
+    from lightcl_jax.training.pretrain import pretrain_identity
+
+    results_path = os.path.join(workdir, "pretrain.json")
     if args.overwrite:
-        for path in (results_path, os.path.join(workdir, "checkpoints"), backbone_dir):
+        for path in (results_path, os.path.join(workdir, "checkpoints"),
+                     os.path.join(workdir, "backbone")):
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.unlink(path)
-        return data, False
+        return False
     if not os.path.exists(results_path):
-        return data, False
+        return False
     with open(results_path) as f:
         finished = json.load(f)
-    identity = pretrain_identity(config, data, parallel.num_devices)
+    identity = pretrain_identity(config, data, num_devices)
     differences = identity_differences(finished.get("identity", {}), identity)
     if differences:
         raise ValueError(f"{results_path} holds another pre-training run ({differences}); "
                          "pass --overwrite to replace it, or choose another --workdir")
-    return data, True
+    return True
 
 
 if __name__ == "__main__":

@@ -233,15 +233,28 @@ def main(argv=None) -> int:
         parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
 
     # JAX loads only now that the flags are known to be good: a bad flag fails fast.
+    from lightcl_jax.training.workdir_lock import lock_workdir
+
+    try:
+        run, backbone = prepare_run(config, args)
+        lock = lock_workdir(workdir)  # one run per workdir (`WorkdirInUse` otherwise)
+    except ValueError as err:  # bad settings or data, or a live run in the workdir
+        parser.error(str(err))
+    try:
+        return train_in_workdir(parser, args, run, backbone, workdir)
+    finally:
+        lock.release()
+
+
+def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
+    """Trains ``run`` (or prints its finished results), writing into ``workdir``, whose
+    lock this process holds; returns the exit code."""
     from lightcl_jax.training.checkpoint import RunCheckpoints
     from lightcl_jax.training.epochs import DivergenceError
     from lightcl_jax.training.loop import train_and_evaluate
     from lightcl_jax.training.progress import Fanout, MetricsLog, TensorBoardLog
 
-    try:
-        run, backbone = prepare_run(config, args)
-    except ValueError as err:
-        parser.error(str(err))
+    config = run.config
     path = os.path.join(workdir, "results.json")
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
     try:

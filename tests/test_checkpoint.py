@@ -206,10 +206,12 @@ def test_divergence_names_task_and_step_keeps_the_last_good_checkpoint_and_resum
 
 
 def _tree_digest(path):
+    """A hash of every file under ``path`` but the workdir lock (each process that takes
+    it writes its own name there)."""
     digest = hashlib.sha256()
     for root, dirs, files in sorted(os.walk(path)):
         dirs.sort()
-        for name in sorted(files):
+        for name in sorted(set(files) - {".lock"}):
             full = os.path.join(root, name)
             digest.update(full.encode())
             with open(full, "rb") as f:

@@ -1,0 +1,71 @@
+"""One run per workdir: an OS file lock that dies with the process holding it.
+
+`lock_workdir` takes an exclusive ``fcntl.flock`` on ``<workdir>/.lock``.
+While the process that holds it lives, a second one is refused with a
+`WorkdirInUse` naming it (its PID and command line, which the holder writes
+into the file). The kernel drops the lock when its holder exits, however it
+exits (SIGKILL, a crash, power loss: the file outlives it, the lock does
+not), so a stale file never blocks the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no lock, as before
+    fcntl = None
+
+LOCK_NAME = ".lock"
+
+
+class WorkdirInUse(ValueError):
+    """Another live process holds the workdir's lock."""
+
+
+class WorkdirLock:
+    """A held lock; `release` (or leaving its ``with`` block, or the process's exit)
+    lets the next run in."""
+
+    def __init__(self, path: str, fd: int | None):
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    __del__ = release
+
+
+def lock_workdir(workdir: str) -> WorkdirLock:
+    """Creates ``workdir`` if needed and takes its lock, without blocking.
+
+    Raises:
+      WorkdirInUse: another live process holds it; the message names that
+        process and the workdir.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_NAME)
+    if fcntl is None:
+        return WorkdirLock(path, None)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise WorkdirInUse(f"--workdir {workdir} is in use by a run that is still alive "
+                           f"({holder}); wait for it to finish, stop it, or choose another "
+                           "--workdir") from None
+    os.ftruncate(fd, 0)  # the holder's name, for the message of whoever comes next
+    os.pwrite(fd, f"process {os.getpid()}: {' '.join(sys.argv)}".encode()[:4000], 0)
+    return WorkdirLock(path, fd)
