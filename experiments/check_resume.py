@@ -1,9 +1,12 @@
 """Kill a run with SIGKILL, rerun it, and compare with a clean run: ``python -m experiments.check_resume``.
 
 Runs ``python -m experiments.run ARGS`` three times in subprocesses: once
-uninterrupted (workdir ``<out>/clean``), once killed with SIGKILL after the
-first mid-task checkpoint of task ``--kill-in-task`` appears (``<out>/killed``),
-then the same command again, which resumes. Prints where it resumed and
+uninterrupted (workdir ``<out>/clean``), once killed with ``--signal``
+(default SIGKILL) after the first mid-task checkpoint of task
+``--kill-in-task`` appears (``<out>/killed``), then the same command again,
+which resumes. With ``--signal TERM`` or ``INT`` (a preemption) the run must
+stop by itself after checkpointing the step it is in, with exit code 143 or
+130; its line saying where is printed. Prints where it resumed and
 whether the two ``results.json`` agree on every entry but ``wall_time_s`` and
 ``resumed_at_steps``; exits 1 when they do not. Extra flags go to the run,
 e.g. ``python -m experiments.check_resume -- --strategy derpp --epochs 2``.
@@ -63,6 +66,8 @@ def main(argv=None) -> int:
                         help="kill after a checkpoint inside this task (0-based; default 1)")
     parser.add_argument("--ckpt-every", type=int, default=7,
                         help="checkpoint interval of the runs (default 7 steps)")
+    parser.add_argument("--signal", default="KILL", choices=("KILL", "TERM", "INT"),
+                        help="the signal that stops the run (default KILL)")
     parser.add_argument("run_args", nargs="*", help="flags for experiments.run (after --)")
     args = parser.parse_args(argv)
     if args.ckpt_every < 1 or args.kill_in_task < 0:
@@ -79,16 +84,22 @@ def main(argv=None) -> int:
     print(f"clean run: {time.perf_counter() - start:.1f} s")
 
     proc = subprocess.Popen([*command, "--workdir", killed_dir], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and not _checkpointed_in_task(killed_dir, args.kill_in_task):
         time.sleep(0.01)
     if proc.poll() is not None:
         print("the run finished before it could be killed; pass a longer run or a smaller "
               "--ckpt-every", file=sys.stderr)
         return 1
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    print(f"killed with SIGKILL; results.json written: "
+    signum = signal.Signals["SIG" + args.signal]
+    proc.send_signal(signum)
+    err = proc.communicate()[1]
+    if signum != signal.SIGKILL:
+        print("\n".join(line for line in err.splitlines() if "stopped by" in line))
+        if proc.returncode != 128 + signum:
+            print(f"the run exited with {proc.returncode}, not {128 + signum}", file=sys.stderr)
+            return 1
+    print(f"stopped with {signum.name} (exit code {proc.returncode}); results.json written: "
           f"{os.path.exists(os.path.join(killed_dir, 'results.json'))}")
 
     resumed = subprocess.run([*command, "--workdir", killed_dir], capture_output=True, text=True)

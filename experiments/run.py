@@ -233,6 +233,7 @@ def main(argv=None) -> int:
         parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
 
     # JAX loads only now that the flags are known to be good: a bad flag fails fast.
+    from lightcl_jax.training.preemption import handle_signals
     from lightcl_jax.training.workdir_lock import lock_workdir
 
     try:
@@ -241,7 +242,8 @@ def main(argv=None) -> int:
     except ValueError as err:  # bad settings or data, or a live run in the workdir
         parser.error(str(err))
     try:
-        return train_in_workdir(parser, args, run, backbone, workdir)
+        with handle_signals():  # SIGTERM, SIGINT: checkpoint after the step, then stop
+            return train_in_workdir(parser, args, run, backbone, workdir)
     finally:
         lock.release()
 
@@ -252,6 +254,7 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
     from lightcl_jax.training.checkpoint import RunCheckpoints
     from lightcl_jax.training.epochs import DivergenceError
     from lightcl_jax.training.loop import train_and_evaluate
+    from lightcl_jax.training.preemption import Preempted
     from lightcl_jax.training.progress import Fanout, MetricsLog, TensorBoardLog
 
     config = run.config
@@ -277,6 +280,11 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
                 else "; no checkpoint was written before it")
         print(f"{parser.prog}: error: {err}{kept}", file=sys.stderr)
         return 1
+    except Preempted as stop:
+        checkpoints.close()  # the checkpoint is complete on disk before the line says so
+        print(f"{parser.prog}: {stop}; checkpoint {checkpoints.path(*checkpoints.latest())}; "
+              "rerun the same command to resume", file=sys.stderr)
+        return stop.exit_code
     except ValueError as err:  # a results file or checkpoint of another run, unreadable ones,
         parser.error(str(err))  # or seeds whose --freeze auto disagrees
     finally:

@@ -434,3 +434,56 @@ def test_cli_refuses_an_unreadable_results_file_and_a_workdir_that_is_a_file(tmp
     assert (workdir / "results.json").read_text() == "{half a file"
     line = _refused([*CLI_TINY, "--workdir", str(workdir / "results.json")], capsys)
     assert "results.json is a file; it must be a directory (or not exist)" in line
+
+
+def test_sigterm_mid_run_checkpoints_exits_143_and_the_rerun_gives_the_clean_results(
+        tmp_path, finished_workdir):
+    """Preemption: SIGTERM (twice: the second arrives while the first is handled) once task 0
+    has ended; the run finishes its step, checkpoints, says where, exits 143; rerunning the
+    same command gives the uninterrupted run's numbers (``finished_workdir``)."""
+    args = [sys.executable, "-m", "experiments.run", *CLI_TINY, "--ckpt-every", "0"]
+    workdir = tmp_path / "preempted"
+    proc = subprocess.Popen([*args, "--workdir", str(workdir)], cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "metrics.jsonl").exists() and '"kind": "task"' in (
+                workdir / "metrics.jsonl").read_text():
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 143, err
+    (line,) = [x for x in err.splitlines() if "stopped by SIGTERM" in x]
+    latest = RunCheckpoints(workdir / "checkpoints").latest()
+    assert line.endswith(f"checkpoint {RunCheckpoints(workdir / 'checkpoints').path(*latest)}; "
+                         "rerun the same command to resume")
+    assert latest[1] > 0 and not (workdir / "results.json").exists()
+
+    resumed = subprocess.run([*args, "--workdir", str(workdir)], cwd=ROOT, env=dict(os.environ),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    with open(finished_workdir / "results.json") as f:
+        want = json.load(f)
+    with open(workdir / "results.json") as f:
+        got = json.load(f)
+    assert got["resumed_at_steps"] == [latest[1]]
+    assert _same(got) == _same(want)
+
+
+def test_signals_only_set_a_flag_inside_handle_signals():
+    from lightcl_jax.training import preemption
+    before = signal.getsignal(signal.SIGINT)
+    with preemption.handle_signals():
+        os.kill(os.getpid(), signal.SIGINT)   # no KeyboardInterrupt here
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert preemption.requested() == signal.SIGINT   # the first one counts
+    assert preemption.requested() is None and signal.getsignal(signal.SIGINT) is before
+    position = Position(task=2, task_done=False, epoch=0, batch=3, step_in_task=3,
+                        global_step=23)
+    stop = preemption.Preempted(signal.SIGINT, position)
+    assert stop.exit_code == 130 and str(stop) == "stopped by SIGINT at task 2, step 23"
+    assert preemption.Preempted(signal.SIGTERM, position).exit_code == 143

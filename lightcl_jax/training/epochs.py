@@ -21,6 +21,7 @@ from lightcl_jax.data.pipeline import epoch_batches, prefetch, steps_per_epoch
 from lightcl_jax.training.checkpoint import Position
 from lightcl_jax.training.lanes import Lanes
 from lightcl_jax.training.placement import Placement
+from lightcl_jax.training.preemption import Preempted, requested
 from lightcl_jax.training.progress import Progress
 
 # Training batches read, augmented and sent to the devices ahead of the step.
@@ -150,6 +151,8 @@ def train_epochs(train_step, state, memory, batches: TaskBatches, start: Positio
 
     Raises:
       DivergenceError: a loss became NaN or Inf.
+      Preempted: a signal arrived (`lightcl_jax.training.preemption`); the step it
+        arrived in finished, and was checkpointed.
     """
     position = start
     offset = jnp.asarray(class_offset, jnp.int32)
@@ -199,14 +202,19 @@ def _train_epoch(train_step, state, memory, epoch_iter, position: Position, offs
                                        step_in_task=position.step_in_task + 1,
                                        global_step=position.global_step + 1)
         progress.advance(1)
+        # A signal (`preemption`) stops the run here, after a checkpoint; at the task's
+        # last step its boundary checkpoint comes first (`lightcl_jax.training.loop`).
+        stop = requested() if position.step_in_task < last_step else None
         checkpoint_now = (every and position.global_step % every == 0
-                          and position.step_in_task < last_step)
+                          and position.step_in_task < last_step) or stop is not None
         if len(losses) == CHECK_EVERY or (checkpoint_now and losses):
             means.add(check_finite(losses, position.step_in_task - len(losses), position.task,
                                    seeds))
             losses = []
-        if checkpoint_now:
+        if checkpoint_now and checkpoint is not None:
             checkpoint(position, state, memory, rng_states)
+        if stop is not None:
+            raise Preempted(stop, position)
     if losses:
         means.add(check_finite(losses, position.step_in_task - len(losses), position.task, seeds))
     return state, memory, position, means.means()

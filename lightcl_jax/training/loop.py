@@ -29,6 +29,7 @@ from lightcl_jax.training.boundaries import begin_task, end_task
 from lightcl_jax.training.checkpoint import Position, RunCheckpoints
 from lightcl_jax.training.epochs import TaskBatches, train_epochs
 from lightcl_jax.training.evaluation import evaluate, layer_metrics
+from lightcl_jax.training.preemption import Preempted, requested
 from lightcl_jax.training.probe import freeze_auto, needs_probe
 from lightcl_jax.training.programs import Programs
 from lightcl_jax.training.progress import Progress
@@ -117,6 +118,8 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
                                                       run.stream, t, run.config.layer_metrics))
         save(dataclasses.replace(end, task_done=True), state, memory)
         _task_done(progress, t, global_step, til, cil, run.placement.lanes.seeds)
+        if requested() is not None and t + 1 < run.stream.num_tasks:
+            raise Preempted(requested(), dataclasses.replace(end, task_done=True))
         if on_task_end is not None:
             on_task_end(t, state)
     return assemble_results(run, record, state, programs, resumed_at=list(clock.resumed_at),
