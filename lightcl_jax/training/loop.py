@@ -116,26 +116,28 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
         if _measures_layers(run, t):
             record.add_layer_metrics(t, layer_metrics(run.model, placement, before, state,
                                                       run.stream, t, run.config.layer_metrics))
-        save(dataclasses.replace(end, task_done=True), state, memory)
-        _task_done(progress, t, global_step, til, cil, run.placement.lanes.seeds)
-        if requested() is not None and t + 1 < run.stream.num_tasks:
-            raise Preempted(requested(), dataclasses.replace(end, task_done=True))
+        save(end := dataclasses.replace(end, task_done=True), state, memory)
+        _task_done(progress, end, til, cil, lanes.seeds, last=t + 1 == run.stream.num_tasks)
         if on_task_end is not None:
             on_task_end(t, state)
     return assemble_results(run, record, state, programs, resumed_at=list(clock.resumed_at),
                             wall_time_s=clock.elapsed())
 
 
-def _task_done(progress: Progress, task: int, global_step: int, til, cil, seeds) -> None:
-    """Reports a trained and evaluated task: its accuracy rows (per seed when several)."""
+def _task_done(progress: Progress, done: Position, til, cil, seeds, *, last: bool) -> None:
+    """Reports a trained, evaluated and checkpointed task (``done``): its accuracy rows
+    (per seed when several). A signal received by now stops the run here (`Preempted`),
+    unless this was its last task."""
     rows = {}
     for name, acc in (("til", til), ("cil", cil)):
         per_seed = [[float(v) for v in acc[:, lane]] for lane in range(acc.shape[1])]
         rows[f"{name}_row"] = per_seed[0] if len(seeds) == 1 else per_seed
         rows[name] = float(acc.mean())
-    progress.record("task", {"task": task, "global_step": global_step, **rows,
+    progress.record("task", {"task": done.task, "global_step": done.global_step, **rows,
                              **({"seeds": list(seeds)} if len(seeds) > 1 else {})})
     progress.end({"til": rows["til"], "cil": rows["cil"]})
+    if requested() is not None and not last:
+        raise Preempted(requested(), done)
 
 
 def _restore(run: Run, resume, checkpoints, states: list, masks: list, programs: Programs,
