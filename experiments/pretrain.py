@@ -79,7 +79,8 @@ def main(argv=None) -> int:
         data, finished, lock = _prepare_workdir(config, args, workdir)
     except (ValueError, OSError) as err:
         parser.error(str(err))
-    with lock:
+    from lightcl_jax.training.preemption import handle_signals
+    with lock, handle_signals():  # SIGTERM, SIGINT: checkpoint after the step, then stop
         return _pretrain_in_workdir(parser, args, config, data, finished, workdir)
 
 
@@ -89,6 +90,7 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
     from lightcl_jax.model.backbone import BackboneError, save_backbone
     from lightcl_jax.training.checkpoint import RunCheckpoints
     from lightcl_jax.training.epochs import DivergenceError
+    from lightcl_jax.training.preemption import Preempted
     from lightcl_jax.training.pretrain import pretrain
 
     results_path = os.path.join(workdir, "pretrain.json")
@@ -104,6 +106,12 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
     except DivergenceError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
+    except Preempted as stop:
+        checkpoints.close()  # the checkpoint is complete on disk before the line says so
+        print(f"{parser.prog}: {stop.args[0].replace(' at task 0,', ' at')}; checkpoint "
+              f"{checkpoints.path(*checkpoints.latest())}; rerun the same command to resume",
+              file=sys.stderr)
+        return stop.exit_code
     except ValueError as err:  # CheckpointError: unreadable, or another run's
         parser.error(str(err))
     finally:

@@ -10,6 +10,7 @@ Pre-training runs on TFDS's mock of its default dataset, imagenet_resized/32x32
 import json
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -20,6 +21,7 @@ from experiments import pretrain as pretrain_cli
 from experiments import run as run_cli
 from lightcl_jax.model.backbone import load_backbone, save_backbone
 from lightcl_jax.model.torch_import import convert_state_dict
+from lightcl_jax.training import preemption
 from lightcl_jax.training.checkpoint import RunCheckpoints
 from lightcl_jax.training.progress import Progress
 from lightcl_jax.training.pretrain import (PretrainConfig, epoch_order, load_tfds_data,
@@ -149,3 +151,50 @@ def test_pretrain_refuses_a_backbone_directory_it_did_not_write(tmp_path, capsys
         assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "v" / "checkpoints")
     load_backbone(str(tmp_path / "v" / "backbone"))          # untouched
+
+
+class _SignalAfter(Progress):
+    """Progress that sends this process SIGTERM once ``steps`` train steps were reported."""
+
+    def __init__(self, steps):
+        self.steps, self.done = steps, 0
+
+    def advance(self, steps, metrics=None):
+        self.done += steps
+        if self.done >= self.steps and self.steps:
+            self.steps = 0
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_pretrain_stops_at_a_signal_after_a_checkpoint_and_resumes_to_the_same_backbone(
+        tmp_path):
+    with _mock():
+        data = load_tfds_data(CONFIG)
+        clean, _ = pretrain(CONFIG, data)
+        checkpoints = RunCheckpoints(tmp_path / "checkpoints", every=0)
+        # The signal comes while step 1 is reported: step 2 finishes, is checkpointed, and
+        # pre-training stops there.
+        with preemption.handle_signals(), pytest.raises(preemption.Preempted) as info:
+            pretrain(CONFIG, data, checkpoints=checkpoints, progress=_SignalAfter(1),
+                     log_every=1)
+        checkpoints.close()
+        assert info.value.exit_code == 143 and info.value.position.global_step == 2
+        assert RunCheckpoints(tmp_path / "checkpoints").latest() == ("steps", 2)
+        resumed, history = pretrain(CONFIG, data,
+                                    checkpoints=RunCheckpoints(tmp_path / "checkpoints"))
+    assert history["resumed_at_steps"] == [2]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, clean)
+
+
+def test_pretrain_command_says_where_it_stopped_and_exits_143(tmp_path, capsys, monkeypatch):
+    # The command reports losses at each epoch's end: the signal comes at step 3, the end of
+    # epoch 1, whose checkpoint is the one to resume from.
+    monkeypatch.setattr(pretrain_cli, "Bars", lambda enabled: _SignalAfter(1))
+    with _mock():
+        code = pretrain_cli.main(["--workdir", str(tmp_path), *FLAGS, "--ckpt-every", "0"])
+    assert code == 143
+    err = capsys.readouterr().err
+    assert (f"python -m experiments.pretrain: stopped by SIGTERM at step 3; checkpoint "
+            f"{tmp_path / 'checkpoints' / 'steps' / '3'}; rerun the same command to resume"
+            ) in err
+    assert not (tmp_path / "pretrain.json").exists() and not (tmp_path / "backbone").exists()

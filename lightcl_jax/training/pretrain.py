@@ -38,6 +38,7 @@ from lightcl_jax.training.checkpoint import Position
 from lightcl_jax.training.epochs import DivergenceError
 from lightcl_jax.training.forward import jitted_eval_forward
 from lightcl_jax.training.parallel import data_parallel
+from lightcl_jax.training.preemption import Preempted, requested
 from lightcl_jax.training.progress import Progress
 from lightcl_jax.training.resume import Clock, Saver, find_resume_point
 from lightcl_jax.training.state import TrainState, random_variables, train_state
@@ -284,9 +285,8 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
       "identity", "normalisation", "eval_samples"}``.
 
     Raises:
-      ValueError: bad config or data, or a checkpoint of another run
-        (CheckpointError).
-      DivergenceError: the loss became NaN or Inf.
+      ValueError: bad config or data, or a checkpoint of another run (CheckpointError).
+      DivergenceError: the loss became NaN or Inf. Preempted: a signal (after a checkpoint).
     """
     start_time = time.perf_counter()
     config.validate()
@@ -330,6 +330,7 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
         progress.end({k: v for k, v in summary.items() if k in _SHOWN and v is not None})
         where = _Where(epoch + 1)
         save(where, state)
+        _stop(requested(), epoch + 1, 0, steps_per_epoch, last=epoch + 1 == config.epochs)
     history.update({
         "steps": config.epochs * steps_per_epoch,
         "wall_time_s": clock.elapsed(),
@@ -379,15 +380,30 @@ def _train_epoch(step_fn, state, data: PretrainData, config: PretrainConfig, epo
         state, metrics = step_fn(state, x, y)
         pending.append(metrics)
         done = b + 1
+        # A signal (`preemption`) stops here after a checkpoint; at the epoch's last step,
+        # after the epoch's own.
+        stop = requested() if done < steps_per_epoch else None
         at_checkpoint = (every and done < steps_per_epoch
-                         and (epoch * steps_per_epoch + done) % every == 0)
+                         and (epoch * steps_per_epoch + done) % every == 0) or stop is not None
         if len(pending) >= log_every or at_checkpoint or done == steps_per_epoch:
             values, pending = jax.device_get(pending), []
             sums = _add_sums(sums, values, epoch, epoch * steps_per_epoch + done)
             progress.advance(len(values), {"loss": float(values[-1]["loss"])})
         if at_checkpoint:
             save(_Where(epoch, done, sums), state)
+        _stop(stop, epoch, done, steps_per_epoch)
     return state, sums
+
+
+def _stop(signum: int | None, epoch: int, batch: int, steps_per_epoch: int, *,
+          last: bool = False) -> None:
+    """Raises `Preempted` at ``batch`` steps into ``epoch`` (after its checkpoint) when a
+    signal came (``signum``), unless that is the end of pre-training (``last``)."""
+    if signum is None or last:
+        return
+    step = epoch * steps_per_epoch + batch
+    raise Preempted(signum, Position(task=0, task_done=False, epoch=epoch, batch=batch,
+                                     step_in_task=step, global_step=step))
 
 
 def _add_sums(sums: dict, values: list[dict], epoch: int, step: int) -> dict:
