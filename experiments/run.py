@@ -280,6 +280,11 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
                 else "; no checkpoint was written before it")
         print(f"{parser.prog}: error: {err}{kept}", file=sys.stderr)
         return 1
+    except OSError as err:  # a checkpoint that could not be written (disk full, permissions)
+        print(f"{parser.prog}: error: writing a checkpoint failed ({err}); "
+              f"{_kept(checkpoints)}; free the space (or fix the permissions) and rerun the "
+              "same command to resume", file=sys.stderr)
+        return 1
     except Preempted as stop:
         checkpoints.close()  # the checkpoint is complete on disk before the line says so
         print(f"{parser.prog}: {stop}; checkpoint {checkpoints.path(*checkpoints.latest())}; "
@@ -292,12 +297,25 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
     if backbone is not None:
         results["init_from"] = {"path": os.path.abspath(args.init_from),
                                 "source": backbone.get("source"), "digest": backbone["digest"]}
-    write_json_atomic(path, results)
+    try:
+        write_json_atomic(path, results)
+    except OSError as err:  # nothing half-written is left (`write_json_atomic`)
+        print(f"{parser.prog}: error: writing {path} failed ({err}); {_kept(checkpoints)}, "
+              "which holds the finished run: rerun the same command to write it",
+              file=sys.stderr)
+        return 1
     print(format_table(results))
     figure = save_figure(accuracy_figure(results), os.path.join(workdir, "accuracy.png"))
     print(f"results written to {path}, the accuracy matrices drawn in {figure} "
           f"(checkpoints in {checkpoints.directory})")
     return 0
+
+
+def _kept(checkpoints) -> str:
+    """Where the run can resume from, for an error message."""
+    latest = checkpoints.latest()
+    return (f"the last complete checkpoint is {checkpoints.path(*latest)}" if latest
+            else "no checkpoint was written yet")
 
 
 def prepare_run(config: Config, args: argparse.Namespace):

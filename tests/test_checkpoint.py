@@ -7,6 +7,7 @@ how the run went, not what it computed).
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -487,3 +488,71 @@ def test_signals_only_set_a_flag_inside_handle_signals():
     stop = preemption.Preempted(signal.SIGINT, position)
     assert stop.exit_code == 130 and str(stop) == "stopped by SIGINT at task 2, step 23"
     assert preemption.Preempted(signal.SIGTERM, position).exit_code == 143
+
+
+def _fail_on_call(n, error):
+    """A stand-in that raises ``error`` on its ``n``-th call and passes the others through."""
+    def wrap(real):
+        calls = []
+
+        def fake(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise error
+            return real(*args, **kwargs)
+        return fake
+    return wrap
+
+
+def test_a_failing_checkpoint_write_stops_the_run_and_keeps_the_one_before(
+        tmp_path, finished_workdir, monkeypatch, capsys):
+    """Disk full while orbax finalises the third task checkpoint (its rename of the finished
+    temporary directory): the run stops with one line, the checkpoints before stay restorable,
+    and rerunning resumes from the second task's to the uninterrupted results."""
+    from orbax.checkpoint._src.path import async_path
+    full = OSError(errno.ENOSPC, "No space left on device")
+    # orbax renames three temporary directories a checkpoint (state, meta, the step): the
+    # ninth rename is the third checkpoint's last.
+    monkeypatch.setattr(async_path, "rename", _fail_on_call(9, full)(async_path.rename))
+    workdir = tmp_path / "w"
+    assert run.main([*CLI_TINY, "--ckpt-every", "0", "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "writing a checkpoint failed ([Errno 28] No space left" in err
+    checkpoints = RunCheckpoints(workdir / "checkpoints")
+    kind, step = checkpoints.latest()
+    assert kind == "tasks" and checkpoints.read_meta(kind, step)["position"]["task"] == 1
+    assert f"the last complete checkpoint is {checkpoints.path(kind, step)}" in err
+    # Task 2's checkpoint never became one: orbax left its temporary directory, ignored.
+    assert [name for name in os.listdir(workdir / "checkpoints" / "tasks")
+            if "orbax-checkpoint-tmp" in name]
+    assert not (workdir / "results.json").exists()
+    monkeypatch.undo()
+    assert run.main([*CLI_TINY, "--ckpt-every", "0", "--workdir", str(workdir)]) == 0
+    with open(workdir / "results.json") as f:
+        got = json.load(f)
+    with open(finished_workdir / "results.json") as f:
+        want = json.load(f)
+    assert got["resumed_at_steps"] == [step] and _same(got) == _same(want)
+
+
+def test_a_failing_results_write_leaves_no_partial_file(tmp_path, finished_workdir, monkeypatch,
+                                                        capsys):
+    import experiments.common as common
+
+    def half_then_full(payload, f, **kwargs):
+        f.write('{"strategy": "lightc')
+        raise OSError(errno.ENOSPC, "No space left on device")
+    workdir = _copy(finished_workdir, tmp_path)
+    os.unlink(workdir / "results.json")   # the run finished; only its results are missing
+    monkeypatch.setattr(common.json, "dump", half_then_full)
+    assert run.main([*CLI_TINY, "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    assert f"writing {workdir / 'results.json'} failed ([Errno 28]" in err
+    assert not (workdir / "results.json").exists()
+    assert not any(name.startswith(".results-") for name in os.listdir(workdir))
+    monkeypatch.undo()
+    assert run.main([*CLI_TINY, "--workdir", str(workdir)]) == 0
+    with open(workdir / "results.json") as f:
+        got = json.load(f)
+    with open(finished_workdir / "results.json") as f:
+        assert _same(got) == _same(json.load(f))
