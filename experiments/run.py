@@ -236,6 +236,7 @@ def main(argv=None) -> int:
     from lightcl_jax.training.preemption import handle_signals
     from lightcl_jax.training.workdir_lock import lock_workdir
 
+    fresh = not os.path.exists(workdir)
     try:
         run, backbone = prepare_run(config, args)
         lock = lock_workdir(workdir)  # one run per workdir (`WorkdirInUse` otherwise)
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
         with handle_signals():  # SIGTERM, SIGINT: checkpoint after the step, then stop
             return train_in_workdir(parser, args, run, backbone, workdir)
     finally:
-        lock.release()
+        lock.release(remove_empty_workdir=fresh)  # a run refused at its start leaves none
 
 
 def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:

@@ -32,10 +32,15 @@ class WorkdirLock:
     def __init__(self, path: str, fd: int | None):
         self.path, self._fd = path, fd
 
-    def release(self) -> None:
+    def release(self, *, remove_empty_workdir: bool = False) -> None:
+        """Drops the lock; with ``remove_empty_workdir``, also the workdir when it holds
+        nothing but the lock file (a run refused before it wrote anything)."""
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+        if remove_empty_workdir and os.listdir(os.path.dirname(self.path)) == [LOCK_NAME]:
+            os.unlink(self.path)
+            os.rmdir(os.path.dirname(self.path))
 
     def __enter__(self) -> "WorkdirLock":
         return self
@@ -43,7 +48,8 @@ class WorkdirLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    __del__ = release
+    def __del__(self) -> None:
+        self.release()
 
 
 def lock_workdir(workdir: str) -> WorkdirLock:
