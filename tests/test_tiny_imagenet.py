@@ -121,3 +121,22 @@ def test_validation_rearranged_by_class_is_read(tmp_path):
     _, _, val = read_folder(str(root))
     assert [(os.path.basename(path), wnid) for path, wnid in val] == [
         (f"val_{c}.JPEG", wnid) for c, wnid in enumerate(wnids)]
+
+
+def test_a_truncated_image_is_refused_by_name_and_nothing_half_prepared_is_left(tmp_path):
+    from lightcl_jax.data.tiny_imagenet import tiny_imagenet_builder
+    root = tmp_path / "truncated"
+    _, files = _write_folder(root, classes=4)
+    path = files["train"][3][0]
+    whole = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(whole[:len(whole) // 3])
+    with pytest.raises(TinyImagenetError, match=rf"{path} is not a readable image \(OSError: "
+                                                "image file is truncated"):
+        make_stream("tinyimagenet", data_dir=str(root), num_tasks=2)
+    # TFDS wrote into a temporary folder: no prepared version is left to be read later.
+    prepared = root / "tfds" / "tiny_imagenet_folder"
+    assert not [name for name in os.listdir(prepared) if not name.startswith("incomplete")]
+    with open(path, "wb") as f:
+        f.write(whole)
+    assert tiny_imagenet_builder(str(root)).is_prepared()
