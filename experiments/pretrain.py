@@ -108,7 +108,7 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
         return 1
     except Preempted as stop:
         checkpoints.close()  # the checkpoint is complete on disk before the line says so
-        print(f"{parser.prog}: {stop.args[0].replace(' at task 0,', ' at')}; checkpoint "
+        print(f"{parser.prog}: {stop.describe(task=False)}; checkpoint "
               f"{checkpoints.path(*checkpoints.latest())}; rerun the same command to resume",
               file=sys.stderr)
         return stop.exit_code

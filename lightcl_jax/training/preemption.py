@@ -24,8 +24,13 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, position):
         self.signum, self.position = signum, position
-        super().__init__(f"stopped by {signal.Signals(signum).name} at task {position.task}, "
-                         f"step {position.global_step}")
+        super().__init__(self.describe())
+
+    def describe(self, *, task: bool = True) -> str:
+        """``stopped by SIGTERM at task T, step S`` (without ``task``: ``at step S``)."""
+        where = f"task {self.position.task}, " if task else ""
+        return (f"stopped by {signal.Signals(self.signum).name} at {where}"
+                f"step {self.position.global_step}")
 
     @property
     def exit_code(self) -> int:
