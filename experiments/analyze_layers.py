@@ -32,7 +32,7 @@ def build_parser():
     p.add_argument("--data-dir", default=None)
     p.add_argument("--num-tasks", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs per task (default: digits 10, cifar 50)")
+                   help="epochs per task (default: digits32 and digits 10, cifar 50)")
     p.add_argument("--nf", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--similarity", default=Config().similarity, choices=sorted(SIMILARITIES))

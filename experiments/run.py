@@ -45,14 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default=d.eval_split, choices=EVAL_SPLITS,
                    help="holdout: the reference's 10%% of train; test: the official test split")
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs per task (default: digits 10, digits32 and cifar 50, "
+                   help="epochs per task (default: digits32 and digits 10, cifar 50, "
                         "tinyimagenet 100)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--beta", type=float, default=d.beta, help="regulation loss weight")
     p.add_argument("--buffer-size", type=int, default=d.buffer_size)
     p.add_argument("--ratio", type=float, default=d.ratio, help="vital channel ratio, (0, 1]")
-    p.add_argument("--nf", type=int, default=None, help="ResNet width (default: digits 16, else 64)")
+    p.add_argument("--nf", type=int, default=None, help="ResNet width (default: digits32 and digits 16, else 64)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train seeds --seed .. --seed+N-1 together in one compiled program "

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The digits tasks have 325, 325, 327, 324 and 317 training samples: at batch 32 and 1 epoch,
 # tasks end at steps 10, 20, 30, 40 and 49. Same settings as tests/test_cli.py's CLI run.
 STEPS_PER_TASK = 10
-TINY = dict(nf=4, epochs=1)
+TINY = dict(dataset="digits", nf=4, epochs=1)
 
 
 def _same(results):
@@ -220,7 +220,7 @@ def _tree_digest(path):
     return digest.hexdigest()
 
 
-CLI_TINY = ["--nf", "4", "--epochs", "1", "--no-progress"]
+CLI_TINY = ["--dataset", "digits", "--nf", "4", "--epochs", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

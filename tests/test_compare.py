@@ -9,7 +9,7 @@ from experiments import compare, convert_torch
 
 
 def test_compare_writes_both_tables(tmp_path):
-    code = compare.main(["--strategies", "finetune,lightcl", "--seeds", "2", "--epochs", "1",
+    code = compare.main(["--strategies", "finetune,lightcl", "--seeds", "2", "--epochs", "1", "--dataset", "digits",
                          "--nf", "4", "--num-tasks", "2", "--workdir", str(tmp_path),
                          "--no-progress"])
     assert code == 0
@@ -34,7 +34,7 @@ def test_compare_writes_both_tables(tmp_path):
     # (Their accuracies agree only up to float order, which lr 0.01 amplifies at nf 4:
     # tests/test_seeds.py checks them at lr 1e-3.)
     assert runs[0]["trained_with_seeds"] == [0, 1]
-    assert compare.main(["--strategies", "lightcl", "--seeds", "2", "--epochs", "1", "--nf", "4",
+    assert compare.main(["--strategies", "lightcl", "--seeds", "2", "--epochs", "1", "--nf", "4", "--dataset", "digits",
                          "--num-tasks", "2", "--workdir", str(tmp_path / "apart"),
                          "--one-by-one", "--no-progress"]) == 0
     for seed in (0, 1):

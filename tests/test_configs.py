@@ -47,7 +47,7 @@ def test_config_files_and_bad_configs(tmp_path, capsys):
     path = tmp_path / "mine.py"
     path.write_text('"""Mine."""\nFLAGS = dict(strategy="er", epochs=2, nf=8)\n')
     _, args = run.parse_args(["--config", str(path), "--nf", "4"])
-    assert (args.strategy, args.epochs, args.nf, args.dataset) == ("er", 2, 4, "digits")
+    assert (args.strategy, args.epochs, args.nf, args.dataset) == ("er", 2, 4, "digits32")
     bad = tmp_path / "bad.py"
     bad.write_text("FLAGS = dict(learning_rate=0.1)\n")
     for config, message in ((str(bad), "sets unknown flags ['learning_rate']"),

@@ -133,7 +133,7 @@ def test_run_init_from_refuses_misfits(tmp_path, capsys, make, extra, message):
     if make is not None:
         _backbone(tmp_path / "backbone", in_channels=1 if make == "grey" else 3)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli.main(["--init-from", str(tmp_path / "backbone"), "--workdir",
+        run_cli.main(["--dataset", "digits", "--init-from", str(tmp_path / "backbone"), "--workdir",
                       str(tmp_path / "run"), "--no-progress", *extra])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err

@@ -24,7 +24,8 @@ def test_a_second_process_is_refused_and_a_killed_holder_blocks_nothing(tmp_path
         assert holder.stdout.readline().strip() == "held"
         before = sorted(os.listdir(workdir))
         with pytest.raises(SystemExit) as exit_info:
-            run.main(["--nf", "4", "--epochs", "1", "--no-progress", "--workdir", str(workdir)])
+            run.main(["--dataset", "digits", "--nf", "4", "--epochs", "1", "--no-progress",
+                      "--workdir", str(workdir)])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
