@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -199,6 +201,30 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="not available in"):
         make_stream("cifar10", data_dir=str(tmp_path / "junk"))
+
+
+def test_a_data_dir_of_another_version_or_dataset_is_named(tmp_path):
+    """TFDS itself says of these that the data is 'already prepared ... in the TFRECORD
+    format'; the folder tells what is wrong."""
+    import tensorflow_datasets as tfds
+
+    def prepared(data_dir, name, version):
+        folder = data_dir / name / version
+        folder.mkdir(parents=True)
+        (folder / "dataset_info.json").write_text(json.dumps({"name": name, "version": version}))
+        return str(data_dir)
+
+    want = str(tfds.builder_cls("cifar10").VERSION)
+    old = prepared(tmp_path / "old", "cifar10", "1.0.0")
+    with pytest.raises(ValueError, match=rf"holds cifar10 version 1.0.0, not {want}, the version "
+                                         rf"tensorflow-datasets {tfds.__version__} reads"):
+        make_stream("cifar10", data_dir=old)
+    other = prepared(tmp_path / "other", "mnist", "3.0.1")
+    prepared(tmp_path / "other", "cifar100", "3.0.2")
+    with pytest.raises(ValueError, match=r"holds no prepared 'cifar10' \(it holds cifar100, mnist\)"):
+        make_stream("cifar10", data_dir=other)
+    with pytest.raises(ValueError, match=rf"one prepared version's folder .* holding cifar10/{want}/"):
+        make_stream("cifar10", data_dir=str(tmp_path / "old" / "cifar10" / "1.0.0"))
 
 
 def test_validate_stream_refuses_hand_built_streams_with_bad_data():

@@ -293,6 +293,11 @@ def _load_tfds(name, data_dir, eval_split, mean, std):
                          f"prepared TFDS dataset {name!r} (e.g. `tfds build {name} "
                          f"--file_format=array_record --data_dir {data_dir}` on a machine "
                          "with network)")
+    if data_dir is not None:
+        problem = data_dir_problem(name, data_dir)
+        if problem:
+            raise ValueError(problem)
+
     def open_split(split, **kwargs):
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False, **kwargs)
 
@@ -311,6 +316,48 @@ def _load_tfds(name, data_dir, eval_split, mean, std):
         return (*_holdout(*train), num_classes)
     return train, _record_split(test_source, name, "test", mean, std,
                                 open_split("test", decoders=skip_image_decoding())), num_classes
+
+
+def _prepared_versions(folder: str) -> list[str]:
+    """The versions prepared under a dataset's folder (``<version>/dataset_info.json``,
+    or one level deeper for a dataset with configs), as ``config/version`` there."""
+    found = []
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, entry)
+        if os.path.isfile(os.path.join(path, "dataset_info.json")):
+            found.append(entry)
+        elif os.path.isdir(path):
+            found += [f"{entry}/{v}" for v in _prepared_versions(path) if "/" not in v]
+    return found
+
+
+def data_dir_problem(name: str, data_dir: str) -> str | None:
+    """What keeps TFDS dataset ``name`` from being read from ``data_dir``, in words, when
+    the folder shows it: another version prepared, another dataset, a version folder
+    given instead of the data_dir. None when ``name``'s version is there (or nothing is
+    known; TFDS then says what it finds)."""
+    import tensorflow_datasets as tfds
+
+    version = str(tfds.builder_cls(name).VERSION)
+    versions = _prepared_versions(os.path.join(data_dir, name))
+    if version in versions:
+        return None
+    rebuild = (f"prepare it with this TFDS (`tfds build {name} --file_format=array_record "
+               f"--data_dir {data_dir}`)")
+    if versions:
+        return (f"data_dir {data_dir!r} holds {name} version {', '.join(versions)}, not "
+                f"{version}, the version tensorflow-datasets {tfds.__version__} reads; "
+                f"{rebuild}, or install the tensorflow-datasets that prepared it")
+    if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+        return (f"data_dir {data_dir!r} is one prepared version's folder (it holds "
+                "dataset_info.json); pass the folder above the dataset's name, the one "
+                f"holding {name}/{version}/")
+    others = [d for d in sorted(os.listdir(data_dir))
+              if _prepared_versions(os.path.join(data_dir, d))]
+    if others:
+        return (f"data_dir {data_dir!r} holds no prepared {name!r} (it holds "
+                f"{', '.join(others)}); {rebuild}, or pass the data_dir that holds it")
+    return None
 
 
 def _record_split(source, name, split, mean, std, label_source=None):
