@@ -61,6 +61,8 @@ def main(argv=None) -> int:
 
     try:
         setup, _ = run.prepare_run(config, args)
+        if args.note:
+            print(args.note, file=sys.stderr)
         plain = train_and_evaluate(setup)
         moved = train_and_evaluate(setup, step_wrapper=nudged)
     except ValueError as err:

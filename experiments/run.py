@@ -186,10 +186,13 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None
                ) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """(parser, flags): with ``--config``, its FLAGS are the defaults the flags given override.
 
-    ``parser``: `build_parser`'s, possibly with flags of another script added.
+    ``parser``: `build_parser`'s, possibly with flags of another script added. ``args.note``:
+    a line for stderr once the flags are known to be good (a paper config without its
+    backbone), or None.
     """
     parser = parser or build_parser()
     args = parser.parse_args(argv)
+    note = None
     if args.config is not None:
         from experiments.configs import load_config
         try:
@@ -204,9 +207,9 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None
         parser.set_defaults(**module.FLAGS)
         args = parser.parse_args(argv)
         if getattr(module, "PRETRAINED", False) and args.init_from is None:
-            print(f"note: config {args.config} follows the paper, which starts from a "
-                  "pre-trained backbone; without --init-from this run trains from scratch",
-                  file=sys.stderr)
+            note = (f"note: config {args.config} follows the paper, which starts from a "
+                    "pre-trained backbone; without --init-from this run trains from scratch")
+    args.note = note
     return parser, args
 
 
@@ -242,6 +245,8 @@ def main(argv=None) -> int:
         lock = lock_workdir(workdir)  # one run per workdir (`WorkdirInUse` otherwise)
     except ValueError as err:  # bad settings or data, or a live run in the workdir
         parser.error(str(err))
+    if args.note:  # after every refusal: a refused command prints one line
+        print(args.note, file=sys.stderr)
     try:
         with handle_signals():  # SIGTERM, SIGINT: checkpoint after the step, then stop
             return train_in_workdir(parser, args, run, backbone, workdir)

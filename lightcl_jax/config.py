@@ -8,6 +8,7 @@ JAX loads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
@@ -30,6 +31,13 @@ EXECUTION_FIELDS = ("xla_scheduler",)
 # Fields added after checkpoints existed, at the value that reproduces those runs: left
 # out of a run's identity at that value, so the older checkpoints still resume.
 IDENTITY_DEFAULTS = {"sparse_execution": "masked", "last_batch": "drop"}
+# JAX's PRNG keys hold 32 bits of a seed: 2**32 would give seed 0's key.
+MAX_SEED = 2**32 - 1
+# A ResNet-18 of nf 4096 holds 4.6e10 weights; whether a smaller one fits the device is
+# checked against its memory when the run is set up (`lightcl_jax.training.setup`).
+MAX_NF = 4096
+FLOAT_FIELDS = ("lr", "beta", "ratio", "freeze_threshold", "derpp_alpha", "derpp_beta",
+                "ewc_lambda", "ewc_gamma", "lwf_alpha", "lwf_temperature")
 
 # Settings that depend on the dataset when not given: (epochs, nf).
 # digits32 (the default) and digits: small enough that a run finishes in about a minute
@@ -156,6 +164,10 @@ class Config:
                 raise ValueError(message)
 
         need(self.strategy in STRATEGIES, STRATEGIES.unknown(self.strategy))
+        for field in FLOAT_FIELDS:  # NaN and Inf pass some comparisons below; none is a weight
+            value = getattr(self, field)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool)
+                 and math.isfinite(value), f"{field} must be a finite number; got {value!r}")
         need(self.dataset in DATASETS,
              f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
         need(self.eval_split in EVAL_SPLITS,
@@ -199,11 +211,13 @@ class Config:
         need(0 <= self.ewc_gamma <= 1, f"ewc_gamma must lie in [0, 1]; got {self.ewc_gamma!r}")
         need(self.lwf_temperature > 0,
              f"lwf_temperature must be > 0; got {self.lwf_temperature!r}")
-        need(self.nf is None or (_is_int(self.nf) and self.nf >= 1),
-             f"nf must be an integer >= 1; got {self.nf!r}")
+        need(self.nf is None or (_is_int(self.nf) and 1 <= self.nf <= MAX_NF),
+             f"nf must be an integer in [1, {MAX_NF}]; got {self.nf!r}")
         need(self.num_tasks is None or (_is_int(self.num_tasks) and self.num_tasks >= 1),
              f"num_tasks must be an integer >= 1; got {self.num_tasks!r}")
-        need(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0; got {self.seed!r}")
+        need(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED,
+             f"seed must be an integer in [0, {MAX_SEED}] (JAX's PRNG keys take 32 bits); "
+             f"got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -57,7 +57,7 @@ def test_cli_on_mock_cifar10_through_tfds(tmp_path):
     (["--lr", "0"], "lr must be > 0"),
     (["--epochs", "0"], "epochs must be an integer >= 1"),
     (["--buffer-size", "40"], "buffer_size must be an integer in [1, batch_size=32]"),
-    (["--nf", "0"], "nf must be an integer >= 1"),
+    (["--nf", "0"], "nf must be an integer in [1, 4096]"),
     (["--strategy", "sgd"], "invalid choice: 'sgd'"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--num-tasks", "3"], "positive divisor of the 10 classes"),

@@ -219,3 +219,23 @@ def test_freeze_auto_probes_every_seed_with_one_compiled_step(monkeypatch):
     assert alone == choices[1]["chosen"] and len(traces) == 2
     for layer, values in metrics.items():
         assert choices[1]["metrics"][layer] == pytest.approx(values, abs=1e-6)
+
+
+def test_seed_counts_the_memory_cannot_hold_are_refused():
+    """Before anything is allocated: seeds past JAX's 32-bit keys, and more seeds than the
+    machine's memory holds three copies of the weights of (counted here from a real init)."""
+    from lightcl_jax.training.setup import setup_run
+    stream = _tiny_stream()
+    config = dataclasses.replace(TINY, seed=2**32 - 2)
+    with pytest.raises(ValueError, match=r"seeds 4294967294..4294967296 go past 4294967295"):
+        setup_run(config, stream, seeds=3)
+    setup_run(config, stream, seeds=2)  # the last two seeds there are
+    variables = ResNet18(num_classes=stream.num_classes, nf=TINY.nf).init(
+        jax.random.PRNGKey(0), np.zeros((1, *stream.image_shape), np.float32), train=False)
+    count = sum(x.size for x in jax.tree_util.tree_leaves(variables))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    too_many = ram // (3 * 4 * count) + 1
+    gib = too_many * 4 * count / 2**30
+    with pytest.raises(ValueError, match=rf"{too_many} seeds of a ResNet-18 of nf {TINY.nf} hold "
+                                         rf"{gib:.1f} GiB of weights; a train step holds them"):
+        setup_run(dataclasses.replace(TINY, seed=0), stream, seeds=too_many)

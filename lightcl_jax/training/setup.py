@@ -9,12 +9,18 @@ find earlier results and hands the same `Run` to `train_and_evaluate`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import os
 from typing import Any, Callable
 
-from lightcl_jax.config import Config
+import jax
+import jax.numpy as jnp
+
+from lightcl_jax.config import MAX_SEED, Config
 from lightcl_jax.data.streams import TaskStream, make_stream, validate_stream
 from lightcl_jax.model.backbone import variables_digest
-from lightcl_jax.model.resnet import ResNet
+from lightcl_jax.model.resnet import ResNet, ResNet18
 from lightcl_jax.strategies import Strategy, get_strategy
 from lightcl_jax.training.forward import jitted_eval_forward
 from lightcl_jax.training.placement import Placement
@@ -67,6 +73,10 @@ def setup_run(config: Config, stream: TaskStream | None = None, *,
         stream = make_stream(config.dataset, data_dir=config.data_dir,
                              num_tasks=config.num_tasks, eval_split=config.eval_split)
     validate_stream(stream, config.batch_size)
+    if config.seed + seeds - 1 > MAX_SEED:
+        raise ValueError(f"seeds {config.seed}..{config.seed + seeds - 1} go past {MAX_SEED}, "
+                         "the largest seed (JAX's PRNG keys take 32 bits); start lower")
+    check_weights_fit(config.nf, stream.num_classes, stream.image_shape, seeds)
     placement = Placement.of(config.seed, seeds, devices,
                              {"batch_size": config.batch_size,
                               "eval_batch_size": config.eval_batch_size})
@@ -87,6 +97,31 @@ def setup_run(config: Config, stream: TaskStream | None = None, *,
                eval_forward=jitted_eval_forward(model),
                eval_batch_size=eval_batch_size(config.eval_batch_size, stream,
                                                placement.parallel.num_devices))
+
+
+def check_weights_fit(nf: int, num_classes: int, image_shape, seeds: int) -> None:
+    """Raises ValueError when ``seeds`` ResNet-18s of width ``nf`` could not be trained in
+    the first device's memory (its ``bytes_limit``; the machine's RAM where the device
+    reports none, as the CPU does): a step holds the weights about three times (weights,
+    gradients, updated weights), before any activation. Counted abstractly, nothing is
+    allocated."""
+    weights = 4 * seeds * _weight_count(nf, num_classes, image_shape[-1])
+    device = jax.local_devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit") or (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if 3 * weights > limit:
+        raise ValueError(f"{seeds} seed{'s of' if seeds > 1 else ' of'} a ResNet-18 of nf {nf} "
+                         f"{'hold' if seeds > 1 else 'holds'} {weights / 2**30:.1f} GiB of weights; a train step holds them "
+                         f"about 3 times, more than the {limit / 2**30:.1f} GiB of memory the "
+                         f"{device.platform} device has: lower nf or train fewer seeds together")
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_count(nf: int, num_classes: int, channels: int) -> int:
+    """Parameters and BatchNorm statistics of a ResNet-18 (traced, not allocated)."""
+    shapes = jax.eval_shape(lambda: ResNet18(num_classes=num_classes, nf=nf).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, channels)), train=False))
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
 
 
 def eval_batch_size(largest: int, stream: TaskStream, num_devices: int) -> int:
