@@ -22,7 +22,8 @@ import sys
 from experiments import run
 
 # Flags of experiments.run that make no sense here: nothing is written, one seed is compared.
-REFUSED = ("workdir", "ckpt_every", "overwrite", "seeds")
+REFUSED = ("workdir", "ckpt_every", "overwrite", "seeds", "coordinator", "num_processes",
+           "process_id", "distributed")
 
 
 def main(argv=None) -> int:

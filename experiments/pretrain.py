@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 
+from experiments import distributed
 from experiments.common import Bars, Parser, write_json_atomic
 from lightcl_jax.accounting.process import limit_malloc_arenas
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N visible devices (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    distributed.add_flags(p)
     return p
 
 
@@ -74,8 +76,12 @@ def main(argv=None) -> int:
     workdir = args.workdir or os.path.join("runs", "pretrain-" + args.dataset.replace("/", "-"))
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
+    problem = distributed.check_flags(args)
+    if problem:
+        parser.error(problem)
 
     try:
+        distributed.start(args)  # several processes: before anything touches a device
         data, finished, lock = _prepare_workdir(config, args, workdir)
     except (ValueError, OSError) as err:
         parser.error(str(err))
@@ -95,6 +101,9 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
 
     results_path = os.path.join(workdir, "pretrain.json")
     backbone_dir = os.path.join(workdir, "backbone")
+    writer = distributed.is_writer()  # process 0 of several writes and shows progress
+    if finished and not writer:
+        return 0
     if finished:
         print(f"{results_path} already holds this run; its backbone is {backbone_dir} "
               "(pass --overwrite to run it again)")
@@ -102,7 +111,8 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
     try:
         variables, history = pretrain(config, data, checkpoints=checkpoints,
-                                      progress=Bars(not args.no_progress), devices=args.devices)
+                                      progress=Bars(not args.no_progress and writer),
+                                      devices=args.devices)
     except DivergenceError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
@@ -116,6 +126,8 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
         parser.error(str(err))
     finally:
         checkpoints.close()
+    if not writer:
+        return 0
     try:
         meta = save_backbone(backbone_dir, variables, {
             "nf": config.nf, "num_classes": data.num_classes, "in_channels": data.image_shape[-1],
@@ -165,7 +177,8 @@ def _prepare_workdir(config, args, workdir: str):
             and not os.path.isdir(os.path.join(workdir, "checkpoints"))):
         raise ValueError(f"{backbone_dir} holds a backbone that no run in this workdir "
                          "wrote; pass --overwrite to replace it, or choose another --workdir")
-    lock = lock_workdir(workdir)  # one run per workdir
+    import jax  # one run per workdir: a lock per process of it
+    lock = lock_workdir(workdir, jax.process_index())
     try:
         return data, _finished(config, args, workdir, data, parallel.num_devices), lock
     except BaseException:
@@ -183,10 +196,13 @@ def _finished(config, args, workdir: str, data, num_devices: int) -> bool:
     if args.overwrite:
         for path in (results_path, os.path.join(workdir, "checkpoints"),
                      os.path.join(workdir, "backbone")):
+            if not distributed.is_writer():
+                break  # process 0 discards; the barrier below keeps the others waiting
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.unlink(path)
+        distributed.barrier("overwrite")
         return False
     if not os.path.exists(results_path):
         return False

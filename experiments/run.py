@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 
+from experiments import distributed
 from experiments.common import Bars, Parser, parse_bool, write_json_atomic
 from experiments.figures import accuracy_figure, save_figure
 from lightcl_jax.accounting.process import limit_malloc_arenas
@@ -119,6 +120,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also log each epoch and task as TensorBoard scalars in "
                         "<workdir>/tensorboard (tensorboard --logdir runs/)")
+    distributed.add_flags(p)
 
 
 def format_table(results: dict) -> str:
@@ -234,6 +236,9 @@ def main(argv=None) -> int:
     workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{args.strategy}-{seeds}")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
+    problem = distributed.check_flags(args)
+    if problem:
+        parser.error(problem)
 
     # JAX loads only now that the flags are known to be good: a bad flag fails fast.
     from lightcl_jax.training.preemption import handle_signals
@@ -241,8 +246,10 @@ def main(argv=None) -> int:
 
     fresh = not os.path.exists(workdir)
     try:
+        distributed.start(args)  # several processes: before anything touches a device
         run, backbone = prepare_run(config, args)
-        lock = lock_workdir(workdir)  # one run per workdir (`WorkdirInUse` otherwise)
+        import jax  # one run per workdir (`WorkdirInUse` otherwise); a lock per process
+        lock = lock_workdir(workdir, jax.process_index())
     except ValueError as err:  # bad settings or data, or a live run in the workdir
         parser.error(str(err))
     if args.note:  # after every refusal: a refused command prints one line
@@ -266,18 +273,24 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
     config = run.config
     path = os.path.join(workdir, "results.json")
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
+    writer = distributed.is_writer()  # process 0 of several writes and shows progress
     try:
         if args.overwrite:
-            discard_run(path, checkpoints.directory)
+            if writer:
+                discard_run(path, checkpoints.directory)
+            distributed.barrier("overwrite")  # no process looks for checkpoints before
         else:
             finished = finished_results(path, run.identity)
             if finished is not None:
+                if not writer:
+                    return 0
                 print(format_table(finished))
                 print(f"{path} already holds this run's results; pass --overwrite to run it again")
                 return 0
-        sinks = [Bars(not args.no_progress),
-                 MetricsLog(os.path.join(workdir, "metrics.jsonl"), lr=config.lr)]
-        if args.tensorboard:
+        sinks = [Bars(not args.no_progress and writer)]
+        if writer:
+            sinks.append(MetricsLog(os.path.join(workdir, "metrics.jsonl"), lr=config.lr))
+        if args.tensorboard and writer:
             sinks.append(TensorBoardLog(os.path.join(workdir, "tensorboard"), lr=config.lr))
         results = train_and_evaluate(run, checkpoints=checkpoints, progress=Fanout(*sinks))
     except DivergenceError as err:
@@ -303,6 +316,8 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
     if backbone is not None:
         results["init_from"] = {"path": os.path.abspath(args.init_from),
                                 "source": backbone.get("source"), "digest": backbone["digest"]}
+    if not writer:
+        return 0
     try:
         write_json_atomic(path, results)
     except OSError as err:  # nothing half-written is left (`write_json_atomic`)

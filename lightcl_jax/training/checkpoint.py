@@ -120,7 +120,7 @@ class RunCheckpoints:
             if not os.path.isdir(path):
                 if not create:
                     return None
-                os.makedirs(path)
+                os.makedirs(path, exist_ok=True)  # several processes may make it at once
             import orbax.checkpoint as ocp  # late: importing orbax takes about a second
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=None if kind == "tasks" else 1, create=False,
@@ -191,8 +191,11 @@ class RunCheckpoints:
         manager.wait_until_finished()
         if not saved:
             raise RuntimeError(f"orbax did not save checkpoint {self.path(kind, step)}")
-        steps = self._manager("steps")
-        if task_done and steps is not None:
+        if task_done:
+            # Made whether or not "steps" exists: in a run of several processes the
+            # manager is built together (orbax syncs them), so no process may skip it
+            # because of what it saw on disk a moment earlier.
+            steps = self._manager("steps", create=True)
             for old in steps.all_steps():
                 if old <= step:
                     steps.delete(old)

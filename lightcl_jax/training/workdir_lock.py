@@ -5,7 +5,10 @@ While the process that holds it lives, a second one is refused with a
 `WorkdirInUse` naming it (its PID and command line, which the holder writes
 into the file). The kernel drops the lock when its holder exits, however it
 exits (SIGKILL, a crash, power loss: the file outlives it, the lock does
-not), so a stale file never blocks the next run.
+not), so a stale file never blocks the next run. In a run of several
+processes (``jax.distributed``) each process locks its own file,
+``.lock`` for process 0 and ``.lock.<index>`` for the others: a second
+launch of any of them is refused, the run's own processes are not.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class WorkdirLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
-        if remove_empty_workdir and os.listdir(os.path.dirname(self.path)) == [LOCK_NAME]:
+        if remove_empty_workdir and os.listdir(os.path.dirname(self.path)) == [
+                os.path.basename(self.path)]:
             os.unlink(self.path)
             os.rmdir(os.path.dirname(self.path))
 
@@ -52,15 +56,17 @@ class WorkdirLock:
         self.release()
 
 
-def lock_workdir(workdir: str) -> WorkdirLock:
-    """Creates ``workdir`` if needed and takes its lock, without blocking.
+def lock_workdir(workdir: str, process_index: int = 0) -> WorkdirLock:
+    """Creates ``workdir`` if needed and takes its lock (that of process ``process_index``
+    of a multi-process run), without blocking.
 
     Raises:
       WorkdirInUse: another live process holds it; the message names that
         process and the workdir.
     """
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, LOCK_NAME)
+    name = LOCK_NAME if process_index == 0 else f"{LOCK_NAME}.{process_index}"
+    path = os.path.join(workdir, name)
     if fcntl is None:
         return WorkdirLock(path, None)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
