@@ -267,7 +267,7 @@ def test_agem_step_applies_the_projected_gradient():
         logits, _ = make_forward(model, chain, ())(params, images)
         ce = task_cross_entropy(logits, labels, 2)
         return jnp.sum(ce * valid) / jnp.sum(valid), chain.latest
-    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))  # jitted: op by op took 40 s
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))  # op by op, the test took 42 s
     (_, stats), g = grad(state.params, x, y, jnp.ones(16), state.batch_stats)
     valid = (np.arange(6) < 4).astype(np.float32)
     (ref_ce, stats), r = grad(state.params, memory.x, memory.y, jnp.asarray(valid), stats)
