@@ -86,8 +86,13 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def is_writer() -> bool:
-    """Whether this process writes the run's files and prints its progress (process 0)."""
+def process_index() -> int:
+    """This process's index in the run (0 when it is the only one)."""
     import jax
 
-    return jax.process_index() == 0
+    return jax.process_index()
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's files and prints its progress (process 0)."""
+    return process_index() == 0

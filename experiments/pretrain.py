@@ -177,8 +177,7 @@ def _prepare_workdir(config, args, workdir: str):
             and not os.path.isdir(os.path.join(workdir, "checkpoints"))):
         raise ValueError(f"{backbone_dir} holds a backbone that no run in this workdir "
                          "wrote; pass --overwrite to replace it, or choose another --workdir")
-    import jax  # one run per workdir: a lock per process of it
-    lock = lock_workdir(workdir, jax.process_index())
+    lock = lock_workdir(workdir, distributed.process_index())  # one per process of the run
     try:
         return data, _finished(config, args, workdir, data, parallel.num_devices), lock
     except BaseException:
@@ -194,15 +193,14 @@ def _finished(config, args, workdir: str, data, num_devices: int) -> bool:
 
     results_path = os.path.join(workdir, "pretrain.json")
     if args.overwrite:
-        for path in (results_path, os.path.join(workdir, "checkpoints"),
-                     os.path.join(workdir, "backbone")):
-            if not distributed.is_writer():
-                break  # process 0 discards; the barrier below keeps the others waiting
+        paths = (results_path, os.path.join(workdir, "checkpoints"),
+                 os.path.join(workdir, "backbone"))
+        for path in paths if distributed.is_writer() else ():  # process 0 discards
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.unlink(path)
-        distributed.barrier("overwrite")
+        distributed.barrier("overwrite")  # the others wait until it has
         return False
     if not os.path.exists(results_path):
         return False

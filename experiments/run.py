@@ -248,8 +248,8 @@ def main(argv=None) -> int:
     try:
         distributed.start(args)  # several processes: before anything touches a device
         run, backbone = prepare_run(config, args)
-        import jax  # one run per workdir (`WorkdirInUse` otherwise); a lock per process
-        lock = lock_workdir(workdir, jax.process_index())
+        # One run per workdir (`WorkdirInUse` otherwise); a lock per process of the run.
+        lock = lock_workdir(workdir, distributed.process_index())
     except ValueError as err:  # bad settings or data, or a live run in the workdir
         parser.error(str(err))
     if args.note:  # after every refusal: a refused command prints one line
