@@ -7,8 +7,10 @@ environment where it knows one (SLURM, Open MPI, Kubernetes with JobSet, ...)
 when ``--distributed`` is given, and otherwise the run is one process. CPU
 hosts exchange their collectives over gloo (set before the runtime starts;
 GPU and TPU backends have their own). Every process then sees every
-process's devices: the batch is split over all of them
-(`lightcl_jax.training.parallel.DataParallel.batch`).
+process's devices: the batch is split over all of them, each process reading
+only its part of it (`lightcl_jax.training.parallel.DataParallel`). When
+another process dies, the next collective fails and `exit_lost_process` ends
+this one with one line.
 
 Imports JAX only inside `start`, so that a bad flag is refused before JAX loads.
 """
@@ -16,6 +18,8 @@ Imports JAX only inside `start`, so that a bad flag is refused before JAX loads.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 # Seconds without a heartbeat after which the coordinator declares a process dead and
 # every other process stops with an error (JAX's default is 100).
@@ -96,3 +100,30 @@ def process_index() -> int:
 def is_writer() -> bool:
     """Whether this process writes the run's files and prints its progress (process 0)."""
     return process_index() == 0
+
+
+def lost_process(err: BaseException) -> bool:
+    """Whether ``err`` is a collective with the other processes of a multi-process run
+    failing (gloo's "Connection closed by peer" when one of them died)."""
+    import jax
+
+    return jax.process_count() > 1 and isinstance(err, jax.errors.JaxRuntimeError)
+
+
+def exit_lost_process(prog: str, err: BaseException, checkpoints: str) -> None:
+    """Prints one line on ``err`` (`lost_process`) and ends this process at once, exit 1.
+
+    A normal exit would wait at JAX's shutdown barrier for the dead process and
+    abort once the coordinator notices its missing heartbeats; nothing is
+    left to save (what the processes saved together is on disk).
+    """
+    import jax
+
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    print(f"{prog}: error: process {jax.process_index()} of {jax.process_count()} stopped: "
+          f"a collective with the other processes failed, so one of them has most likely "
+          f"died ({cause}); rerun every process with the same command to resume from the "
+          f"last complete checkpoint in {checkpoints}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -98,6 +98,7 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
     from lightcl_jax.training.epochs import DivergenceError
     from lightcl_jax.training.preemption import Preempted
     from lightcl_jax.training.pretrain import pretrain
+    from lightcl_jax.training.progress import Progress
 
     results_path = os.path.join(workdir, "pretrain.json")
     backbone_dir = os.path.join(workdir, "backbone")
@@ -111,7 +112,8 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
     try:
         variables, history = pretrain(config, data, checkpoints=checkpoints,
-                                      progress=Bars(not args.no_progress and writer),
+                                      progress=Bars(not args.no_progress) if writer
+                                      else Progress(),  # the others: silent
                                       devices=args.devices)
     except DivergenceError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
@@ -124,6 +126,10 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
         return stop.exit_code
     except ValueError as err:  # CheckpointError: unreadable, or another run's
         parser.error(str(err))
+    except Exception as err:
+        if distributed.lost_process(err):  # another process died: stop now, one line
+            distributed.exit_lost_process(parser.prog, err, checkpoints.directory)
+        raise
     finally:
         checkpoints.close()
     if not writer:

@@ -252,7 +252,7 @@ def main(argv=None) -> int:
         lock = lock_workdir(workdir, distributed.process_index())
     except ValueError as err:  # bad settings or data, or a live run in the workdir
         parser.error(str(err))
-    if args.note:  # after every refusal: a refused command prints one line
+    if args.note and distributed.is_writer():  # after every refusal: one line for those
         print(args.note, file=sys.stderr)
     try:
         with handle_signals():  # SIGTERM, SIGINT: checkpoint after the step, then stop
@@ -268,7 +268,7 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
     from lightcl_jax.training.epochs import DivergenceError
     from lightcl_jax.training.loop import train_and_evaluate
     from lightcl_jax.training.preemption import Preempted
-    from lightcl_jax.training.progress import Fanout, MetricsLog, TensorBoardLog
+    from lightcl_jax.training.progress import Fanout, MetricsLog, Progress, TensorBoardLog
 
     config = run.config
     path = os.path.join(workdir, "results.json")
@@ -287,7 +287,7 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
                 print(format_table(finished))
                 print(f"{path} already holds this run's results; pass --overwrite to run it again")
                 return 0
-        sinks = [Bars(not args.no_progress and writer)]
+        sinks = [Bars(not args.no_progress) if writer else Progress()]  # others: silent
         if writer:
             sinks.append(MetricsLog(os.path.join(workdir, "metrics.jsonl"), lr=config.lr))
         if args.tensorboard and writer:
@@ -311,6 +311,10 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
         return stop.exit_code
     except ValueError as err:  # a results file or checkpoint of another run, unreadable ones,
         parser.error(str(err))  # or seeds whose --freeze auto disagrees
+    except Exception as err:
+        if distributed.lost_process(err):  # another process died: stop now, one line
+            distributed.exit_lost_process(parser.prog, err, checkpoints.directory)
+        raise
     finally:
         checkpoints.close()
     if backbone is not None:

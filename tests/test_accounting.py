@@ -81,18 +81,18 @@ def test_memory_plan_lists_what_fits_deepest_first_and_each_fits_when_compiled_a
     from lightcl_jax.accounting.compiled import memory_plan
     config = Config(strategy="lightcl", dataset="digits", nf=4, buffer_size=8)
     shape = (8, 8, 1)
-    points = ("stage3", "none", "stage1")  # 3 of the 6 freeze points keep the test short
+    points = ("stage3", "none")  # 2 of the 6 freeze points keep the test short
     everything = memory_plan(config, shape, 10, 2, budget_mb=1e9, batch_sizes=(8, 16),
                              buffer_sizes=(8,), freeze_points=points)
-    # 3 freeze points x 2 batch sizes, all fitting an endless budget, deepest trainable first.
+    # 2 freeze points x 2 batch sizes, all fitting an endless budget, deepest trainable first.
     assert [(r["freeze"], r["batch_size"]) for r in everything] == [
-        ("none", 16), ("none", 8), ("stage1", 16), ("stage1", 8), ("stage3", 16), ("stage3", 8)]
+        ("none", 16), ("none", 8), ("stage3", 16), ("stage3", 8)]
     assert all(r["fits"] for r in everything)
-    budget = sorted(r["step_mb"] for r in everything)[2]  # the 3 smallest steps fit
+    budget = sorted(r["step_mb"] for r in everything)[1]  # the 2 smallest steps fit
     rows = memory_plan(config, shape, 10, 2, budget_mb=budget, batch_sizes=(8, 16),
                        buffer_sizes=(8,), freeze_points=points)
     fitting = [r for r in rows if r["fits"]]
-    assert len(fitting) >= 3 and rows[:len(fitting)] == fitting
+    assert len(fitting) >= 2 and rows[:len(fitting)] == fitting
     assert all(r["step_mb"] > budget for r in rows[len(fitting):])
     for row in fitting:  # compiled again, with LLVM's optimisations (the plan's are off)
         trial = dataclasses.replace(config, freeze=row["freeze"], batch_size=row["batch_size"])

@@ -110,6 +110,33 @@ def test_batches_are_full_deterministic_and_padded_for_eval():
     assert sorted(np.concatenate([b[1] for b in kept]).tolist()) == list(range(10))
 
 
+def test_each_process_reads_its_part_of_the_same_batches():
+    # Two processes' parts of every batch, side by side, are the whole batch: the same
+    # order and augmentation, each generator left where the whole batches leave it.
+    x = np.arange(22 * 5 * 5, dtype=np.float32).reshape(22, 5, 5, 1)
+    y = np.arange(22)
+    rngs = [np.random.default_rng(4) for _ in range(3)]
+    whole = list(epoch_batches(x, y, 8, rngs[0], augment=True, fill=[-1.0]))
+    parts = [list(epoch_batches(x, y, 8, rngs[1 + i], augment=True, fill=[-1.0],
+                                part=(i, 2))) for i in range(2)]
+    assert len(whole) == len(parts[0]) == len(parts[1]) == 2
+    for (xw, yw), (x0, y0), (x1, y1) in zip(whole, *parts):
+        assert len(y0) == len(y1) == 4
+        np.testing.assert_array_equal(np.concatenate([y0, y1]), yw)
+        np.testing.assert_array_equal(np.concatenate([x0, x1]), xw)
+    assert rngs[0].random() == rngs[1].random() == rngs[2].random()
+    evals = [list(eval_batches(x, y, 8, part=(i, 2))) for i in range(2)]
+    # The last batch holds samples 16..21: part 0 has 16..19, part 1 20, 21 and padding.
+    assert evals[0][-1][2].tolist() == [True] * 4
+    assert evals[1][-1][2].tolist() == [True, True, False, False]
+    for (xw, yw, vw), (x0, y0, v0), (x1, y1, v1) in zip(eval_batches(x, y, 8), *evals):
+        np.testing.assert_array_equal(np.concatenate([x0, x1]), xw)
+        np.testing.assert_array_equal(np.concatenate([y0, y1]), yw)
+        np.testing.assert_array_equal(np.concatenate([v0, v1]), vw)
+    with pytest.raises(ValueError, match="a batch of 8 does not split over 3 processes"):
+        next(epoch_batches(x, y, 8, rngs[0], augment=False, part=(0, 3)))
+
+
 @pytest.mark.parametrize("name,num_tasks,classes_per_task", [("cifar10", None, 2),
                                                              ("cifar100", 5, 20)])
 def test_tfds_streams_through_data_source(name, num_tasks, classes_per_task):

@@ -116,7 +116,11 @@ def save_backbone(directory: str, variables, meta: dict[str, Any], *,
                                   "digest": variables_digest(variables)}))
     staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}-")
     try:
-        checkpointer = ocp.StandardCheckpointer()
+        # Written by this process alone (in a run of several, process 0 writes the
+        # backbone): orbax would otherwise wait for every process at its barriers.
+        alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                   active_processes={jax.process_index()})
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=alone)
         checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
         checkpointer.wait_until_finished()
         checkpointer.close()

@@ -67,13 +67,17 @@ class TaskBatches:
     """A task's training batches for every lane, each from its own seed's generator.
 
     Lane i's generator is seeded with (seed_i, task), so its order and
-    augmentation are those of a single run of that seed.
+    augmentation are those of a single run of that seed. An `epoch` reads
+    only this process's ``part`` of every batch (``(index, count)`` of the
+    processes of the run; see `lightcl_jax.data.pipeline.epoch_batches`).
     """
 
     def __init__(self, x, y, batch_size: int, lanes: Lanes, task_index: int, *,
-                 augment: bool, fill, keep_remainder: bool = False):
+                 augment: bool, fill, keep_remainder: bool = False,
+                 part: tuple[int, int] = (0, 1)):
         self.x, self.y, self.batch_size, self.lanes = x, y, batch_size, lanes
         self.augment, self.fill, self.keep_remainder = augment, fill, keep_remainder
+        self.part = part
         self.rngs = [np.random.default_rng([s, task_index]) for s in lanes.seeds]
 
     @classmethod
@@ -83,22 +87,26 @@ class TaskBatches:
         x, y = run.strategy.training_arrays(run.stream, task_index)
         return cls(x, y, run.config.batch_size, run.placement.lanes, task_index,
                    augment=run.augment, fill=run.stream.pad_value,
-                   keep_remainder=run.config.last_batch == "keep")
+                   keep_remainder=run.config.last_batch == "keep",
+                   part=run.placement.parallel.part)
 
     @property
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(len(self.x), self.batch_size, self.keep_remainder)
 
-    def epoch(self) -> Iterator:
-        """One epoch of lane-stacked ``(x, y)`` batches (drawn as they are read)."""
+    def epoch(self, whole: bool = False) -> Iterator:
+        """One epoch of lane-stacked ``(x, y)`` batches (drawn as they are read): this
+        process's part of each, or the ``whole`` batches."""
         return self.lanes.zip_batches([
             epoch_batches(self.x, self.y, self.batch_size, rng, augment=self.augment,
-                          fill=self.fill, keep_remainder=self.keep_remainder)
+                          fill=self.fill, keep_remainder=self.keep_remainder,
+                          part=(0, 1) if whole else self.part)
             for rng in self.rngs])
 
     def one(self):
-        """A fresh shuffled batch, as the reference's ``next(iter(loader))``."""
-        return next(self.epoch())
+        """A fresh shuffled whole batch, as the reference's ``next(iter(loader))`` (for
+        the task-boundary hooks, which every process runs on the host alike)."""
+        return next(self.epoch(whole=True))
 
     def rng_states(self) -> list[dict]:
         return [rng.bit_generator.state for rng in self.rngs]

@@ -31,14 +31,16 @@ def correct_counts(eval_step, state: TrainState, stream: TaskStream, num_seen: i
 
     Returns two int64 arrays of shape (num_seen, *E), E being the shape of
     what ``eval_step`` counts: () for one model, (lanes,) for a vmapped one.
-    With ``placement``, each batch is split over its devices.
+    With ``placement``, each batch is split over its devices (this process
+    reading only its part of it).
     """
     transform = None if placement is None else placement.eval_batch
+    part = (0, 1) if placement is None else placement.parallel.part
     til_counts, cil_counts = [], []
     for task in stream.tasks[:num_seen]:
         til_correct = cil_correct = 0
         offset = jnp.asarray(task.class_offset, jnp.int32)
-        batches = eval_batches(task.x_eval, task.y_eval, batch_size)
+        batches = eval_batches(task.x_eval, task.y_eval, batch_size, part)
         for x, y, valid in prefetch(batches, PREFETCH, transform):
             til, cil = eval_step(state.params, state.batch_stats, x, y, valid, offset)
             til_correct = til_correct + np.asarray(til, np.int64)

@@ -8,9 +8,10 @@ batch split along its first axis -- and XLA inserts the cross-device sums
 numbers are those of one device up to the order of floating-point sums.
 
 Several processes (``jax.distributed.initialize``, see BUILD.md): every
-process draws the same global batch from the same seed and hands in its own
-contiguous slice of it (`DataParallel.batch`), which
-``jax.make_array_from_process_local_data`` assembles into the global array.
+process draws the same global batch order and augmentation from the same
+seed, reads only its own contiguous part of each batch (`DataParallel.part`)
+and hands it in (`DataParallel.batch`);
+``jax.make_array_from_process_local_data`` assembles the global array.
 """
 
 from __future__ import annotations
@@ -51,20 +52,21 @@ class DataParallel:
         """``tree``'s arrays on every device of the mesh."""
         return jax.device_put(tree, self.replicated)
 
-    def batch(self, *arrays: np.ndarray, axis: int = 0):
-        """Global batch arrays, split along ``axis`` (their samples) over the mesh.
+    @property
+    def part(self) -> tuple[int, int]:
+        """(this process's index, the process count): which contiguous part of every
+        batch this process reads (`lightcl_jax.data.pipeline.epoch_batches`)."""
+        return jax.process_index(), jax.process_count()
 
-        Each process passes the whole global batch and contributes its own
-        contiguous slice of it.
-        """
-        count, index = jax.process_count(), jax.process_index()
-        sharding = self.split_along(axis)
+    def batch(self, *arrays: np.ndarray, axis: int = 0):
+        """Global batch arrays, split along ``axis`` (their samples) over the mesh, from
+        this process's part of them (its `part`; the whole batch for one process)."""
+        count, sharding = jax.process_count(), self.split_along(axis)
         out = []
-        for array in arrays:
-            per_process = array.shape[axis] // count
-            local = np.take(array, np.arange(index * per_process, (index + 1) * per_process),
-                            axis=axis) if count > 1 else array
-            out.append(jax.make_array_from_process_local_data(sharding, local, array.shape))
+        for local in arrays:
+            shape = list(np.shape(local))
+            shape[axis] *= count
+            out.append(jax.make_array_from_process_local_data(sharding, local, tuple(shape)))
         return tuple(out)
 
 
@@ -76,8 +78,8 @@ def data_parallel(devices: int | None, batch_sizes: dict[str, int]) -> DataParal
       batch_sizes: {flag name: batch size}; each must split evenly over the devices.
 
     Raises:
-      ValueError: ``devices`` is not in [1, visible devices], or a batch
-        size is not a multiple of it.
+      ValueError: ``devices`` is not in [1, visible devices] (every device when
+        several processes share the run), or a batch size is not a multiple of it.
     """
     available = jax.devices()
     count = len(available) if devices is None else devices
@@ -85,6 +87,10 @@ def data_parallel(devices: int | None, batch_sizes: dict[str, int]) -> DataParal
             and 1 <= count <= len(available)):
         raise ValueError(f"devices must be an integer in [1, {len(available)}] (the visible "
                          f"{jax.default_backend()} devices); got {devices!r}")
+    if jax.process_count() > 1 and count != len(available):
+        raise ValueError(f"with {jax.process_count()} processes the batch is split over every "
+                         f"process's devices: devices must be all {len(available)} (or not "
+                         f"given); got {devices!r}")
     for name, size in batch_sizes.items():
         if size % count:
             raise ValueError(f"{name}={size} does not split over {count} devices; use a "

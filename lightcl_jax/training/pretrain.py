@@ -30,7 +30,7 @@ import optax
 
 from lightcl_jax import compiler
 from lightcl_jax.accounting.process import peak_rss_mb
-from lightcl_jax.data.pipeline import eval_batches, prefetch
+from lightcl_jax.data.pipeline import eval_batches, part_of, prefetch
 from lightcl_jax.data.sources import RecordImages, update_digest
 from lightcl_jax.data.streams import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from lightcl_jax.model.resnet import ResNet18
@@ -366,9 +366,11 @@ def _train_epoch(step_fn, state, data: PretrainData, config: PretrainConfig, epo
     first = where.batch if where.epoch == epoch else 0
     sums = dict(where.sums) if where.epoch == epoch else dict(_NO_SUMS)
 
+    mine = part_of(config.batch_size, parallel.part)  # this process's part of every batch
+
     def batches():
         for b in range(first, steps_per_epoch):
-            idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
+            idx = perm[b * config.batch_size:(b + 1) * config.batch_size][mine]
             x = data.x_train[idx]
             if config.flip:
                 x = np.where(flips[idx][:, None, None, None], x[:, :, ::-1], x)
