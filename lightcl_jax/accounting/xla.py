@@ -59,6 +59,14 @@ class CompiledStep:
         self.programs: dict[tuple, tuple[Any, float]] = {}  # shapes -> (compiled, its FLOPs)
 
     def __call__(self, *args):
+        program = self.prepare(*args)
+        self.calls += 1
+        self.run_flops += program[1]
+        return program[0](*args)
+
+    def prepare(self, *args):
+        """(the program for ``args``' shapes, its FLOPs), compiled now if it is not yet;
+        ``args`` may be `jax.ShapeDtypeStruct`-s (with their shardings)."""
         shapes = tuple(getattr(a, "shape", None) for a in args)
         program = self.programs.get(shapes)
         if program is None:
@@ -68,9 +76,7 @@ class CompiledStep:
                 self.cost = cost
             program = self.programs[shapes] = (compiled, cost["flops"])
             release_free_memory()  # what the compiler freed, before the step's buffers
-        self.calls += 1
-        self.run_flops += program[1]
-        return program[0](*args)
+        return program
 
 
 def run_resources(train_steps: Mapping[Any, CompiledStep], phase_tasks: Mapping[Any, list[int]],

@@ -14,6 +14,7 @@ import dataclasses
 import time
 from typing import Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -165,6 +166,8 @@ def train_epochs(train_step, state, memory, batches: TaskBatches, start: Positio
     position = start
     offset = jnp.asarray(class_offset, jnp.int32)
     seeds = placement.lanes.seeds if placement.lanes.stacked else None
+    _compile_ahead(train_step, state, memory if uses_memory else None, offset, batches,
+                   placement)
     for epoch in range(start.epoch, epochs):
         rng_states = batches.rng_states()
         # Read, augment and send to the devices in a background thread, ahead of
@@ -193,6 +196,24 @@ def train_epochs(train_step, state, memory, batches: TaskBatches, start: Positio
                 "examples_per_s": examples * placement.lanes.size / seconds,
                 **means})
     return state, memory, position
+
+
+def _compile_ahead(train_step, state, memory, offset, batches: TaskBatches,
+                   placement: Placement) -> None:
+    """Compiles the step for a full batch and, when an epoch ends on a smaller kept batch,
+    for that one too, before any step runs (not at the first epoch's end, mid-training)."""
+    if not hasattr(train_step, "prepare"):
+        return
+    sizes = [batches.batch_size]
+    if batches.keep_remainder and len(batches.x) % batches.batch_size:
+        sizes.append(len(batches.x) % batches.batch_size)
+    lanes = (placement.lanes.size,) if placement.lanes.stacked else ()
+    split = placement.parallel.split_along(placement.lanes.batch_axis)
+    image = tuple(batches.x.shape[1:])
+    for size in sizes:
+        x = jax.ShapeDtypeStruct((*lanes, size, *image), batches.x.dtype, sharding=split)
+        y = jax.ShapeDtypeStruct((*lanes, size), batches.y.dtype, sharding=split)
+        train_step.prepare(state, memory, x, y, offset)
 
 
 def _train_epoch(train_step, state, memory, epoch_iter, position: Position, offset, *,
