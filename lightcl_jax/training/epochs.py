@@ -202,8 +202,6 @@ def _compile_ahead(train_step, state, memory, offset, batches: TaskBatches,
                    placement: Placement) -> None:
     """Compiles the step for a full batch and, when an epoch ends on a smaller kept batch,
     for that one too, before any step runs (not at the first epoch's end, mid-training)."""
-    if not hasattr(train_step, "prepare"):
-        return
     sizes = [batches.batch_size]
     if batches.keep_remainder and len(batches.x) % batches.batch_size:
         sizes.append(len(batches.x) % batches.batch_size)
