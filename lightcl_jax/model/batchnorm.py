@@ -14,9 +14,15 @@ too.
 
 `BatchNorm` is a drop-in for ``nn.BatchNorm(momentum=..., epsilon=...)`` over
 the last axis: the same variables (``params``: scale, bias; ``batch_stats``:
-mean, var), the same statistics (``E[x^2] - E[x]^2`` clipped at zero, as
-Flax's fast variance) and the same running update. Its results differ from
-Flax's by float rounding only (the sums run in another order).
+mean, var) and the same statistics (``E[x^2] - E[x]^2`` clipped at zero, as
+Flax's fast variance). One difference, on purpose: the running variance takes
+the *unbiased* batch variance (times n/(n-1), n = samples x positions), as
+PyTorch's ``BatchNorm2d`` and so the authors' LightCL do; Flax's takes the
+biased one. `experiments.side_by_side.lockstep` found it: stepped from the same
+state on the same batch, ours and the authors' model agreed to ~1e-7 in every
+parameter but differed in the running statistics by up to 1.2e-3 (relative, the
+last stage after an epoch's 5-sample last batch, n = 80); with this update they
+agree to float rounding (BUILD.md, "How the reference's behaviour is reproduced").
 """
 
 from __future__ import annotations
@@ -49,9 +55,10 @@ def _lift(v: jax.Array, like: jax.Array) -> jax.Array:
     return v.reshape((1,) * (like.ndim - 1) + v.shape)
 
 
-def _normalise(x, mean, var, scale, bias, epsilon):
-    """``(x - mean) * rsqrt(var + epsilon) * scale + bias``, per channel (Flax's order)."""
-    return (x - _lift(mean, x)) * _lift(jax.lax.rsqrt(var + epsilon) * scale, x) + _lift(bias, x)
+def _normalise(x, mean, inv, scale, bias):
+    """``(x - mean) * inv * scale + bias``, per channel, ``inv = rsqrt(var + epsilon)``
+    (Flax's order)."""
+    return (x - _lift(mean, x)) * _lift(inv * scale, x) + _lift(bias, x)
 
 
 def _forward(x, scale, bias, epsilon):
@@ -59,8 +66,9 @@ def _forward(x, scale, bias, epsilon):
     mean = channel_sums(x) / n
     raw_var = channel_sums(x * x) / n - mean * mean
     var = jnp.maximum(0.0, raw_var)
-    y = _normalise(x, mean, var, scale, bias, epsilon)
-    return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), raw_var > 0, scale)
+    inv = jax.lax.rsqrt(var + epsilon)
+    y = _normalise(x, mean, inv, scale, bias)
+    return (y, mean, var), (x, mean, inv, raw_var > 0, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -85,8 +93,9 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
     # the returned mean and var (d mean/dx = 1/n, d var/dx = 2 (x - mean)/n, zero where
     # the variance was clipped).
     through_var = jnp.where(unclipped, 1.0, 0.0)
-    g_x = (_lift(inv * scale, x) * (g_y - (_lift(g_bias, x) + x_hat * _lift(g_scale * through_var, x)) / n)
-           + _lift(g_mean / n, x) + centred * _lift((2.0 / n) * through_var * g_var, x))
+    g_x_hat = g_y - (_lift(g_bias, x) + x_hat * _lift(g_scale * through_var, x)) / n
+    g_x = (_lift(inv * scale, x) * g_x_hat + _lift(g_mean / n, x)
+           + centred * _lift((2.0 / n) * through_var * g_var, x))
     return g_x, g_scale, g_bias
 
 
@@ -107,12 +116,14 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
 
 
 class BatchNorm(nn.Module):
-    """`nn.BatchNorm` over the last axis, with `batch_norm`'s fast sums.
+    """`nn.BatchNorm` over the last axis, with `batch_norm`'s fast sums and PyTorch's
+    running variance (the unbiased batch variance).
 
     Attributes:
       use_running_average: normalise with the running statistics (evaluation, or
         frozen statistics) instead of the batch's, and leave them unchanged.
-      momentum: ``running = momentum * running + (1 - momentum) * batch``.
+      momentum: ``running = momentum * running + (1 - momentum) * batch`` (for the
+        variance, the batch's unbiased one).
       epsilon: added to the variance.
     """
 
@@ -130,9 +141,12 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, channels, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, channels, jnp.float32)
         if use_running_average:
-            return _normalise(x, running_mean.value, running_var.value, scale, bias, self.epsilon)
+            inv = jax.lax.rsqrt(running_var.value + self.epsilon)
+            return _normalise(x, running_mean.value, inv, scale, bias)
         y, mean, var = batch_norm(x, scale, bias, self.epsilon)
         if not self.is_initializing():
+            n = x.size // x.shape[-1]
+            unbiased = var * (n / max(n - 1, 1))       # PyTorch's running variance
             running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
         return y

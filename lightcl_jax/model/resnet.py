@@ -62,11 +62,10 @@ def _torch_linear_bias_init(fan_in: int):
     return init
 
 
-# PyTorch BatchNorm2d defaults: momentum 0.1 (= Flax 0.9), eps 1e-5. One difference
-# remains: PyTorch's running variance uses the unbiased batch variance, Flax's the
-# biased one (a factor n/(n-1) per update, n = samples x positions: 512/511 at the
-# paper's last stage, 32/31 for digits' 1x1 maps). `BatchNorm` is Flax's with its
-# per-channel sums taken in a layout XLA:CPU runs fast (`lightcl_jax.model.batchnorm`).
+# PyTorch BatchNorm2d defaults: momentum 0.1 (= Flax 0.9), eps 1e-5, and, as PyTorch,
+# the running variance takes the unbiased batch variance (Flax's takes the biased one).
+# `BatchNorm` is Flax's with its per-channel sums taken in a layout XLA:CPU runs fast
+# (`lightcl_jax.model.batchnorm`).
 BN_MOMENTUM = 0.9
 _BatchNorm = functools.partial(BatchNorm, momentum=BN_MOMENTUM, epsilon=1e-5)
 _Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_torch_conv_init)
