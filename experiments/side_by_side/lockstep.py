@@ -45,14 +45,19 @@ GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
 
 def authors_model(checkout: str, nf: int):
     """The authors' ``resnet18('seq-cifar10', nf)`` from ``checkout/models.py``."""
-    path = os.path.join(checkout, "models.py")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {checkout} has no models.py; pass a clone of "
-                         "github.com/INV-WZQ/LightCL as --ref")
+    path = _models_file(checkout)
     spec = importlib.util.spec_from_file_location("authors_models", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.resnet18("seq-cifar10", nf)
+
+
+def _models_file(checkout: str) -> str:
+    path = os.path.join(checkout, "models.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {checkout} has no models.py; pass a clone of "
+                         "github.com/INV-WZQ/LightCL as --ref")
+    return path
 
 
 def to_state_dict(variables: dict, model) -> dict:
@@ -72,7 +77,7 @@ def to_state_dict(variables: dict, model) -> dict:
             array = array.transpose(3, 2, 0, 1)       # (kh, kw, in, out) -> (out, in, kh, kw)
         elif path[-1] == "kernel":
             array = array.T
-        out[key] = torch.from_numpy(np.ascontiguousarray(array))
+        out[key] = torch.from_numpy(np.array(array))      # a writable copy
     return out
 
 
@@ -122,10 +127,10 @@ def _tensor(x: np.ndarray, channels_first: bool = True):
 class Theirs:
     """The authors' model and optimizer, stepped as their `LightCL.py` does."""
 
-    def __init__(self, checkout: str, config, variables: dict):
+    def __init__(self, checkout: str, config, variables: dict, classes_per_task: int):
         import torch
 
-        self.config = config
+        self.config, self.classes_per_task = config, classes_per_task
         self.model = authors_model(checkout, config.nf)
         self.model.load_state_dict(to_state_dict(variables, self.model))
         self.optimizer = torch.optim.SGD(params=self.model.parameters(), lr=config.lr)  # 156
@@ -152,7 +157,8 @@ class Theirs:
         import torch.nn.functional as F
 
         self.model.train()
-        x, y, lo = _tensor(x), torch.from_numpy(np.asarray(y).astype(np.int64)), 2 * task
+        cpt = self.classes_per_task
+        x, y, lo = _tensor(x), torch.from_numpy(np.asarray(y).astype(np.int64)), cpt * task
         self.optimizer.zero_grad()
         reg = 0
         if task > 0:
@@ -164,7 +170,7 @@ class Theirs:
                     mask = self.masks[name].view(1, -1, 1, 1).expand_as(feat)
                     reg = reg + torch.sum(self.config.beta * ((feat - self.standard[name]) * mask) ** 2)
         out, _ = self.model(x)
-        loss = F.cross_entropy(out[:, lo:lo + 2], y - lo) + reg
+        loss = F.cross_entropy(out[:, lo:lo + cpt], y - lo) + reg
         loss.backward()
         self.optimizer.step()
         return loss.item()
@@ -204,8 +210,7 @@ def lockstep(checkout: str, config, stream, report=print) -> dict:
 
     run = setup_run(config, stream)
     (state,), _ = create_lane_states(run.model, run.stream.image_shape, [config.seed])
-    theirs = Theirs(checkout, config, _numpy({"params": state.params,
-                                              "batch_stats": state.batch_stats}))
+    theirs = Theirs(checkout, config, _variables(state), run.stream.classes_per_task)
 
     def forced(state):
         return state.replace(**jax.tree_util.tree_map(jax.numpy.asarray, theirs.variables()))
@@ -284,14 +289,15 @@ def _evaluation(run, state, theirs: Theirs, seen: int) -> dict:
     figures = {"eval logits": 0.0, "ours": {"til": [], "cil": []},
                "theirs": {"til": [], "cil": []}}
     for task in run.stream.tasks[:seen]:
-        x, y, lo = np.asarray(task.x_eval), np.asarray(task.y_eval), task.class_offset
+        x, y = np.asarray(task.x_eval), np.asarray(task.y_eval)
+        lo, hi = task.class_offset, task.class_offset + len(task.classes)
         both = {"ours": np.asarray(run.eval_forward(state.params, state.batch_stats, x)[0]),
                 "theirs": theirs.logits(x)}
         gap = np.linalg.norm(both["ours"] - both["theirs"]) / np.linalg.norm(both["theirs"])
         figures["eval logits"] = max(figures["eval logits"], float(gap))
         for side, logits in both.items():
             figures[side]["til"].append(100.0 * float(np.mean(
-                logits[:, lo:lo + 2].argmax(1) == y - lo)))
+                logits[:, lo:hi].argmax(1) == y - lo)))
             figures[side]["cil"].append(100.0 * float(np.mean(logits.argmax(1) == y)))
     return figures
 
@@ -367,6 +373,7 @@ def main(argv=None) -> int:
     for name, value in (("--nf", args.nf), ("--epochs", args.epochs)):
         if value < 1:
             parser.error(f"{name} must be at least 1, got {value}")
+    _models_file(args.ref)
     try:
         import torch  # noqa: F401
     except ImportError:
