@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import os
 import sys
 from collections import defaultdict
 
 import numpy as np
 
+from experiments.common import write_json_atomic
 from lightcl_jax.model.layers import TAP_NAMES
 from lightcl_jax.model.torch_import import _target, convert_state_dict
 
@@ -386,11 +386,13 @@ def main(argv=None) -> int:
                     seed=args.seed, last_batch="keep", batch_size=32, lr=0.01, beta=2e-4,
                     buffer_size=15, ratio=0.15, freeze="stage3", frozen_bn="update").resolved()
     stream = make_stream("digits32")
-    out = (chaos(args.ref, config, stream, args.chaos) if args.chaos
-           else lockstep(args.ref, config, stream))
+    if args.chaos:
+        out = {"config": config.to_dict(),
+               "float32_against_float64_stem": chaos(args.ref, config, stream, args.chaos)}
+    else:
+        out = lockstep(args.ref, config, stream)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json_atomic(args.json, out)
     return 0
 
 
