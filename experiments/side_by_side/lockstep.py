@@ -103,7 +103,7 @@ def _flat(tree: dict, group: str) -> np.ndarray:
     leaves = []
     for name in sorted(tree):
         top = name.split("_")[0]
-        if top == group or (group == "stem" and name.startswith("stem")):
+        if top == group:
             leaves += [np.ravel(np.asarray(v)) for v in _leaves(tree[name])]
     return np.concatenate(leaves) if leaves else np.zeros(0)
 
@@ -135,14 +135,19 @@ class Theirs:
         self.model.load_state_dict(to_state_dict(variables, self.model))
         self.optimizer = torch.optim.SGD(params=self.model.parameters(), lr=config.lr)  # 156
         self.masks, self.buffer, self.standard = {}, None, None
+        self._variables = None                  # converted once per change of the model
 
     def variables(self) -> dict:
-        return convert_state_dict({k: v.detach().numpy()
-                                   for k, v in self.model.state_dict().items()})[0]
+        """The model's state as lightcl_jax variables."""
+        if self._variables is None:
+            self._variables = convert_state_dict({k: v.detach().numpy()
+                                                  for k, v in self.model.state_dict().items()})[0]
+        return self._variables
 
     def begin(self, task: int, x) -> None:
         """171-176: the buffer and its taps, in train mode; then 117-120's freezing."""
         self.model.train()
+        self._variables = None
         self.buffer = _tensor(x)[:self.config.buffer_size]
         _, standard = self.model(self.buffer)
         self.standard = {k: v.detach() for k, v in standard.items()}
@@ -157,6 +162,7 @@ class Theirs:
         import torch.nn.functional as F
 
         self.model.train()
+        self._variables = None
         cpt = self.classes_per_task
         x, y, lo = _tensor(x), torch.from_numpy(np.asarray(y).astype(np.int64)), cpt * task
         self.optimizer.zero_grad()
@@ -180,6 +186,7 @@ class Theirs:
         import torch
 
         self.model.train()
+        self._variables = None
         _, feats = self.model(_tensor(x))
         for name, feat in feats.items():
             if "linear" in name:
