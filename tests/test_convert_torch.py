@@ -15,7 +15,8 @@ import pytest
 from experiments import convert_torch
 from lightcl_jax.model.backbone import BackboneError, load_backbone, save_backbone
 from lightcl_jax.model.resnet import ResNet18
-from lightcl_jax.model.torch_import import ConversionError, convert_state_dict
+from lightcl_jax.model.torch_import import (ConversionError, convert_state_dict,
+                                            export_state_dict)
 
 NF, CIN, CLASSES = 4, 3, 7
 
@@ -139,6 +140,22 @@ def test_layouts_of_single_tensors():
                           sd["layer4_2.0.bn2.running_var"])
     assert np.array_equal(variables["params"]["stage3_block1"]["shortcut_bn"]["scale"],
                           sd["layer3.0.shortcut.1.weight"])
+
+
+def test_export_is_the_inverse_of_the_conversion():
+    sd = _reference_state_dict(np.random.default_rng(3))
+    variables, _ = convert_state_dict(sd)
+    back = export_state_dict(variables, sd.keys())
+    # every tensor but the counters and the _features / classifier aliases comes back
+    skipped = {k for k in sd if k.endswith("num_batches_tracked") or
+               k.startswith(("_features.", "classifier."))}
+    assert set(back) == set(sd) - skipped
+    for key, value in back.items():
+        assert value.dtype == np.float32 and np.array_equal(value, sd[key]), key
+    # a single element placed by hand: Flax (kh, kw, in, out) -> PyTorch (out, in, kh, kw)
+    variables["params"]["stage2_block1"]["conv1"]["kernel"][2, 0, 1, 5] = 42.0
+    assert export_state_dict(variables, ["layer2.0.conv1.weight"])[
+        "layer2.0.conv1.weight"][5, 1, 2, 0] == 42.0
 
 
 def test_aliases_without_the_relu_index_are_accepted():

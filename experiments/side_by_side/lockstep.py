@@ -38,7 +38,7 @@ import numpy as np
 
 from experiments.common import write_json_atomic
 from lightcl_jax.model.layers import TAP_NAMES
-from lightcl_jax.model.torch_import import _target, convert_state_dict
+from lightcl_jax.model.torch_import import convert_state_dict, export_state_dict
 
 GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
 
@@ -65,26 +65,10 @@ def to_state_dict(variables: dict, model) -> dict:
     `convert_state_dict`); tensors it has no counterpart for keep the model's values."""
     import torch
 
-    out = {}
-    for key, value in model.state_dict().items():
-        target = _target(key)
-        if target in (None, "skip"):
-            out[key] = value
-            continue
-        collection, path = target
-        array = np.asarray(_get(variables[collection], path))
-        if array.ndim == 4:
-            array = array.transpose(3, 2, 0, 1)       # (kh, kw, in, out) -> (out, in, kh, kw)
-        elif path[-1] == "kernel":
-            array = array.T
-        out[key] = torch.from_numpy(np.array(array))      # a writable copy
-    return out
-
-
-def _get(tree, path):
-    for name in path:
-        tree = tree[name]
-    return tree
+    state = model.state_dict()
+    arrays = export_state_dict(variables, state.keys())
+    return {key: torch.from_numpy(arrays[key]) if key in arrays else value
+            for key, value in state.items()}
 
 
 def distances(ours: dict, theirs: dict) -> dict:

@@ -215,6 +215,42 @@ def _to_flax(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
     return np.ascontiguousarray(value, np.float32)
 
 
+def _from_flax(value, path: tuple[str, ...]) -> np.ndarray:
+    """A Flax array in PyTorch's layout (the inverse of `_to_flax`), as a new float32 array."""
+    value = np.asarray(value, np.float32)
+    if value.ndim == 4:
+        value = value.transpose(3, 2, 0, 1)     # (kh, kw, in, out) -> (out, in, kh, kw)
+    elif path[-1] == "kernel":
+        value = value.T
+    return np.array(value)
+
+
+def export_state_dict(variables: Mapping, keys) -> dict[str, np.ndarray]:
+    """lightcl_jax ``{params, batch_stats}`` under the reference's names (the inverse of
+    `convert_state_dict`), for those of ``keys`` that have a counterpart in ours.
+
+    Args:
+      variables: ``{"params", "batch_stats"}`` of a `ResNet18`.
+      keys: the reference model's state_dict keys, e.g. ``model.state_dict().keys()``;
+        keys ours has no tensor for (``num_batches_tracked``, ``_features.*``
+        aliases) are left out of the result, so the caller keeps its own values.
+
+    Returns:
+      {key: float32 array in PyTorch's layout}.
+    """
+    out = {}
+    for key in keys:
+        target = _target(key)
+        if target in (None, "skip"):
+            continue
+        collection, path = target
+        node = variables[collection]
+        for name in path:
+            node = node[name]
+        out[key] = _from_flax(node, path)
+    return out
+
+
 def _expected_shapes(nf: int, cin: int, num_classes: int) -> dict[str, tuple[int, ...]]:
     """{primary key: PyTorch shape} of every tensor the conversion needs."""
     shapes = {"conv1.weight": (nf, cin, 3, 3), "linear.weight": (num_classes, 8 * nf),
