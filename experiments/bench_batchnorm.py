@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
-from experiments.common import write_json_atomic
+from experiments.common import median_ms, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,19 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--json", default=None, help="write the figures here")
     return p
-
-
-def _median_ms(fns: dict, rounds: int) -> dict:
-    """Median milliseconds of each zero-argument callable, the callables alternating."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: round(1e3 * statistics.median(t), 3) for name, t in times.items()}
 
 
 def _jax_ways(shape):
@@ -106,7 +91,7 @@ def main(argv=None) -> int:
         shape = (args.batch_size, size, size, channels)
         ways, diff = _jax_ways(shape)
         ways.update(_torch_way(shape, args.threads))
-        ms = _median_ms(ways, args.rounds)
+        ms = median_ms(ways, args.rounds)
         print(f"{shape}: " + ", ".join(f"{name} {value} ms" for name, value in ms.items())
               + f"; largest gradient difference ours - flax {diff:.2e}", flush=True)
         results.append({"shape": list(shape), "ms": ms, "max_grad_diff": diff})

@@ -1,4 +1,5 @@
-"""What the experiment scripts share: their argument parser, progress bars, atomic writes.
+"""What the experiment scripts share: their argument parser, progress bars, atomic writes,
+alternating timings.
 
 Imports no JAX, so that every script can refuse a bad flag before JAX loads.
 """
@@ -9,7 +10,9 @@ import argparse
 import json
 import os
 import sys
+import statistics
 import tempfile
+import time
 
 from lightcl_jax.training.progress import Progress
 
@@ -76,3 +79,21 @@ def write_json_atomic(path: str, payload: dict) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def median_ms(fns: dict, rounds: int, pause_s: float = 0.0) -> dict:
+    """Median milliseconds of each zero-argument callable (called once first, untimed),
+    the callables alternating over ``rounds`` rounds so that a change in the machine's
+    speed touches every figure; ``pause_s`` between callables lets one framework's
+    spinning worker threads go idle before the next is timed."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if pause_s:
+                time.sleep(pause_s)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: round(1e3 * statistics.median(t), 3) for name, t in times.items()}

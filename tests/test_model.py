@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lightcl_jax.model.layers import LAYER_GROUPS, TAP_NAMES, layer_group
-from lightcl_jax.model.resnet import ResNet18, fresh_head
+from lightcl_jax.model.resnet import ResNet18, fresh_head, materialised
 
 
 def _init(model, shape):
@@ -84,3 +84,16 @@ def test_fresh_head_is_xavier_uniform_with_zero_bias():
     assert not np.allclose(kernel, params["head"]["kernel"])
     np.testing.assert_array_equal(new["head"]["bias"], np.zeros(10))
     chex.assert_trees_all_equal(new["stage4_block2"], params["stage4_block2"])
+
+
+def test_materialised_is_the_identity_bit_for_bit_and_so_is_its_gradient():
+    x = np.array([1.5, -0.0, 0.0, np.inf, -np.inf, np.nan, 3.4e38, -2.0, 1.2e-38], np.float32)
+    for fn in (materialised, jax.jit(materialised)):
+        got = np.asarray(fn(jnp.asarray(x)))
+        np.testing.assert_array_equal(got.view(np.uint32), x.view(np.uint32))
+        # a subnormal: XLA:CPU flushes it to zero in any arithmetic (so does the
+        # BatchNorm that produces the maps); other backends may keep it
+        assert float(fn(jnp.float32(1e-45))) in (0.0, float(np.float32(1e-45)))
+    w = np.arange(9, dtype=np.float32) - 4.0
+    grad = jax.jit(jax.grad(lambda v: (materialised(v) * w).sum()))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(grad), w)

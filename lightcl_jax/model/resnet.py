@@ -77,6 +77,32 @@ Kept = tuple[tuple[int, ...] | None, tuple[int, ...] | None]
 NOT_PRUNED: Kept = (None, None)
 
 
+def _divide_by_one(x):
+    return x / (x == x).astype(x.dtype)
+
+
+@jax.custom_vjp
+def materialised(x):
+    """``x`` unchanged, computed once and stored: how the model hands a map to its convs.
+
+    A conv's input is also read, transposed, by its weight-gradient
+    convolution. XLA:CPU fuses the elementwise chain that produces the map
+    (BatchNorm, ReLU, a residual add and the chains before it) into that
+    transpose, recomputing it in the transposed order, which ran 3-8x slower
+    than transposing the stored map (BUILD.md "Speed"). Dividing by one
+    stops it: a full-size floating-point divide is an instruction XLA does not
+    duplicate into a second consumer, and ``x / (x == x)`` is ``x`` exactly
+    (NaN stays NaN; the one is computed, so XLA cannot fold it; a subnormal
+    is flushed to zero on XLA:CPU, as by any arithmetic there). The gradient
+    is the identity. The model's values and gradients are bit for bit those
+    without it; elsewhere it costs one elementwise divide inside a fusion.
+    """
+    return _divide_by_one(x)
+
+
+materialised.defvjp(lambda x: (_divide_by_one(x), None), lambda _, g: (g,))
+
+
 def _take(x, channels: tuple[int, ...] | None):
     """The given channels (last axis) of ``x``; None: all."""
     return x if channels is None else jnp.take(x, np.asarray(channels), axis=-1)
@@ -126,8 +152,8 @@ class BasicBlock(nn.Module):
         (in1, out1), (in2, out2), (in_short, out_short) = self.pruning
         conv1 = _Conv(_width(out1, self.features), (3, 3), (self.strides, self.strides),
                       padding=((1, 1), (1, 1)), name="conv1")
-        h = nn.relu(_BatchNorm(use_running_average=use_running_average, name="bn1")(
-            conv1(_take(x, in1))))
+        h = materialised(nn.relu(_BatchNorm(use_running_average=use_running_average,
+                                            name="bn1")(conv1(_take(x, in1)))))
         first = _widen(h, out1, self.features)
         h = _Conv(_width(out2, self.features), (3, 3), padding=((1, 1), (1, 1)),
                   name="conv2")(_take(h, _within(in2, out1)))
@@ -140,7 +166,7 @@ class BasicBlock(nn.Module):
                                  _take(x, in_short))
             shortcut = _widen(_BatchNorm(use_running_average=use_running_average,
                                          name="shortcut_bn")(shortcut), out_short, self.features)
-        return nn.relu(h + shortcut), first
+        return materialised(nn.relu(h + shortcut)), first
 
 
 class ResNet(nn.Module):
@@ -207,8 +233,8 @@ class ResNet(nn.Module):
             stem_in, stem_out = kept.get("stem_conv", NOT_PRUNED)
             h = _Conv(_width(stem_out, self.nf), (3, 3), padding=((1, 1), (1, 1)),
                       name="stem_conv")(_take(h, stem_in))
-            h = nn.relu(_widen(_BatchNorm(use_running_average=running("stem"),
-                                          name="stem_bn")(h), stem_out, self.nf))
+            h = materialised(nn.relu(_widen(_BatchNorm(use_running_average=running("stem"),
+                                                       name="stem_bn")(h), stem_out, self.nf)))
             # Block outputs go to the "intermediates" collection when it is mutable
             # (`layer_features`); otherwise sow is a no-op and costs nothing.
             self.sow("intermediates", "out_stem", h)
