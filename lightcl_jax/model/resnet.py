@@ -88,14 +88,16 @@ def materialised(x):
     A conv's input is also read, transposed, by its weight-gradient
     convolution. XLA:CPU fuses the elementwise chain that produces the map
     (BatchNorm, ReLU, a residual add and the chains before it) into that
-    transpose, recomputing it in the transposed order, which ran 3-8x slower
+    transpose, recomputing it in the transposed order, which ran 3-18x slower
     than transposing the stored map (BUILD.md "Speed"). Dividing by one
     stops it: a full-size floating-point divide is an instruction XLA does not
     duplicate into a second consumer, and ``x / (x == x)`` is ``x`` exactly
     (NaN stays NaN; the one is computed, so XLA cannot fold it; a subnormal
     is flushed to zero on XLA:CPU, as by any arithmetic there). The gradient
-    is the identity. The model's values and gradients are bit for bit those
-    without it; elsewhere it costs one elementwise divide inside a fusion.
+    is the identity. XLA fuses the program around it differently, which may
+    move the last bits elsewhere: a full step's results are bit for bit
+    those without it, a LightCL frozen-phase step's within 3e-6. On other
+    backends it costs one elementwise divide inside a fusion.
     """
     return _divide_by_one(x)
 
