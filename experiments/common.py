@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import statistics
+import sys
 import tempfile
 import time
 
