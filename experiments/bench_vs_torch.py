@@ -23,6 +23,8 @@ the PyTorch step, `lightcl_jax.accounting.theory`'s conventions with the
 buffer's frozen-layer forward added) and the GFLOP/s each sustains, beside
 the machine's practical peak: a 2048^3 float32 matmul in JAX and in PyTorch.
 PyTorch uses as many threads as there are cores (``--threads``), as XLA does.
+Where JAX's default backend is a GPU, PyTorch's steps run on CUDA too
+(``--torch-device``; `experiments/accelerator_check.sh` runs it so).
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ def _time_torch(entry, steps: int) -> list[float]:
     return times
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
-    """GFLOP/s of a size^3 float32 matmul in JAX and in PyTorch (best of ``repeats``)."""
+def matmul_peak(size: int = 2048, repeats: int = 10, torch_device: str = "cpu") -> dict:
+    """GFLOP/s of a size^3 float32 matmul in JAX and in PyTorch (on ``torch_device``;
+    best of ``repeats``)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -99,9 +102,16 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
     ja = jnp.asarray(a)
     matmul = jax.jit(lambda a: a @ a)
     matmul(ja).block_until_ready()
-    ta = torch.from_numpy(a)
+    ta = torch.from_numpy(a).to(torch_device)
+
+    def torch_matmul():
+        out = ta @ ta
+        if out.is_cuda:  # CUDA runs asynchronously: wait for the product
+            torch.cuda.synchronize()
+        return out
+
     out = {}
-    for name, run in (("jax", lambda: matmul(ja).block_until_ready()), ("torch", lambda: ta @ ta)):
+    for name, run in (("jax", lambda: matmul(ja).block_until_ready()), ("torch", torch_matmul)):
         run()
         best = min(_elapsed(run) for _ in range(repeats))
         out[name] = 2 * size ** 3 / best / 1e9
@@ -130,7 +140,7 @@ def torch_step_flops() -> dict:
     return {"full": float(full), "lightcl": float(lightcl)}
 
 
-def measure(rounds: int, steps: int, threads: int) -> dict:
+def measure(rounds: int, steps: int, threads: int, torch_device: str = "cpu") -> dict:
     import jax
     import torch
 
@@ -138,6 +148,7 @@ def measure(rounds: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     settings = {k: SETTING[k] for k in ("nf", "image_size", "channels", "num_classes",
                                         "classes_per_task", "batch_size")}
+    settings["device"] = torch_device
     torch_steps = {"full": build_full_step(**settings),
                    "lightcl": build_lightcl_step(**settings, buffer_size=SETTING["buffer_size"])}
     from lightcl_jax.compiler import COMPILER_OPTIONS
@@ -156,7 +167,8 @@ def measure(rounds: int, steps: int, threads: int) -> dict:
              "torch": torch_step_flops()}
     flops["jax_xla_defaults"] = flops["jax"]
     out = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
-           "torch_version": torch.__version__, "threads": threads, "setting": SETTING,
+           "torch_version": torch.__version__, "torch_device": torch_device,
+           "threads": threads, "setting": SETTING,
            "steps": {}}
     for name, by in times.items():
         row = {side: {"median_s": statistics.median(t), "times_s": t} for side, t in by.items()}
@@ -167,12 +179,13 @@ def measure(rounds: int, steps: int, threads: int) -> dict:
         row["xla_defaults_over_torch"] = (row["jax_xla_defaults"]["median_s"]
                                           / row["torch"]["median_s"])
         out["steps"][name] = row
-    out["matmul_gflop_per_s"] = matmul_peak()
+    out["matmul_gflop_per_s"] = matmul_peak(torch_device=torch_device)
     return out
 
 
 def report(out: dict) -> str:
-    lines = [f"{out['device']}, PyTorch {out['torch_version']} with {out['threads']} threads; "
+    lines = [f"JAX on {out['device']}, PyTorch {out['torch_version']} on "
+             f"{out.get('torch_device', 'cpu')} with {out['threads']} threads; "
              "ResNet-18 nf 64, 32x32x3, batch 32, buffer 15", "",
              f"{'step':<10}{'JAX ms':>9}{'PyTorch ms':>12}{'JAX/PyTorch':>13}"
              f"{'JAX GFLOP':>11}{'GFLOP/s':>9}{'PyTorch GFLOP':>15}{'GFLOP/s':>9}"]
@@ -181,10 +194,11 @@ def report(out: dict) -> str:
         lines.append(f"{name:<10}{j['median_s'] * 1e3:9.1f}{t['median_s'] * 1e3:12.1f}"
                      f"{row['jax_over_torch']:13.2f}{j['flops'] / 1e9:11.1f}"
                      f"{j['gflop_per_s']:9.0f}{t['flops'] / 1e9:15.1f}{t['gflop_per_s']:9.0f}")
-    lines += ["", "with XLA's default kernels (YNNPACK convolutions, lightcl_jax.compiler): " +
-              ", ".join(f"{name} {row['jax_xla_defaults']['median_s'] * 1e3:.1f} ms "
-                        f"({row['xla_defaults_over_torch']:.2f}x PyTorch)"
-                        for name, row in out["steps"].items())]
+    if out["device"].endswith("(cpu)"):  # the library's options are XLA:CPU's
+        lines += ["", "with XLA's default kernels (YNNPACK convolutions, lightcl_jax.compiler): "
+                  + ", ".join(f"{name} {row['jax_xla_defaults']['median_s'] * 1e3:.1f} ms "
+                              f"({row['xla_defaults_over_torch']:.2f}x PyTorch)"
+                              for name, row in out["steps"].items())]
     peak = out["matmul_gflop_per_s"]
     lines += ["", f"practical peak, a 2048^3 float32 matmul: JAX {peak['jax']:.0f} GFLOP/s, "
                   f"PyTorch {peak['torch']:.0f} GFLOP/s"]
@@ -198,6 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps of each per round")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="PyTorch threads (default: every core, as XLA uses)")
+    p.add_argument("--torch-device", default="auto",
+                   help="where PyTorch's steps run: cpu, cuda, or auto (default: cuda where "
+                        "JAX's default backend is a GPU, else cpu)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     for name in ("rounds", "steps", "threads"):
@@ -207,7 +224,15 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("torch") is None:
         from experiments.torch_reference import TORCH_MISSING
         p.error(TORCH_MISSING)
-    out = measure(args.rounds, args.steps, args.threads)
+    from experiments.torch_reference import torch_device
+    if args.torch_device == "auto":
+        import jax
+        args.torch_device = "cuda" if jax.default_backend() in ("gpu", "cuda") else "cpu"
+    try:
+        torch_device(args.torch_device)
+    except ValueError as err:
+        p.error(f"--torch-device: {err}")
+    out = measure(args.rounds, args.steps, args.threads, args.torch_device)
     print(report(out))
     if args.json:
         write_json_atomic(args.json, out)

@@ -39,6 +39,23 @@ def _torch():
     return torch
 
 
+def torch_device(name: str):
+    """``torch.device(name)``, refused with a clear error where PyTorch cannot use it.
+
+    Raises:
+        ValueError: an unknown device name, or "cuda" where PyTorch sees no GPU.
+    """
+    torch = _torch()
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown PyTorch device {name!r}; e.g. 'cpu' or 'cuda'") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"PyTorch device {name!r}: this PyTorch ({torch.__version__}) sees "
+                         "no CUDA GPU; use 'cpu', or a CUDA build of torch on a GPU machine")
+    return device
+
+
 @functools.lru_cache(maxsize=None)
 def _model_classes():
     """Defines the model classes on first use, so the module imports without torch.
@@ -182,7 +199,8 @@ class LightCLStep:
 def build_lightcl_step(nf: int = 64, image_size: int = 32, channels: int = 3,
                        num_classes: int = 10, classes_per_task: int = 2, batch_size: int = 32,
                        buffer_size: int = 15, lr: float = 0.01, beta: float = 2e-4,
-                       ratio: float = 0.15, task_index: int = 1, seed: int = 0):
+                       ratio: float = 0.15, task_index: int = 1, seed: int = 0,
+                       device: str = "cpu"):
     """Builds the model, the frozen/trained split, the memory and a fixed random batch.
 
     The memory is the first ``buffer_size`` samples of a random batch, with their
@@ -202,6 +220,8 @@ def build_lightcl_step(nf: int = 64, image_size: int = 32, channels: int = 3,
         ratio: Fraction of vital channels per tap.
         task_index: The task ``t >= 1`` whose step is built.
         seed: Seed of the initialization and of the random data.
+        device: Where the model and data live (a ``torch.device`` name: "cpu", "cuda");
+            the same weights and data on any (drawn on the CPU, then moved).
 
     Returns:
         ``(step, x, y)``: a ``LightCLStep`` and a fixed batch, ``x`` float32 NCHW and
@@ -210,8 +230,9 @@ def build_lightcl_step(nf: int = 64, image_size: int = 32, channels: int = 3,
     torch = _torch()
     if task_index < 1:
         raise ValueError(f"LightCL's step freezes layers at tasks >= 1, got {task_index}")
+    device = torch_device(device)
     torch.manual_seed(seed)
-    model = make_resnet18(nf=nf, channels=channels, num_classes=num_classes)
+    model = make_resnet18(nf=nf, channels=channels, num_classes=num_classes).to(device)
     model.train()
     frozen = {id(p) for m in model.frozen_modules() for p in m.parameters()}
     for p in model.parameters():
@@ -221,10 +242,10 @@ def build_lightcl_step(nf: int = 64, image_size: int = 32, channels: int = 3,
 
     gen = torch.Generator().manual_seed(seed)
     shape = (batch_size, channels, image_size, image_size)
-    buffer_x = torch.randn(shape, generator=gen)[:buffer_size].contiguous()
-    x = torch.randn(shape, generator=gen)
+    buffer_x = torch.randn(shape, generator=gen)[:buffer_size].contiguous().to(device)
+    x = torch.randn(shape, generator=gen).to(device)
     lo = task_index * classes_per_task
-    y = torch.randint(lo, lo + classes_per_task, (batch_size,), generator=gen)
+    y = torch.randint(lo, lo + classes_per_task, (batch_size,), generator=gen).to(device)
 
     with torch.no_grad():
         ref_logits, ref_taps = model(buffer_x)
@@ -232,7 +253,7 @@ def build_lightcl_step(nf: int = 64, image_size: int = 32, channels: int = 3,
     for tap in ref_taps:
         num = tap.shape[1]
         vital = tap.abs().sum(dim=(0, 2, 3)).topk(vital_channel_count(num, ratio)).indices
-        mask = torch.zeros(num, dtype=torch.bool)
+        mask = torch.zeros(num, dtype=torch.bool, device=device)
         mask[vital] = True
         masks.append(mask)
     step = LightCLStep(model, optimizer, buffer_x, ref_taps, ref_logits, masks, beta,
@@ -261,17 +282,20 @@ class FullStep:
 
 def build_full_step(nf: int = 64, image_size: int = 32, channels: int = 3,
                     num_classes: int = 10, classes_per_task: int = 2, batch_size: int = 32,
-                    lr: float = 0.01, task_index: int = 0, seed: int = 0):
-    """``(step, x, y)``: a `FullStep` of a fresh ResNet-18 and a fixed random batch."""
+                    lr: float = 0.01, task_index: int = 0, seed: int = 0,
+                    device: str = "cpu"):
+    """``(step, x, y)``: a `FullStep` of a fresh ResNet-18 and a fixed random batch, on
+    ``device`` (as `build_lightcl_step`)."""
     torch = _torch()
+    device = torch_device(device)
     torch.manual_seed(seed)
-    model = make_resnet18(nf=nf, channels=channels, num_classes=num_classes)
+    model = make_resnet18(nf=nf, channels=channels, num_classes=num_classes).to(device)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch_size, channels, image_size, image_size), generator=gen)
+    x = torch.randn((batch_size, channels, image_size, image_size), generator=gen).to(device)
     lo = task_index * classes_per_task
-    y = torch.randint(lo, lo + classes_per_task, (batch_size,), generator=gen)
+    y = torch.randint(lo, lo + classes_per_task, (batch_size,), generator=gen).to(device)
     return FullStep(model, optimizer, task_index, classes_per_task), x, y
 
 

@@ -63,3 +63,45 @@ def test_step_freezes_stem_to_stage3_and_matches_recomputed_loss():
             assert torch.equal(p, before[name]), name
         else:
             assert not torch.equal(p, before[name]), name
+
+
+def test_torch_device_is_checked_before_anything_is_built():
+    from experiments.torch_reference import torch_device
+    assert torch_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown PyTorch device 'gpu0'"):
+        torch_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            torch_device("cuda")
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            build_lightcl_step(**TINY, device="cuda")
+
+
+def test_steps_built_for_a_device_live_there():
+    step, x, y = build_lightcl_step(**TINY, device="cpu")
+    assert x.device.type == y.device.type == step.buffer_x.device.type == "cpu"
+    assert all(m.device.type == "cpu" for m in step.masks)
+
+
+def test_bench_vs_torch_refuses_a_device_pytorch_cannot_use(capsys):
+    from experiments import bench_vs_torch
+    with pytest.raises(SystemExit) as exit_info:
+        bench_vs_torch.main(["--torch-device", "tpu9"])
+    assert exit_info.value.code == 2
+    assert "--torch-device: unknown PyTorch device 'tpu9'" in capsys.readouterr().err
+
+
+def test_accelerator_check_needs_an_outdir_and_refuses_a_cpu_only_jax(tmp_path):
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "accelerator_check.sh")
+    usage = subprocess.run(["bash", script], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(["bash", script, str(tmp_path / "out")], capture_output=True,
+                            text=True, env=env, cwd=os.path.join(os.path.dirname(script), ".."))
+    assert result.returncode != 0
+    log = (tmp_path / "out" / "check.log").read_text()
+    assert "JAX sees no accelerator" in log
+    assert not (tmp_path / "out" / "bench.json").exists()
