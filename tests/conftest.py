@@ -13,7 +13,8 @@ import os
 import shutil
 import tempfile
 
-_FLAGS = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+_FLAGS = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+          "--xla_cpu_use_fusion_emitters=false"]
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [
     os.environ.get("XLA_FLAGS", ""),
     *(flag for flag in _FLAGS if flag not in os.environ.get("XLA_FLAGS", ""))]))
