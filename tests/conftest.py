@@ -41,6 +41,25 @@ for _name, _value in (("jax_compilation_cache_dir", _CACHE),
     jax.config.update(_name, _value)
     os.environ[_name.upper()] = str(_value)
 
+# LIGHTCL_COMPILE_REPORT=DIR: each test process (each pytest-xdist worker) writes to
+# DIR/compile-<worker>.json the seconds JAX spent tracing, lowering and compiling, and
+# restoring from the cache (its duration events, summed; CLI subprocesses not included).
+if os.environ.get("LIGHTCL_COMPILE_REPORT"):
+    import collections
+    import json
+
+    _SPENT = collections.Counter()
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: _SPENT.update({event: seconds})
+        if event.startswith(("/jax/core/compile/", "/jax/compilation_cache/")) else None)
+
+    def _write_compile_report(directory=os.environ["LIGHTCL_COMPILE_REPORT"]):
+        os.makedirs(directory, exist_ok=True)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(os.path.join(directory, f"compile-{worker}.json"), "w") as f:
+            json.dump(dict(_SPENT), f, indent=1)
+    atexit.register(_write_compile_report)
+
 
 @pytest.fixture(scope="session")
 def digits_stream():
