@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lightcl_jax import compiler
 from lightcl_jax.accounting.process import release_free_memory
 from lightcl_jax.model.resnet import ResNet18, fresh_head
 from lightcl_jax.training.sparsity import (apply_masks, channel_prune_masks, compact_variables,
@@ -26,11 +26,12 @@ class TrainState:
     step: jax.Array    # () int32, train steps taken so far in the run
 
 
-@functools.partial(jax.jit, static_argnames=("model", "image_shape"))
+@compiler.jit(static_argnames=("model", "image_shape"), run_once=True)
 def random_variables(model, image_shape: tuple[int, ...], key: jax.Array) -> dict:
     """``{"params", "batch_stats"}`` of a randomly initialised ``model`` for ``image_shape`` inputs.
 
-    One compiled program: op-by-op initialisation would compile every layer's ops.
+    One compiled program (op-by-op initialisation would compile every layer's
+    ops), compiled with `compiler.RUN_ONCE`: it runs once, compiling is its cost.
     """
     return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
 
