@@ -128,3 +128,9 @@ def test_random_variables_cheaper_compile_gives_xla_defaults_values_bit_for_bit(
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(default)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.ptp(np.asarray(got["params"]["head"]["bias"])) > 0  # random, not constant
+    # Inside another trace too (JAX refuses compiler options on nested programs), with the
+    # key from outside it and made inside it.
+    for shapes in (jax.eval_shape(lambda: random_variables(model, (8, 8, 3), key)),
+                   jax.eval_shape(lambda: random_variables(model, (8, 8, 3),
+                                                           jax.random.PRNGKey(3)))):
+        chex.assert_trees_all_equal_shapes_and_dtypes(shapes, got)

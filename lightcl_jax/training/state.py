@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -26,14 +27,28 @@ class TrainState:
     step: jax.Array    # () int32, train steps taken so far in the run
 
 
-@compiler.jit(static_argnames=("model", "image_shape"), run_once=True)
 def random_variables(model, image_shape: tuple[int, ...], key: jax.Array) -> dict:
     """``{"params", "batch_stats"}`` of a randomly initialised ``model`` for ``image_shape`` inputs.
 
     One compiled program (op-by-op initialisation would compile every layer's
     ops), compiled with `compiler.RUN_ONCE`: it runs once, compiling is its cost.
+    Inside another trace (``jax.eval_shape``, a jitted caller) it is traced into
+    that program instead, as JAX takes compiler options on top-level programs only.
     """
+    if isinstance(key, jax.core.Tracer):
+        return _init(model, image_shape, key)
+    return _compiled_init(model, image_shape, jax.ShapeDtypeStruct(key.shape, key.dtype))(key)
+
+
+def _init(model, image_shape, key):
     return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_init(model, image_shape, key):
+    """The compiled initialisation, as an executable: callable inside a trace too."""
+    return compiler.jit(functools.partial(_init, model, image_shape), run_once=True).lower(
+        key).compile()
 
 
 def train_state(params, batch_stats, opt_state=None) -> TrainState:
