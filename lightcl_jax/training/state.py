@@ -32,9 +32,12 @@ def random_variables(model, image_shape: tuple[int, ...], key: jax.Array) -> dic
 
     One compiled program (op-by-op initialisation would compile every layer's
     ops), compiled with `compiler.RUN_ONCE`: it runs once, compiling is its cost.
-    Inside another trace (``jax.eval_shape``, a jitted caller) it is traced into
-    that program instead, as JAX takes compiler options on top-level programs only.
+    The program is compiled ahead of time and called as an executable, so a
+    caller inside another trace (``jax.eval_shape``, a jitted function) gets its
+    values too; a key that is itself traced is traced into the caller's program
+    (JAX takes compiler options on top-level programs only).
     """
+    image_shape = tuple(image_shape)
     if isinstance(key, jax.core.Tracer):
         return _init(model, image_shape, key)
     return _compiled_init(model, image_shape, jax.ShapeDtypeStruct(key.shape, key.dtype))(key)
