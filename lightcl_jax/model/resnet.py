@@ -105,6 +105,63 @@ def materialised(x):
 materialised.defvjp(lambda x: (_divide_by_one(x), None), lambda _, g: (g,))
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x, kernel, padding, precision=None):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC,
+                                        precision=precision)
+
+
+def _conv_as_matmul(x, kernel, padding, precision=None):
+    """The stride-1 conv of an NHWC ``x`` as one matmul of its patches (im2col)."""
+    kh, kw, cin, cout = kernel.shape
+    (top, bottom), (left, right) = padding
+    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)],
+                              axis=-1)  # (i, j, c) order: the kernel's, reshaped
+    return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _patch_conv(x, kernel, padding, precision):
+    return _conv_as_matmul(x, kernel, padding, precision)
+
+
+def _patch_conv_backward(padding, precision, residuals, g):
+    return jax.vjp(lambda x, k: _xla_conv(x, k, padding, precision), *residuals)[1](g)
+
+
+_patch_conv.defvjp(lambda x, k, padding, precision: (_conv_as_matmul(x, k, padding, precision),
+                                                     (x, k)),
+                   _patch_conv_backward)
+
+
+def stem_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                              rhs_dilation=None, dimension_numbers=None,
+                              feature_group_count=1, precision=None):
+    """`jax.lax.conv_general_dilated` for the stem (``nn.Conv(conv_general_dilated=...)``).
+
+    XLA:CPU runs a convolution of 3 input channels at a few GFLOP/s (8 ms for
+    the 32x32x3 -> 64 stem on a batch of 32, BUILD.md "Speed"); the same conv
+    as one matmul of its 27-wide patches takes 2 ms, the values the same
+    (``tests/test_model.py`` checks them against the convolution). Its
+    gradients are XLA's convolution's, as without it. Stride 1, no dilation,
+    explicit padding, NHWC/HWIO only; anything else is an error.
+    """
+    trivial = all(s == 1 for s in window_strides) and all(
+        d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if (not trivial or feature_group_count != 1 or isinstance(padding, str)
+            or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC) != dimension_numbers):
+        raise ValueError("stem_conv_general_dilated takes a stride-1, undilated, ungrouped "
+                         f"NHWC/HWIO conv with explicit padding; got strides {window_strides}, "
+                         f"padding {padding!r}, dilations {lhs_dilation}/{rhs_dilation}, "
+                         f"groups {feature_group_count}, dimension numbers {dimension_numbers}")
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    return _patch_conv(lhs, rhs, padding, precision)
+
+
 def _take(x, channels: tuple[int, ...] | None):
     """The given channels (last axis) of ``x``; None: all."""
     return x if channels is None else jnp.take(x, np.asarray(channels), axis=-1)
@@ -234,6 +291,7 @@ class ResNet(nn.Module):
         if runs("stem"):
             stem_in, stem_out = kept.get("stem_conv", NOT_PRUNED)
             h = _Conv(_width(stem_out, self.nf), (3, 3), padding=((1, 1), (1, 1)),
+                      conv_general_dilated=stem_conv_general_dilated,
                       name="stem_conv")(_take(h, stem_in))
             h = materialised(nn.relu(_widen(_BatchNorm(use_running_average=running("stem"),
                                                        name="stem_bn")(h), stem_out, self.nf)))
