@@ -303,4 +303,6 @@ def write_outputs(workdir, stream, c: Config, rows, all_runs, seeds: int, args) 
 
 
 if __name__ == "__main__":
+    from lightcl_jax.accounting.process import run_with_huge_pages
+    run_with_huge_pages()  # as experiments.run: fewer page faults in the steps
     sys.exit(main())

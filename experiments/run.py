@@ -21,7 +21,7 @@ import sys
 from experiments import distributed
 from experiments.common import Bars, Parser, parse_bool, write_json_atomic
 from experiments.figures import accuracy_figure, save_figure
-from lightcl_jax.accounting.process import limit_malloc_arenas
+from lightcl_jax.accounting.process import limit_malloc_arenas, run_with_huge_pages
 from lightcl_jax.config import (FROZEN_BN_MODES, LAST_BATCH_MODES, SPARSE_EXECUTIONS,
                                 XLA_SCHEDULERS, Config)
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
@@ -401,5 +401,6 @@ def discard_run(results_path: str, checkpoint_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    run_with_huge_pages()  # again, with malloc asking for huge pages: fewer page faults
     limit_malloc_arenas()  # before JAX starts its threads: 50 MB less resident here
     sys.exit(main())

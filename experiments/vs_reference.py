@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 from experiments.common import Parser, write_json_atomic
+from lightcl_jax.accounting.process import huge_pages_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "experiments", "side_by_side", "run_reference.py")
@@ -119,19 +120,25 @@ def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdi
 
     Returns:
       ``{"seeds": [{"seed", "reference": {...}, "ours": {...}}], "reference": summary,
-      "ours": summary, "wall_time_ratio", "peak_rss_mb", "epochs", "epochs_overridden"}``;
-      each side's per-seed entry has ``til``, ``cil``, ``wall_time_s``, ``peak_rss_mb``.
+      "ours": summary, "wall_time_ratio", "peak_rss_mb", "epochs", "epochs_overridden",
+      "glibc_tunables"}``; each side's per-seed entry has ``til``, ``cil``, ``wall_time_s``,
+      ``peak_rss_mb``. ``glibc_tunables``: the ``GLIBC_TUNABLES`` both processes ran
+      with (None: unset).
     """
     os.makedirs(workdir, exist_ok=True)
     stream_path = os.path.join(workdir, "stream.npz")
     export_stream(stream, stream_path)
     # The reference's loaders keep an epoch's smaller last batch (PyTorch's default), or
     # drop it when ours does (a diagnostic: the served loaders' drop_last, the script as is).
-    env = dict(os.environ, LIGHTCL_STREAM=stream_path,
+    # Both sides run in one environment: where our scripts run themselves again with
+    # glibc's malloc asking for huge pages (`run_with_huge_pages`), the reference gets
+    # the same tunable (it speeds PyTorch's steps too).
+    same = huge_pages_here() or dict(os.environ)
+    env = dict(same, LIGHTCL_STREAM=stream_path,
                LIGHTCL_DROP_LAST="1" if config.last_batch == "drop" else "0")
     runs = []
     settings = {"checkout": checkout, "stream": stream.name, "epochs": epochs,
-                "last_batch": config.last_batch,
+                "last_batch": config.last_batch, "glibc_tunables": same.get("GLIBC_TUNABLES"),
                 "ours": {k: v for k, v in config.identity_dict().items()
                          if k not in ("seed", "epochs")}}
     for seed in seeds:
@@ -155,7 +162,7 @@ def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdi
         ours = dataclasses.replace(config, seed=seed, epochs=epochs).to_dict()
         wall, rss = run_child([sys.executable, "-m", "experiments.side_by_side.run_ours",
                                "--stream", stream_path, "--config", json.dumps(ours),
-                               "--out", out], out.replace(".json", ".log"))
+                               "--out", out], out.replace(".json", ".log"), same)
         with open(out) as f:
             result = json.load(f)
         entry["ours"] = {"til": result["avg_til"], "cil": result["avg_cil"],
@@ -166,7 +173,7 @@ def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdi
         report(f"seed {seed}, lightcl_jax:         {_line(entry['ours'])}")
         write_json_atomic(record, {"settings": settings, "entry": entry})
         runs.append(entry)
-    return summarize(runs, epochs)
+    return {**summarize(runs, epochs), "glibc_tunables": same.get("GLIBC_TUNABLES")}
 
 
 def our_breakdown(results: dict) -> dict:
@@ -287,6 +294,8 @@ def format_summary(summary: dict) -> str:
                  f"{fidelity['cil_within_reference_spread']}")
     if "last_batch" in summary:
         lines.append(f"last batch of an epoch: {summary['last_batch']}")
+    if "glibc_tunables" in summary:
+        lines.append(f"both processes ran with GLIBC_TUNABLES={summary['glibc_tunables'] or ''}")
     if summary["epochs_overridden"]:
         lines.append(f"epochs: {summary['epochs']} per task, set in a temporary copy of the "
                      f"authors' LightCL.py (it hard-codes {SCRIPT_EPOCHS})")

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import pytest
 
@@ -161,3 +162,55 @@ def test_bench_rss_refuses_a_bad_setting_before_running_anything(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_rss.main(["--nf", "0"])
     assert exit_info.value.code == 2 and "nf must be an integer in [1, 4096]" in capsys.readouterr().err
+
+
+def test_huge_pages_environment_asks_only_where_it_changes_something():
+    from lightcl_jax.accounting.process import huge_pages_environment
+    madvise, env = "always [madvise] never\n", {"PATH": "/bin"}
+    assert huge_pages_environment(env, "glibc 2.36", madvise) == {
+        "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    # the user's other tunables stay, in front
+    assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                                  "glibc 2.35", madvise)["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    for environ, libc, thp in [
+            ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc 2.36", madvise),  # user's
+            ({"LIGHTCL_HUGE_PAGES": "0"}, "glibc 2.36", madvise),  # switched off
+            (env, "glibc 2.34", madvise),  # no such tunable before 2.35
+            (env, "", madvise),  # not glibc (macOS, musl)
+            (env, "glibc 2.36", "[always] madvise never"),  # huge pages anyway
+            (env, "glibc 2.36", "always madvise [never]"),  # none at all
+            (env, "glibc 2.36", "")]:  # no transparent huge pages in this kernel
+        assert huge_pages_environment(environ, libc, thp) is None, (environ, libc, thp)
+    with pytest.raises(ValueError, match="LIGHTCL_HUGE_PAGES='yes'.*1 .*or 0"):
+        huge_pages_environment({"LIGHTCL_HUGE_PAGES": "yes"}, "glibc 2.36", madvise)
+
+
+def test_run_with_huge_pages_runs_the_command_again_with_the_tunable(tmp_path):
+    import subprocess
+    import sys
+
+    from lightcl_jax.accounting.process import huge_pages_environment
+    code = ("import os, sys; from lightcl_jax.accounting.process import run_with_huge_pages; "
+            "print('start', os.getpid(), flush=True); run_with_huge_pages(); "
+            "print('tunables', os.environ.get('GLIBC_TUNABLES'), os.getpid(), sys.argv[1:])")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LIGHTCL_HUGE_PAGES")}
+    out = subprocess.run([sys.executable, "-c", code, "an argument"], env=env, check=True,
+                         capture_output=True, text=True).stdout.split("\n")
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read()
+    except OSError:
+        thp = ""
+    libc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else ""
+    starts = [line for line in out if line.startswith("start")]
+    last = out[-2].split()
+    if huge_pages_environment(env, libc or "", thp) is None:
+        assert len(starts) == 1 and last[1] == "None"
+    else:  # ran twice, the second time (same process) with the tunable and the same argv
+        assert len(starts) == 2 and starts[0].split()[1] == starts[1].split()[1] == last[2]
+        assert last[1] == "glibc.malloc.hugetlb=1" and " ".join(last[3:]) == "['an argument']"
+    env["LIGHTCL_HUGE_PAGES"] = "0"
+    out = subprocess.run([sys.executable, "-c", code, "x"], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.count("start") == 1 and "tunables None" in out

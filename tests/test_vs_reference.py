@@ -8,6 +8,7 @@ batches it is served, which the test computes again from the stream.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from models import CHECKOUT_MODELS  # the checkout's own module
 
 assert sys.argv[1:] == ["--pretrain", "--Seed", "3"], sys.argv
 assert os.path.isfile("models.py"), os.getcwd()  # it runs in the checkout
+print("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES"))
 num_task = 5
 epochs = 50
 data = SequentialCIFAR10(None)
@@ -93,6 +95,13 @@ def test_exported_stream_round_trips_and_the_harness_runs_both_sides(tmp_path):
     assert summary["wall_time_ratio"] == pytest.approx(walls["ours"] / walls["reference"])
     assert all(summary["peak_rss_mb"][side] > 50 for side in ("reference", "ours"))
     assert summary["epochs_overridden"] and len(lines) == 2
+    # Both sides in one environment: the reference gets the huge-pages tunable our
+    # scripts run themselves with, where they do.
+    from lightcl_jax.accounting.process import huge_pages_here
+    tunables = (huge_pages_here() or os.environ).get("GLIBC_TUNABLES")
+    assert summary["glibc_tunables"] == tunables
+    log = (tmp_path / "w" / "reference-seed3.log").read_text()
+    assert f"GLIBC_TUNABLES {tunables}" in log.splitlines()
     text = vs_reference.format_summary(summary)
     assert "set in a temporary copy of the authors' LightCL.py" in text
     assert f"{summary['wall_time_ratio']:.3f}" in text
