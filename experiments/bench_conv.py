@@ -2,9 +2,9 @@
 
     python -m experiments.bench_conv [--rounds 10] [--batch-size 32] [--nf 64] [--json PATH]
 
-At each 3x3 convolution shape of ResNet-18 on 32x32 inputs (nf 64: 32x32x64
-to 4x4x512, the three stride-2 ones included), times as compiled programs
-(median of ``--rounds`` calls, the ways alternating):
+At each 3x3 convolution shape of ResNet-18 on 32x32 inputs (nf 64: the
+32x32x3 stem, then 32x32x64 to 4x4x512, the three stride-2 ones included),
+times as compiled programs (median of ``--rounds`` calls, the ways alternating):
 
   * the forward convolution, its input gradient and its weight gradient, each
     a program of its own (the transpose of the convolution with respect to one
@@ -13,6 +13,8 @@ to 4x4x512, the three stride-2 ones included), times as compiled programs
     ``torch.nn.grad.conv2d_input`` and ``conv2d_weight`` on NCHW tensors, as
     the authors' script runs them) when PyTorch is installed (``--threads``,
     default every core, as XLA);
+  * at the stem, its forward as the model runs it: one matmul of the 27-wide
+    patches (`lightcl_jax.model.resnet.stem_conv_general_dilated`);
   * at the stride-1 shapes, a lead that did not pay: the weight gradient as
     nine matmuls over contiguous row ranges of the flattened, padded map
     (`flat_weight_gradient`). It needs no transpose of the activations,
@@ -46,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def shapes(nf: int) -> list[tuple[int, int, int, int]]:
     """(input size, input channels, output channels, stride) of each distinct 3x3
-    convolution of a CIFAR ResNet-18 on 32x32 inputs."""
-    out = [(32, nf, nf, 1)]
+    convolution of a CIFAR ResNet-18 on 32x32 RGB inputs, the stem first."""
+    out = [(32, 3, nf, 1), (32, nf, nf, 1)]
     size, width = 32, nf
     for _ in range(3):
         out.append((size, width, 2 * width, 2))
@@ -102,6 +104,13 @@ def _jax_ways(batch: int, size: int, cin: int, cout: int, stride: int) -> tuple[
             "jax input grad": lambda: jax.block_until_ready(input_grad(w, g)),
             "jax weight grad": lambda: jax.block_until_ready(weight_grad(x, g))}
     difference = float("nan")
+    if cin == 3:  # the stem
+        from lightcl_jax.model.resnet import stem_conv_general_dilated
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        stem = jit(lambda x, w: stem_conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                          dimension_numbers=dn))
+        ways["jax forward, the model's stem (matmul)"] = (
+            lambda: jax.block_until_ready(stem(x, w)))
     if stride == 1:
         flat = jit(flat_weight_gradient)
         ways["jax weight grad, 9 flat matmuls"] = lambda: jax.block_until_ready(flat(x, g))

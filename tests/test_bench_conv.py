@@ -29,7 +29,8 @@ def test_flat_weight_gradient_is_the_convolution_weight_gradient():
 
 
 def test_the_shapes_are_resnet18s_3x3_convolutions():
-    assert bench_conv.shapes(64) == [(32, 64, 64, 1), (32, 64, 128, 2), (16, 128, 128, 1),
+    assert bench_conv.shapes(64) == [(32, 3, 64, 1), (32, 64, 64, 1), (32, 64, 128, 2),
+                                     (16, 128, 128, 1),
                                      (16, 128, 256, 2), (8, 256, 256, 1), (8, 256, 512, 2),
                                      (4, 512, 512, 1)]
 
@@ -39,9 +40,11 @@ def test_the_cli_prints_and_writes_every_way(tmp_path, capsys):
     assert bench_conv.main(["--rounds", "1", "--batch-size", "1", "--nf", "2",
                             "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("jax weight grad, 9 flat matmuls") == 4
+    assert out.count("jax weight grad, 9 flat matmuls") == 5
+    assert out.count("jax forward, the model's stem (matmul)") == 1
     payload = json.loads(path.read_text())
-    assert [r["size"] for r in payload["results"]] == [32, 32, 16, 16, 8, 8, 4]
+    assert [r["size"] for r in payload["results"]] == [32, 32, 32, 16, 16, 8, 8, 4]
+    assert "jax forward, the model's stem (matmul)" in payload["results"][0]["ms"]
     for row in payload["results"]:
         assert {"jax forward", "jax input grad", "jax weight grad"} <= set(row["ms"])
         if row["stride"] == 1:
