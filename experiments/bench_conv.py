@@ -14,8 +14,9 @@ times as compiled programs (median of ``--rounds`` calls, the ways alternating):
     the authors' script runs them) when PyTorch is installed (``--threads``,
     default every core, as XLA);
   * at the stem, its forward as the model runs it: one matmul of the 27-wide
-    patches (`lightcl_jax.model.resnet.stem_conv_general_dilated`);
-  * at the stride-1 shapes, a lead that did not pay: the weight gradient as
+    patches (`lightcl_jax.model.resnet.stem_conv_general_dilated`), and its
+    largest relative difference from XLA's convolution;
+  * at the other stride-1 shapes, a lead that did not pay: the weight gradient as
     nine matmuls over contiguous row ranges of the flattened, padded map
     (`flat_weight_gradient`). It needs no transpose of the activations,
     which XLA's weight-gradient convolution makes of both its operands.
@@ -86,7 +87,8 @@ def flat_weight_gradient(x, g):
     return jnp.stack(taps).reshape(3, 3, c, g.shape[-1])
 
 
-def _jax_ways(batch: int, size: int, cin: int, cout: int, stride: int) -> tuple[dict, float]:
+def _jax_ways(batch: int, size: int, cin: int, cout: int, stride: int,
+              stem: bool = False) -> tuple[dict, float]:
     import jax
     import numpy as np
 
@@ -104,14 +106,15 @@ def _jax_ways(batch: int, size: int, cin: int, cout: int, stride: int) -> tuple[
             "jax input grad": lambda: jax.block_until_ready(input_grad(w, g)),
             "jax weight grad": lambda: jax.block_until_ready(weight_grad(x, g))}
     difference = float("nan")
-    if cin == 3:  # the stem
+    if stem:
         from lightcl_jax.model.resnet import stem_conv_general_dilated
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-        stem = jit(lambda x, w: stem_conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                                          dimension_numbers=dn))
-        ways["jax forward, the model's stem (matmul)"] = (
-            lambda: jax.block_until_ready(stem(x, w)))
-    if stride == 1:
+        matmul = jit(lambda x, w: stem_conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                            dimension_numbers=dn))
+        ways["jax forward, stem as matmul"] = lambda: jax.block_until_ready(matmul(x, w))
+        reference = forward(x, w)
+        difference = float(abs(matmul(x, w) - reference).max() / abs(reference).max())
+    elif stride == 1:
         flat = jit(flat_weight_gradient)
         ways["jax weight grad, 9 flat matmuls"] = lambda: jax.block_until_ready(flat(x, g))
         reference = weight_grad(x, g)
@@ -145,8 +148,8 @@ def main(argv=None) -> int:
     if min(args.rounds, args.batch_size, args.nf, args.threads) < 1:
         raise SystemExit("bench_conv: --rounds, --batch-size, --nf and --threads must be >= 1")
     results = []
-    for size, cin, cout, stride in shapes(args.nf):
-        ways, difference = _jax_ways(args.batch_size, size, cin, cout, stride)
+    for index, (size, cin, cout, stride) in enumerate(shapes(args.nf)):
+        ways, difference = _jax_ways(args.batch_size, size, cin, cout, stride, stem=index == 0)
         ways.update(_torch_ways(args.batch_size, size, cin, cout, stride, args.threads))
         ms = median_ms(ways, args.rounds, PAUSE_S)
         gflop = 2 * args.batch_size * (size // stride) ** 2 * 9 * cin * cout / 1e9
@@ -158,11 +161,16 @@ def main(argv=None) -> int:
             if way.startswith("jax") and torch_way in ms:
                 line += f"  {value / ms[torch_way]:.2f}x PyTorch"
             print(line, flush=True)
-        if stride == 1:
+        if index == 0:
+            print(f"  the stem as a matmul vs XLA's forward: largest relative difference "
+                  f"{difference:.1e}")
+        elif stride == 1:
             print(f"  flat weight grad vs XLA's: largest relative difference {difference:.1e}")
         results.append({"size": size, "in_channels": cin, "out_channels": cout,
                         "stride": stride, "gflop": gflop, "ms": ms,
-                        "flat_weight_grad_rel_diff": None if stride != 1 else difference})
+                        "flat_weight_grad_rel_diff": None if stride != 1 or index == 0
+                        else difference,
+                        "stem_matmul_rel_diff": difference if index == 0 else None})
     if args.json:
         write_json_atomic(args.json, {"rounds": args.rounds, "batch_size": args.batch_size,
                                       "threads": args.threads, "results": results})

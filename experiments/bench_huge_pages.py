@@ -7,11 +7,13 @@ The experiment scripts run themselves again with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`lightcl_jax.accounting.process.
 run_with_huge_pages`), a setting glibc reads only when a process starts. So
 this compares processes: ``--pairs`` pairs, each a process without the tunable
-then one with it, each timing ``--steps`` steps (after two untimed ones) of
+then one with it, each timing ``--steps`` steps (after three untimed ones) of
 the full-network step (task 0, as finetune and the baselines) and LightCL's
 frozen-phase step (task 1) on a fixed random batch of 32x32x3 images, batch 32,
 and the same two PyTorch steps (`experiments.torch_reference`) where PyTorch is
-installed. Per step it prints wall milliseconds, user and system CPU
+installed. Each process caps malloc's arenas as the experiment scripts do
+(`limit_malloc_arenas`) and keeps any other tunable the user set. Per step it
+prints wall milliseconds, user and system CPU
 milliseconds and minor page faults (``getrusage``); then, per kind of step, the
 ratio with / without the tunable of each pair and their median. Alternating
 pairs is what makes the comparison hold on a machine whose speed drifts.
@@ -29,7 +31,8 @@ import sys
 import time
 
 from experiments.common import Parser, write_json_atomic
-from lightcl_jax.accounting.process import HUGE_PAGES_SWITCH, HUGE_PAGES_TUNABLE
+from lightcl_jax.accounting.process import (HUGE_PAGES_SWITCH, HUGE_PAGES_TUNABLE,
+                                            limit_malloc_arenas)
 
 KINDS = ("jax full", "jax lightcl", "torch full", "torch lightcl")
 
@@ -102,10 +105,22 @@ def summarize(pairs: list[dict]) -> dict:
     return out
 
 
-def _run_child(args, with_tunable: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES_SWITCH)}
+def child_environment(environ, with_tunable: bool) -> dict:
+    """``environ`` with the huge-pages tunable removed, then added back ``with_tunable``;
+    the user's other tunables kept, our scripts' switch and marker dropped."""
+    env = {k: v for k, v in environ.items() if not k.startswith(HUGE_PAGES_SWITCH)}
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":")
+                if t and not t.startswith("glibc.malloc.hugetlb=")]
     if with_tunable:
-        env["GLIBC_TUNABLES"] = HUGE_PAGES_TUNABLE
+        tunables.append(HUGE_PAGES_TUNABLE)
+    env.pop("GLIBC_TUNABLES", None)
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    return env
+
+
+def _run_child(args, with_tunable: bool) -> dict:
+    env = child_environment(os.environ, with_tunable)
     command = [sys.executable, "-m", "experiments.bench_huge_pages", "--child",
                "--steps", str(args.steps), "--nf", str(args.nf)] + (
                    ["--no-torch"] if args.no_torch else [])
@@ -126,6 +141,7 @@ def main(argv=None) -> int:
         import importlib.util
         torch = importlib.util.find_spec("torch") is not None
     if args.child:
+        limit_malloc_arenas()  # as the experiment scripts, before JAX starts its threads
         print(json.dumps(child(args.steps, args.nf, torch)))
         return 0
     pairs = []

@@ -32,8 +32,12 @@ RUNS = {**STRATEGY_RUNS, "seeds2": ["--seeds", "2"], "auto": ["--freeze", "auto"
 
 
 def run_once(code: str, flags: list[str], workdir: str) -> tuple[float, dict]:
-    """(wall seconds, results) of ``experiments.run`` with the code in ``code``."""
-    env = dict(os.environ, PYTHONPATH=code)
+    """(wall seconds, results) of ``experiments.run`` with the code in ``code``, in the
+    environment this checkout's scripts run in (glibc's huge pages where they run
+    themselves again with them: an older checkout's run does not), so that the times
+    compare the code."""
+    from lightcl_jax.accounting.process import huge_pages_here
+    env = dict(huge_pages_here() or os.environ, PYTHONPATH=code)
     if "--devices" in flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             " --xla_force_host_platform_device_count=4").strip()

@@ -168,7 +168,9 @@ def test_huge_pages_environment_asks_only_where_it_changes_something():
     from lightcl_jax.accounting.process import huge_pages_environment
     madvise, env = "always [madvise] never\n", {"PATH": "/bin"}
     assert huge_pages_environment(env, "glibc 2.36", madvise) == {
-        "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+        "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+        "LIGHTCL_HUGE_PAGES_RAN_AGAIN": "1"}  # the marker: never run again twice
+    assert huge_pages_environment({"LIGHTCL_HUGE_PAGES": ""}, "glibc 2.36", madvise)  # default
     # the user's other tunables stay, in front
     assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
                                   "glibc 2.35", madvise)["GLIBC_TUNABLES"] == (
@@ -176,6 +178,7 @@ def test_huge_pages_environment_asks_only_where_it_changes_something():
     for environ, libc, thp in [
             ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc 2.36", madvise),  # user's
             ({"LIGHTCL_HUGE_PAGES": "0"}, "glibc 2.36", madvise),  # switched off
+            ({"LIGHTCL_HUGE_PAGES_RAN_AGAIN": "1"}, "glibc 2.36", madvise),  # ran again
             (env, "glibc 2.34", madvise),  # no such tunable before 2.35
             (env, "", madvise),  # not glibc (macOS, musl)
             (env, "glibc 2.36", "[always] madvise never"),  # huge pages anyway
@@ -194,7 +197,8 @@ def test_run_with_huge_pages_runs_the_command_again_with_the_tunable(tmp_path):
     code = ("import os, sys; from lightcl_jax.accounting.process import run_with_huge_pages; "
             "print('start', os.getpid(), flush=True); run_with_huge_pages(); "
             "print('tunables', os.environ.get('GLIBC_TUNABLES'), os.getpid(), sys.argv[1:])")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LIGHTCL_HUGE_PAGES")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "LIGHTCL_HUGE_PAGES", "LIGHTCL_HUGE_PAGES_RAN_AGAIN")}
     out = subprocess.run([sys.executable, "-c", code, "an argument"], env=env, check=True,
                          capture_output=True, text=True).stdout.split("\n")
     try:
@@ -210,6 +214,10 @@ def test_run_with_huge_pages_runs_the_command_again_with_the_tunable(tmp_path):
     else:  # ran twice, the second time (same process) with the tunable and the same argv
         assert len(starts) == 2 and starts[0].split()[1] == starts[1].split()[1] == last[2]
         assert last[1] == "glibc.malloc.hugetlb=1" and " ".join(last[3:]) == "['an argument']"
+    # Not run again where the command line did not run the script: one read from stdin.
+    out = subprocess.run([sys.executable, "-", "x"], input=code.replace("; ", "\n"), env=env,
+                         check=True, capture_output=True, text=True).stdout
+    assert out.count("start") == 1 and "tunables None" in out
     env["LIGHTCL_HUGE_PAGES"] = "0"
     out = subprocess.run([sys.executable, "-c", code, "x"], env=env, check=True,
                          capture_output=True, text=True).stdout

@@ -40,3 +40,13 @@ def test_the_cli_refuses_a_bad_setting(argv, capsys):
         bench_huge_pages.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "must be >= 1" in err
+
+
+def test_the_measuring_processes_differ_in_the_tunable_only():
+    environ = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0",
+               "LIGHTCL_HUGE_PAGES": "0", "LIGHTCL_HUGE_PAGES_RAN_AGAIN": "1"}
+    assert bench_huge_pages.child_environment(environ, False) == {
+        "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert bench_huge_pages.child_environment(environ, True) == {
+        "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    assert bench_huge_pages.child_environment({"PATH": "/bin"}, False) == {"PATH": "/bin"}

@@ -183,3 +183,37 @@ def test_stem_conv_refuses_what_it_does_not_compute():
     with pytest.raises(ValueError, match="groups 3"):
         conv(x, jnp.zeros((3, 3, 1, 3)), (1, 1), ((1, 1), (1, 1)), feature_group_count=3,
              dimension_numbers=dn)
+
+
+def test_stem_conv_inside_flax_conv_forward_mode_and_string_dimension_numbers():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 6, 5, 3)).astype(np.float32)
+    k = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    pad = ((1, 1), (1, 1))
+    # nn.Conv hands it the padding as a list of pairs and its own dimension numbers
+    ours = nn.Conv(4, (3, 3), padding=pad, use_bias=False,
+                   conv_general_dilated=resnet.stem_conv_general_dilated)
+    params = {"params": {"kernel": k}}
+    np.testing.assert_allclose(np.asarray(ours.apply(params, x)), _numpy_conv(x, k, pad)[0],
+                               rtol=1e-5, atol=1e-5)
+    # forward mode: the tangent is conv(dx, k) + conv(x, dk), by linearity
+    conv = resnet.stem_conv_general_dilated
+    dx = rng.normal(size=x.shape).astype(np.float32)
+    dk = rng.normal(size=k.shape).astype(np.float32)
+    _, tangent = jax.jvp(lambda x, k: conv(x, k, (1, 1), pad,
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC")),
+                         (x, k), (dx, dk))
+    want = _numpy_conv(dx, k, pad)[0] + _numpy_conv(x, dk, pad)[0]
+    np.testing.assert_allclose(np.asarray(tangent), want, rtol=1e-4, atol=1e-4)
+
+
+def test_stem_conv_refuses_dilation_and_another_layout():
+    x, k = jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2))
+    conv = resnet.stem_conv_general_dilated
+    with pytest.raises(ValueError, match="dilations None/\\(2, 2\\)"):
+        conv(x, k, (1, 1), ((1, 1), (1, 1)), rhs_dilation=(2, 2),
+             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    with pytest.raises(ValueError, match="dimension numbers \\('NCHW', 'OIHW', 'NCHW'\\)"):
+        conv(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    with pytest.raises(ValueError, match="NHWC images and an HWIO kernel; got shapes"):
+        conv(jnp.zeros((4, 4, 3)), k, (1,), ((1, 1),), dimension_numbers=None)

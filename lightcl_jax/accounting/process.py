@@ -1,4 +1,5 @@
-"""What the running process holds: its peak resident memory, as the operating system counts it."""
+"""What the running process holds and how its C library allocates: its peak resident memory,
+as the operating system counts it; glibc's malloc arenas, freed pages and huge pages."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     than they use. Capped at 2 before JAX started, a Split Digits 32x32 (nf 64)
     LightCL run peaked 48 MB lower here with the same results (`experiments.bench_rss`;
     BUILD.md, "Memory a process holds"). The experiment scripts call it first; call it
-    before importing JAX. Returns whether it applied (False where the C library is not
+    before importing JAX (after `run_with_huge_pages`). Returns whether it applied (False where the C library is not
     glibc: it changes nothing there).
     """
     mallopt = _glibc("mallopt")
@@ -69,6 +70,7 @@ def _glibc(name: str):
 # glibc >= 2.35: malloc asks the kernel for transparent huge pages for the memory it maps.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 HUGE_PAGES_SWITCH = "LIGHTCL_HUGE_PAGES"  # "0": never run again with the tunable
+_RAN_AGAIN = "LIGHTCL_HUGE_PAGES_RAN_AGAIN"  # set in the command run again: never twice
 
 
 def huge_pages_environment(environ, libc_version: str, thp_mode: str) -> dict | None:
@@ -81,17 +83,18 @@ def huge_pages_environment(environ, libc_version: str, thp_mode: str) -> dict | 
         (``"always [madvise] never"``), "" where it does not exist.
 
     None where the switch says ``0``, the tunable is set already (whatever its
-    value: the user's choice stands), the C library is not glibc 2.35 or newer
-    (older ones ignore it), or the kernel gives huge pages only where nobody asks
-    (``never``) or everywhere anyway (``always``). Raises ValueError on a switch
-    other than ``0`` or ``1``.
+    value: the user's choice stands), this is the command run again already, the
+    C library is not glibc 2.35 or newer (older ones ignore it), or the kernel
+    gives huge pages only where nobody asks (``never``) or everywhere anyway
+    (``always``). Raises ValueError on a switch other than ``0``, ``1`` or empty
+    (the default, ``1``).
     """
-    switch = environ.get(HUGE_PAGES_SWITCH, "1")
+    switch = environ.get(HUGE_PAGES_SWITCH) or "1"
     if switch not in ("0", "1"):
         raise ValueError(f"{HUGE_PAGES_SWITCH}={switch!r}: use 1 (the default: run with "
                          f"{HUGE_PAGES_TUNABLE} where it helps) or 0 (never)")
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if switch == "0" or "glibc.malloc.hugetlb" in tunables:
+    if switch == "0" or "glibc.malloc.hugetlb" in tunables or environ.get(_RAN_AGAIN):
         return None
     name, _, version = libc_version.partition(" ")
     try:
@@ -100,7 +103,8 @@ def huge_pages_environment(environ, libc_version: str, thp_mode: str) -> dict | 
         return None
     if name != "glibc" or (major, minor) < (2, 35) or "[madvise]" not in thp_mode:
         return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGE_PAGES_TUNABLE]))}
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGE_PAGES_TUNABLE])),
+            _RAN_AGAIN: "1"}
 
 
 def huge_pages_here(environ=None) -> dict | None:
@@ -130,13 +134,32 @@ def run_with_huge_pages() -> None:
     about 900 faults, fewer TLB misses, the same values (BUILD.md "Speed"; it
     speeds PyTorch's steps as much). The experiment scripts call this first; it
     returns without doing anything where `huge_pages_here` says it would change
-    nothing (``LIGHTCL_HUGE_PAGES=0`` turns it off). The command line is the
-    original one (``sys.orig_argv``), so ``python -m experiments.run ...`` runs as
-    typed, in the same process (same PID).
+    nothing (``LIGHTCL_HUGE_PAGES=0`` turns it off), in an interactive session,
+    and where the script is not what the command line ran (``%run`` in IPython,
+    a script read from stdin). The command line is the original one
+    (``sys.orig_argv``), so ``python -m experiments.run ...`` runs as typed, in
+    the same process (same PID), once: the command run again carries a marker.
     """
     env = huge_pages_here()
-    if env is None:
+    if env is None or sys.flags.interactive or not _command_runs_this_script():
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _command_runs_this_script() -> bool:
+    """Whether this process's command line ran the script now running (a file, ``-m``'s
+    module or ``-c``'s code, with these arguments), not a host that runs it (IPython's
+    ``%run``, `runpy` with ``alter_sys``) or a script read from stdin."""
+    argv, orig = sys.argv, getattr(sys, "orig_argv", [])
+    n = len(argv)
+    if not argv or argv[0] in ("", "-") or len(orig) <= n or orig[len(orig) - n + 1:] != argv[1:]:
+        return False
+    ran, flag = orig[len(orig) - n], orig[len(orig) - n - 1]
+    if argv[0] == "-c":
+        return flag == "-c"
+    if flag == "-m":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        return spec is not None and spec.name in (ran, ran + ".__main__")
+    return ran == argv[0]
