@@ -149,7 +149,12 @@ _patch_conv.defjvp(_patch_conv_jvp, symbolic_zeros=True)
 def stem_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                               rhs_dilation=None, dimension_numbers=None,
                               feature_group_count=1, precision=None):
-    """`jax.lax.conv_general_dilated` for the stem (``nn.Conv(conv_general_dilated=...)``).
+    """`jax.lax.conv_general_dilated` for the stem (``nn.Conv(conv_general_dilated=...)``):
+    a lead measured, **not used by the model** (BUILD.md "Speed").
+
+    Its rounding depends on the program around it: with it, a run resumed from
+    a checkpoint that a differently wrapped step wrote no longer matched the
+    uninterrupted run (``tests/test_checkpoint.py``), where XLA's convolution does.
 
     XLA:CPU runs a convolution of 3 input channels at a few GFLOP/s (8 ms for
     the 32x32x3 -> 64 stem on a batch of 32, BUILD.md "Speed"); the same conv
@@ -306,7 +311,6 @@ class ResNet(nn.Module):
         if runs("stem"):
             stem_in, stem_out = kept.get("stem_conv", NOT_PRUNED)
             h = _Conv(_width(stem_out, self.nf), (3, 3), padding=((1, 1), (1, 1)),
-                      conv_general_dilated=stem_conv_general_dilated,
                       name="stem_conv")(_take(h, stem_in))
             h = materialised(nn.relu(_widen(_BatchNorm(use_running_average=running("stem"),
                                                        name="stem_bn")(h), stem_out, self.nf)))
