@@ -14,7 +14,7 @@ times as compiled programs (median of ``--rounds`` calls, the ways alternating):
     the authors' script runs them) when PyTorch is installed (``--threads``,
     default every core, as XLA);
   * at the stem, its forward as the model runs it: one matmul of the 27-wide
-    patches (`lightcl_jax.model.resnet.stem_conv_general_dilated`), and its
+    patches (`experiments.stem_matmul`), and its
     largest relative difference from XLA's convolution;
   * at the other stride-1 shapes, a lead that did not pay: the weight gradient as
     nine matmuls over contiguous row ranges of the flattened, padded map
@@ -107,7 +107,7 @@ def _jax_ways(batch: int, size: int, cin: int, cout: int, stride: int,
             "jax weight grad": lambda: jax.block_until_ready(weight_grad(x, g))}
     difference = float("nan")
     if stem:
-        from lightcl_jax.model.resnet import stem_conv_general_dilated
+        from experiments.stem_matmul import stem_conv_general_dilated
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
         matmul = jit(lambda x, w: stem_conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                                             dimension_numbers=dn))
