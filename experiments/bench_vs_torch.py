@@ -192,9 +192,12 @@ def measure(rounds: int, steps: int, threads: int, torch_device: str = "cpu") ->
 def report(out: dict) -> str:
     lines = [f"JAX on {out['device']}, PyTorch {out['torch_version']} on "
              f"{out['torch_device']} with {out['threads']} threads; "
-             "ResNet-18 nf 64, 32x32x3, batch 32, buffer 15", "",
-             f"{'step':<10}{'JAX ms':>9}{'PyTorch ms':>12}{'JAX/PyTorch':>13}"
-             f"{'JAX GFLOP':>11}{'GFLOP/s':>9}{'PyTorch GFLOP':>15}{'GFLOP/s':>9}"]
+             "ResNet-18 nf 64, 32x32x3, batch 32, buffer 15"]
+    if out.get("glibc_tunables"):  # both frameworks share this process's environment
+        lines.append(f"both ran with GLIBC_TUNABLES={out['glibc_tunables']}")
+    lines += ["",
+              f"{'step':<10}{'JAX ms':>9}{'PyTorch ms':>12}{'JAX/PyTorch':>13}"
+              f"{'JAX GFLOP':>11}{'GFLOP/s':>9}{'PyTorch GFLOP':>15}{'GFLOP/s':>9}"]
     for name, row in out["steps"].items():
         j, t = row["jax"], row["torch"]
         lines.append(f"{name:<10}{j['median_s'] * 1e3:9.1f}{t['median_s'] * 1e3:12.1f}"
@@ -239,6 +242,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         p.error(f"--torch-device: {err}")
     out = measure(args.rounds, args.steps, args.threads, args.torch_device)
+    out["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")  # huge pages or not
     print(report(out))
     if args.json:
         write_json_atomic(args.json, out)

@@ -91,6 +91,21 @@ def test_bench_vs_torch_refuses_a_device_pytorch_cannot_use(capsys):
     assert "--torch-device: unknown PyTorch device 'tpu9'" in capsys.readouterr().err
 
 
+def test_bench_vs_torch_report_names_the_environment_and_the_ratios():
+    from experiments.bench_vs_torch import report
+    side = {"median_s": 0.5, "flops": 2e9, "gflop_per_s": 4.0}
+    out = {"device": "cpu (cpu)", "torch_version": "9.9", "torch_device": "cpu", "threads": 2,
+           "steps": {"full": {"jax": side, "torch": {**side, "median_s": 0.25},
+                              "jax_over_torch": 2.0}},
+           "matmul_gflop_per_s": {"jax": 100.0, "torch": 90.0}}
+    lines = report(out).splitlines()
+    assert not any("GLIBC_TUNABLES" in line for line in lines)
+    assert lines[3].split() == ["full", "500.0", "250.0", "2.00", "2.0", "4", "2.0", "4"]
+    lines = report({**out, "glibc_tunables": "glibc.malloc.hugetlb=1"}).splitlines()
+    assert lines[1] == "both ran with GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
+    assert lines[-1].endswith("JAX 100 GFLOP/s, PyTorch 90 GFLOP/s")
+
+
 def test_accelerator_check_needs_an_outdir_and_refuses_a_cpu_only_jax(tmp_path):
     import os
     import subprocess
