@@ -110,7 +110,7 @@ def measure(stream, config, steps: int, parser) -> dict[str, float]:
     from lightcl_jax import compiler
     from lightcl_jax.data.pipeline import epoch_batches, prefetch
     from lightcl_jax.model.resnet import ResNet18
-    from lightcl_jax.strategies import get_strategy
+    from lightcl_jax.strategies import strategy_of
     from lightcl_jax.training.epochs import PREFETCH
     from lightcl_jax.training.parallel import data_parallel
     from lightcl_jax.training.state import create_train_state
@@ -120,7 +120,7 @@ def measure(stream, config, steps: int, parser) -> dict[str, float]:
     parallel = data_parallel(None, {"--batch-size": config.batch_size})
     model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
     state = create_train_state(model, stream.image_shape, jax.random.PRNGKey(0))
-    phase, tx, step = phase_step(model, get_strategy(config.strategy), config, state.params,
+    phase, tx, step = phase_step(model, strategy_of(config), config, state.params,
                                  0, False, stream.classes_per_task)
     if phase.uses_memory:
         parser.error(f"--strategy {config.strategy} needs its memory in task 0; pick one that "

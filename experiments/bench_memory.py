@@ -95,9 +95,11 @@ def measure(steps: int, warmup: int, rows: list[str], torch_threads: int | None)
     for name in rows:
         strategy, execution = ROWS[name]
         sparse = execution is not None
-        config = Config(strategy=strategy, dataset="cifar10", nf=SETTING["nf"],
-                        batch_size=SETTING["batch_size"], buffer_size=SETTING["buffer_size"],
-                        sparse=sparse, sparse_execution=execution or "masked").resolved()
+        buffer = ({"buffer_size": SETTING["buffer_size"]}
+                  if strategy in ("er", "derpp", "agem", "lightcl") else {})
+        config = Config(strategy=strategy, strategy_args=buffer, dataset="cifar10",
+                        nf=SETTING["nf"], batch_size=SETTING["batch_size"], sparse=sparse,
+                        sparse_execution=execution or "masked").resolved()
         print(f"  {name}: compiling and timing ...", file=sys.stderr, flush=True)
         cost = compiled_train_step_cost(config, shape, SETTING["num_classes"],
                                         SETTING["classes_per_task"], task_index=1,

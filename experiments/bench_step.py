@@ -26,7 +26,7 @@ from lightcl_jax import compiler
 from lightcl_jax.accounting import compiled_train_step_cost
 from lightcl_jax.accounting.xla import CompiledStep
 from lightcl_jax.config import XLA_SCHEDULERS, Config
-from lightcl_jax.strategies import get_strategy
+from lightcl_jax.strategies import strategy_of
 from lightcl_jax.training.forward import BatchStatsChain, jitted_eval_forward, jitted_forward
 from lightcl_jax.training.state import create_lane_states, run_model
 from lightcl_jax.training.steps import memory_at_task_start, memory_scheduled, phase_step
@@ -41,7 +41,7 @@ def prepared_step(config: Config, image_shape, num_classes: int, classes_per_tas
     ``config.sparse`` prunes the weights and masks the updates as a run does.
     """
     config = config.resolved()
-    strategy = get_strategy(config.strategy)
+    strategy = strategy_of(config)
     model = run_model(config, num_classes, image_shape, config.seed)
     (state,), (masks,) = create_lane_states(model, image_shape, [config.seed],
                                             sparse=config.sparse)

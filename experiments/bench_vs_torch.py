@@ -51,8 +51,8 @@ def _jax_steps(compiler_options: dict) -> dict:
     from lightcl_jax import compiler
     from lightcl_jax.config import Config
 
-    config = Config(strategy="lightcl", dataset="cifar10", nf=SETTING["nf"],
-                    batch_size=SETTING["batch_size"], buffer_size=SETTING["buffer_size"])
+    config = Config(strategy="lightcl", strategy_args={"buffer_size": SETTING["buffer_size"]},
+                    dataset="cifar10", nf=SETTING["nf"], batch_size=SETTING["batch_size"])
     shape = (SETTING["image_size"], SETTING["image_size"], SETTING["channels"])
     library_options, compiler.COMPILER_OPTIONS = compiler.COMPILER_OPTIONS, compiler_options
     try:

@@ -8,9 +8,13 @@ stream and for LightCL with ``--seeds 2``, ``--freeze auto``,
 ``--layer-metrics``, ``--sparse`` and ``--devices 4`` (4 simulated CPU devices
 unless 4 are visible), each once with the code of ``--old`` and once with
 this checkout's, one process after another, and compares the two
-``results.json`` of each on every entry but ``wall_time_s``. Prints one line
-per run; exits 1 when any differs. A refactor should leave every line
-"identical: True". Flags after ``--`` go to every run (e.g. ``-- --epochs 2``).
+``results.json`` of each on every entry of the old one but ``wall_time_s`` and
+the peak resident memory (one level into dicts: ``resources.eval_flops``),
+and lists the entries only the new one has. Prints one line per run; exits 1
+when an old entry differs or is gone. A refactor should leave every line
+"identical: True". ``--ignore config,identity`` leaves out entries whose
+recording changed on purpose (e.g. how the settings are written). Flags after
+``--`` go to every run (e.g. ``-- --epochs 2``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGY_RUNS = {name: ["--strategy", name]
-                 for name in ("lightcl", "finetune", "joint", "ewc", "lwf", "er", "derpp")}
+                 for name in ("lightcl", "finetune", "joint", "ewc", "lwf", "er", "derpp", "agem")}
 RUNS = {**STRATEGY_RUNS, "seeds2": ["--seeds", "2"], "auto": ["--freeze", "auto"],
         "layer_metrics": ["--layer-metrics"], "sparse": ["--sparse"],
         "devices4": ["--devices", "4"]}
@@ -52,12 +56,26 @@ def run_once(code: str, flags: list[str], workdir: str) -> tuple[float, dict]:
         return time.perf_counter() - start, json.load(f)
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    """The entries of two results dicts that differ, but for what was measured
-    (`lightcl_jax.training.results.without_measurements`: wall time, peak RSS)."""
+def differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The entries of the old results dict that the new one lacks or holds another value
+    of (``resources`` entry by entry), but for what was measured
+    (`lightcl_jax.training.results.without_measurements`: wall time, peak RSS) and the
+    top-level entries ``ignore`` names."""
     from lightcl_jax.training.results import without_measurements
     old, new = without_measurements(old), without_measurements(new)
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    out = []
+    for key in sorted(set(old) - set(ignore)):
+        if key == "resources" and isinstance(new.get(key), dict):
+            out += [f"resources.{k}" for k in sorted(old[key])
+                    if old[key][k] != new[key].get(k, "absent")]
+        elif key not in new or old[key] != new[key]:
+            out.append(key)
+    return out
+
+
+def added(old: dict, new: dict) -> list[str]:
+    """The top-level entries only the new results dict holds."""
+    return sorted(set(new) - set(old))
 
 
 def main(argv=None) -> int:
@@ -72,6 +90,10 @@ def main(argv=None) -> int:
                         help="comma-separated, of: " + ", ".join(RUNS))
     parser.add_argument("--out", default=None, help="where the workdirs go (default: a temporary "
                                                     "directory, removed afterwards)")
+    parser.add_argument("--ignore", default="", metavar="KEYS",
+                        help="comma-separated top-level entries left out of the comparison "
+                             "(e.g. config,identity where only how settings are recorded "
+                             "changed)")
     args = parser.parse_args(own)
     names = args.runs.split(",")
     unknown = [n for n in names if n not in RUNS]
@@ -90,13 +112,16 @@ def main(argv=None) -> int:
             flags = [*RUNS[name], *run_flags]
             old_s, old = run_once(old_code, flags, os.path.join(out, "old", name))
             new_s, new = run_once(ROOT, flags, os.path.join(out, "new", name))
-            differ = differences(old, new)
+            differ = differences(old, new, tuple(filter(None, args.ignore.split(","))))
             same &= not differ
             til = "avg_til_mean" if "seeds" in new else "avg_til"
-            print(f"{name:14} {len(set(old) | set(new) - {'wall_time_s'})} entries, identical: "
-                  f"{not differ}{f' (differ: {differ})' if differ else ''}; {til} "
-                  f"{old[til]:.4f} / {new[til]:.4f}; {old_s:.0f} s / {new_s:.0f} s", flush=True)
-    print("every run identical but for wall_time_s" if same else "DIFFERENCES FOUND")
+            print(f"{name:14} {len(set(old) - {'wall_time_s'})} old entries, identical: "
+                  f"{not differ}{f' (differ: {differ})' if differ else ''}; new entries: "
+                  f"{added(old, new) or 'none'}; {til} {old[til]:.4f} / {new[til]:.4f}; "
+                  f"{old_s:.0f} s / {new_s:.0f} s", flush=True)
+    print("every old entry identical but for wall_time_s" + (f" and {args.ignore}" if args.ignore
+                                                               else "")
+          if same else "DIFFERENCES FOUND")
     return 0 if same else 1
 
 

@@ -3,17 +3,22 @@
     python -m experiments.compare --dataset digits --seeds 3
     python -m experiments.compare --config split_cifar10 --init-from BACKBONE --data-dir DIR
 
-Runs every strategy (default: all registered) for seeds --seed .. --seed+N-1
+Runs every strategy (default: all registered; a class of your own by import path,
+``path/to/file.py:Name``) for seeds --seed .. --seed+N-1
 on the same stream, model and settings. Each strategy's seeds train together
 in one compiled program (`lightcl_jax.training.lanes`; ``--one-by-one``
 trains them one after another instead). ``--config`` takes a paper
 configuration (or a ``.py`` file with FLAGS, as ``experiments.run``): its
 values are the defaults of every strategy (its ``strategy`` excepted), and
-flags given here win; ``--init-from`` starts every strategy from the same
+flags given here win. ``--strategy-arg NAME=VALUE`` sets a hyperparameter of every
+strategy that has it (``buffer_size=15``), ``STRATEGY.NAME=VALUE`` of one
+(``ewc.lam=100``); ``--init-from`` starts every strategy from the same
 pre-trained backbone, as Table 1 did. Writes into the workdir:
-  * ``table.md`` and ``table.csv``: one row per strategy (named as --strategy
-    names it): CIL and TIL final average accuracy as mean +/- std over seeds,
-    CIL and TIL forgetting (mean), one run's training FLOPs, one run's largest
+  * ``table.md``, ``table.csv`` and ``table.json``: one row per strategy (named as
+    --strategies names it): CIL and TIL final average accuracy as mean +/- std over
+    seeds, CIL and TIL forgetting (mean), every other metric the runs report
+    (``--metrics``: backward transfer, average incremental accuracy, the evaluation
+    loss, a metric of your own, ...) as mean +/- std, one run's training FLOPs, one run's largest
     train step's bytes and those of its step of tasks >= 1 (all from XLA's
     analysis of one seed's compiled steps, `one_run_cost`: arguments +
     temporaries + outputs not aliased), and the wall time of all of the strategy's seeds. The cost
@@ -35,9 +40,10 @@ import time
 
 import numpy as np
 
-from experiments.common import Bars, Parser, write_json_atomic
+from experiments.common import (STRATEGY_ARG_HELP, Bars, Parser, metrics_help, parse_metrics,
+                                strategies_help, strategy_arguments, write_json_atomic)
 from experiments.figures import accuracy_curve_figure, cost_accuracy_figure, save_figure
-from lightcl_jax.config import Config
+from lightcl_jax.config import DEFAULT_METRICS, Config
 from lightcl_jax.data.streams import DATASETS
 from lightcl_jax.registry import STRATEGIES
 
@@ -45,13 +51,16 @@ from lightcl_jax.registry import STRATEGIES
 ORDER = ("joint", "finetune", "ewc", "lwf", "er", "agem", "derpp", "lightcl")
 COLUMNS = ("strategy", "buffer", "cil_mean", "cil_std", "til_mean", "til_std", "forgetting_cil",
            "forgetting_til", "train_flops", "step_mb", "step_mb_later", "wall_time_s")
+# The metrics with columns of their own above (their std is not tabulated).
+TABULATED = ("avg_cil", "avg_til", "forgetting_cil", "forgetting_til")
 # The flags of this script that set a `Config` field; None: not given.
-CONFIG_FLAGS = ("dataset", "data_dir", "num_tasks", "epochs", "nf", "batch_size", "buffer_size")
+CONFIG_FLAGS = ("dataset", "data_dir", "num_tasks", "epochs", "nf", "batch_size")
 DEFAULT_SEEDS = 3
 
 
 def build_parser():
-    p = Parser(prog="python -m experiments.compare", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m experiments.compare", description=__doc__.splitlines()[0],
+               more_help=lambda args: strategies_help(_names(args)) + "\n\n" + metrics_help())
     p.add_argument("--config", default=None, metavar="NAME",
                    help="a paper configuration (split_cifar10, split_tinyimagenet) or a .py file "
                         "defining FLAGS: the defaults of every strategy; flags here override")
@@ -63,7 +72,13 @@ def build_parser():
     p.add_argument("--data-dir", default=None)
     p.add_argument("--num-tasks", type=int, default=None)
     p.add_argument("--strategies", default=None,
-                   help="comma-separated (default: " + ",".join(ORDER) + ")")
+                   help="comma-separated names or import paths (default: " + ",".join(ORDER)
+                        + ")")
+    p.add_argument("--strategy-arg", action="append", default=[], metavar="[STRATEGY.]NAME=VALUE",
+                   help=STRATEGY_ARG_HELP + " (default: each strategy's defaults)")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), metavar="NAMES",
+                   help="the run summaries and evaluation metrics to report (as "
+                        "experiments.run's --metrics)")
     p.add_argument("--seeds", type=int, default=None,
                    help=f"number of seeds (default: the config's, or {DEFAULT_SEEDS})")
     p.add_argument("--seed", type=int, default=0, help="first seed")
@@ -72,7 +87,6 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--nf", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--buffer-size", type=int, default=None)
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N visible devices (default: all)")
     p.add_argument("--workdir", default=None, help="default: runs/compare-<dataset>")
@@ -92,19 +106,32 @@ def strategy_configs(parser, args, names: list[str]) -> tuple[dict[str, Config],
     seeds = args.seeds if args.seeds is not None else base.pop("seeds", DEFAULT_SEEDS)
     base.pop("seeds", None)
     base.pop("strategy", None)
-    fields = {f.name for f in dataclasses.fields(Config)}
+    config_args = base.pop("strategy_args", None)
+    fields = {f.name for f in dataclasses.fields(Config)} - {"strategy_args"}
     unknown = sorted(set(base) - fields)
     if unknown:
         parser.error(f"config {args.config} sets {unknown}, which experiments.compare cannot "
-                     f"apply; it takes Config fields and seeds: {', '.join(sorted(fields))}")
+                     f"apply; it takes Config fields, strategy_args and seeds: "
+                     f"{', '.join(sorted(fields))}")
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         parser.error(f"--seeds must be an integer >= 1; got {seeds!r}")
     configs = {}
     try:
+        metrics = parse_metrics(args.metrics, DEFAULT_METRICS)
         for name in names:
-            configs[name] = Config(**{**base, **given, "strategy": name, "seed": args.seed})
+            configs[name] = Config(**{**base, **given, "strategy": name, "seed": args.seed,
+                                      "metrics": metrics})
             configs[name].validate()
+        from lightcl_jax.strategies import strategy_class
+        classes = {name: strategy_class(name) for name in names}
+        if config_args is not None and not isinstance(config_args, dict):
+            raise ValueError(f"config {args.config}: strategy_args must be a dict of strategy "
+                             f"names to dicts of hyperparameters; got {config_args!r}")
+        strategy_args = strategy_arguments(classes, args.strategy_arg, config_args, args.config)
+        for name, cls in classes.items():
+            cls.from_args(strategy_args[name])  # each value checked against its declaration
+            configs[name] = dataclasses.replace(configs[name], strategy_args=strategy_args[name])
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     return configs, seeds
@@ -151,9 +178,17 @@ def one_run_cost(config: Config, stream, results: dict, pretrained: bool) -> dic
 
 def summarize(name: str, runs: list[dict], cost: dict, buffer: int | None,
               wall_time_s: float) -> dict:
-    """A table row: ``runs`` are the seeds' results, ``wall_time_s`` that of all of them."""
+    """A table row: ``runs`` are the seeds' results, ``wall_time_s`` that of all of them.
+    Every metric the runs report besides those of `COLUMNS` (`TABULATED`) joins it as
+    ``<key>`` (the mean over seeds) and ``<key>_std``."""
+    from lightcl_jax.training.results import scalar_metric_keys
     cil = np.array([r["avg_cil"] for r in runs])
     til = np.array([r["avg_til"] for r in runs])
+    others = {}
+    for key in scalar_metric_keys(runs[0]):
+        if key not in TABULATED:
+            values = np.array([r[key] for r in runs])
+            others.update({key: float(values.mean()), f"{key}_std": float(values.std())})
     return {
         "strategy": name,
         "buffer": buffer,
@@ -165,30 +200,40 @@ def summarize(name: str, runs: list[dict], cost: dict, buffer: int | None,
         "step_mb": cost["step_bytes"] / 2 ** 20,
         "step_mb_later": cost["step_bytes_later"] / 2 ** 20,
         "wall_time_s": float(wall_time_s),
+        **others,
     }
 
 
+def metric_columns(rows: list[dict]) -> list[str]:
+    """The metrics the rows hold besides those of `COLUMNS`, in the order of the first."""
+    return [k for k in rows[0] if k not in COLUMNS and not k.endswith("_std")]
+
+
 def to_markdown(rows: list[dict], header: str) -> str:
+    extra = metric_columns(rows)
     lines = [header, "",
              "| Method | Buffer | CIL (%) | TIL (%) | Forgetting CIL | Forgetting TIL "
-             "| Train FLOPs | Peak step MB | Step MB, task >= 1 | Wall s, all seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| Train FLOPs | Peak step MB | Step MB, task >= 1 | Wall s, all seeds |"
+             + "".join(f" {key} |" for key in extra),
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for r in rows:
         lines.append(
             f"| {r['strategy']} | {r['buffer'] if r['buffer'] is not None else '-'} "
             f"| {r['cil_mean']:.2f} ± {r['cil_std']:.2f} | {r['til_mean']:.2f} ± {r['til_std']:.2f} "
             f"| {r['forgetting_cil']:.2f} | {r['forgetting_til']:.2f} "
             f"| {r['train_flops']:.3g} | {r['step_mb']:.1f} | {r['step_mb_later']:.1f} "
-            f"| {r['wall_time_s']:.1f} |")
+            f"| {r['wall_time_s']:.1f} |"
+            + "".join(f" {r[key]:.4g} ± {r[key + '_std']:.2g} |" for key in extra))
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[dict]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    fields = list(COLUMNS) + [k for key in metric_columns(rows) for k in (key, key + "_std")]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: r[k] for k in COLUMNS})
+        writer.writerow({k: r[k] for k in fields})
     return out.getvalue()
 
 
@@ -216,7 +261,7 @@ def train_seeds(config: Config, stream, variables, seeds: int, args) -> tuple[li
         if seeds == 1:
             return [results], results
         common = {k: results[k] for k in ("strategy", "dataset", "num_tasks", "eval_split",
-                                          "pretrained", "config", "phases")}
+                                          "pretrained", "config", "metric_names", "phases")}
         runs = [{**common, **seed, "trained_with_seeds": [r["seed"] for r in results["seeds"]]}
                 for seed in results["seeds"]]
         return runs, results
@@ -228,14 +273,31 @@ def train_seeds(config: Config, stream, variables, seeds: int, args) -> tuple[li
     return runs, runs[0]
 
 
+def _names(args) -> list[str]:
+    """The strategies to compare: ``--strategies``, or every registered one (Table 1's
+    order first)."""
+    if getattr(args, "strategies", None):
+        return [n.strip() for n in args.strategies.split(",")]
+    return [n for n in ORDER if n in STRATEGIES] + sorted(set(STRATEGIES) - set(ORDER))
+
+
+def _label(name: str) -> str:
+    """A strategy's name for file names: as given, or its class's ``name`` for an import
+    path."""
+    if name in STRATEGIES:
+        return name
+    from lightcl_jax.strategies import strategy_class
+    return strategy_class(name).name
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    names = (args.strategies.split(",") if args.strategies
-             else [n for n in ORDER if n in STRATEGIES] + sorted(set(STRATEGIES) - set(ORDER)))
-    unknown = [n for n in names if n not in STRATEGIES]
+    names = _names(args)
+    unknown = [n for n in names if not STRATEGIES.known(n)]
     if unknown:
-        parser.error(f"unknown strategies {unknown}; known: {', '.join(sorted(STRATEGIES))}")
+        parser.error(f"unknown strategies {unknown}; known: {', '.join(sorted(STRATEGIES))}, or "
+                     "import paths (package.module:Name, path/to/file.py:Name)")
     configs, seeds = strategy_configs(parser, args, names)
     variables, meta = load_start(parser, args, configs)
     first = next(iter(configs.values())).resolved()
@@ -271,12 +333,12 @@ def main(argv=None) -> int:
             parser.error(f"{name}: {err}")
         wall = time.perf_counter() - start
         for results in runs:
-            write_json_atomic(os.path.join(workdir, f"{name}-seed{results['seed']}.json"), results)
+            write_json_atomic(os.path.join(workdir, f"{_label(name)}-seed{results['seed']}.json"),
+                              results)
         all_runs[name] = runs
-        uses_buffer = name in ("er", "agem", "derpp", "lightcl")
         cost = one_run_cost(configs[name], stream, costed, variables is not None)
         rows.append(summarize(name, runs, cost,
-                              configs[name].buffer_size if uses_buffer else None, wall))
+                              runs[0]["config"]["strategy_args"].get("buffer_size"), wall))
     write_outputs(workdir, stream, first, rows, all_runs, seeds, args)
     return 0
 
@@ -292,6 +354,7 @@ def write_outputs(workdir, stream, c: Config, rows, all_runs, seeds: int, args) 
     markdown = to_markdown(rows, header)
     _write_text(os.path.join(workdir, "table.md"), markdown)
     _write_text(os.path.join(workdir, "table.csv"), to_csv(rows))
+    write_json_atomic(os.path.join(workdir, "table.json"), {"header": header, "rows": rows})
     print(markdown)
     curve = save_figure(accuracy_curve_figure(all_runs, f"{stream.name}: average accuracy "
                                                         "over the tasks seen so far"),
@@ -299,7 +362,7 @@ def write_outputs(workdir, stream, c: Config, rows, all_runs, seeds: int, args) 
     costs = save_figure(cost_accuracy_figure(rows, f"{stream.name}: accuracy against cost"),
                         os.path.join(workdir, "cost_vs_accuracy.png"))
     print(f"written: {os.path.join(workdir, 'table.md')}, {os.path.join(workdir, 'table.csv')}, "
-          f"{curve}, {costs}")
+          f"{os.path.join(workdir, 'table.json')}, {curve}, {costs}")
 
 
 if __name__ == "__main__":

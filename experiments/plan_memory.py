@@ -70,8 +70,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--num-tasks must divide the {num_classes} classes; "
                              f"got {num_tasks}")
         config = Config(strategy=args.strategy, dataset=args.dataset, nf=args.nf,
-                        batch_size=max(batch_sizes), buffer_size=min(buffer_sizes),
-                        sparse_execution="compact")
+                        batch_size=max(batch_sizes), sparse_execution="compact")
         config.validate()
     except ValueError as err:
         parser.error(str(err))
@@ -108,7 +107,8 @@ def format_rows(rows: list[dict], budget_mb: float) -> str:
         if index == len(fits):
             lines.append("do not fit:")
         theory = "-" if row["theory_mb"] is None else f"{row['theory_mb']:.1f}"
-        lines.append(f"{row['freeze']:<14}{row['batch_size']:>6}{row['buffer_size']:>7}"
+        buffer = "-" if row["buffer_size"] is None else row["buffer_size"]
+        lines.append(f"{row['freeze']:<14}{row['batch_size']:>6}{buffer:>7}"
                      f"{'yes' if row['sparse'] else 'no':>7}{row['step_mb']:>9.1f}"
                      f"{row['flops'] / 1e9:>11.2f}{theory:>10}")
     return "\n".join(lines)

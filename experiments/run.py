@@ -19,11 +19,13 @@ import shutil
 import sys
 
 from experiments import distributed
-from experiments.common import Bars, Parser, parse_bool, write_json_atomic
+from experiments.common import (STRATEGY_ARG_HELP, Bars, Parser, metrics_help, parse_bool,
+                                parse_metrics, strategies_help, strategy_arguments,
+                                write_json_atomic)
 from experiments.figures import accuracy_figure, save_figure
 from lightcl_jax.accounting.process import limit_malloc_arenas, run_with_huge_pages
-from lightcl_jax.config import (FROZEN_BN_MODES, LAST_BATCH_MODES, SPARSE_EXECUTIONS,
-                                XLA_SCHEDULERS, Config)
+from lightcl_jax.config import (DEFAULT_METRICS, FROZEN_BN_MODES, LAST_BATCH_MODES,
+                                SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config)
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
 from lightcl_jax.model.layers import FREEZE_POINTS
 from lightcl_jax.registry import SIMILARITIES, STRATEGIES
@@ -31,117 +33,144 @@ from lightcl_jax.registry import SIMILARITIES, STRATEGIES
 
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
-    p = Parser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m experiments.run", description=__doc__.splitlines()[0],
+               more_help=_more_help)
     p.add_argument("--config", default=None, metavar="NAME",
                    help="a paper configuration (split_cifar10, split_tinyimagenet; see "
                         "experiments/configs/) or a .py file defining FLAGS: its values become "
-                        "the defaults, and flags given here override them")
-    p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES))
-    p.add_argument("--dataset", default=d.dataset, choices=DATASETS)
-    p.add_argument("--data-dir", default=None,
-                   help="TFDS data_dir holding the prepared dataset; tinyimagenet: the "
-                        "tiny-imagenet-200 folder")
-    p.add_argument("--num-tasks", type=int, default=None,
-                   help="tasks to split the classes into (default: 5; cifar100, tinyimagenet: 10)")
-    p.add_argument("--eval-split", default=d.eval_split, choices=EVAL_SPLITS,
-                   help="holdout: the reference's 10%% of train; test: the official test split")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="epochs per task (default: digits32 and digits 10, cifar 50, "
-                        "tinyimagenet 100)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--beta", type=float, default=d.beta, help="regulation loss weight")
-    p.add_argument("--buffer-size", type=int, default=d.buffer_size)
-    p.add_argument("--ratio", type=float, default=d.ratio, help="vital channel ratio, (0, 1]")
-    p.add_argument("--nf", type=int, default=None, help="ResNet width (default: digits32 and digits 16, else 64)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--seeds", type=int, default=1, metavar="N",
-                   help="train seeds --seed .. --seed+N-1 together in one compiled program "
-                        "(vmapped); results.json then holds per-seed results and mean/std")
-    p.add_argument("--freeze", default=d.freeze, choices=list(FREEZE_POINTS) + ["auto"],
-                   help="deepest frozen layer group (stage3 = the reference), or auto: "
-                        "chosen from measured LP/MS by a one-epoch probe (see README)")
-    p.add_argument("--freeze-threshold", type=float, default=d.freeze_threshold,
-                   help="with --freeze auto: LP and MS level a frozen group must reach")
-    p.add_argument("--similarity", default=d.similarity, choices=sorted(SIMILARITIES),
-                   help="with --freeze auto: the similarity LP and MS are measured with")
-    p.add_argument("--layer-metrics", nargs="?", const=d.similarity, default=None,
-                   choices=sorted(SIMILARITIES), metavar="SIMILARITY",
-                   help="record LP and MS per layer after every task in results.json "
-                        f"(default similarity: {d.similarity})")
-    p.add_argument("--frozen-bn", default=d.frozen_bn, choices=FROZEN_BN_MODES,
-                   help="frozen layers' BatchNorm statistics: update (reference) or fixed")
-    p.add_argument("--last-batch", default=d.last_batch, choices=LAST_BATCH_MODES,
-                   help="an epoch's samples after its last full batch: drop them, or keep them "
-                        "as a smaller last batch as the reference does (one device only)")
-    p.add_argument("--augment", type=parse_bool, default=None,
-                   help="random crop + flip: on/off (default: off for digits, else on)")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--xla-scheduler", default=d.xla_scheduler, choices=XLA_SCHEDULERS,
-                   help="XLA:CPU scheduler of train steps (auto: memory where layers freeze)")
-    p.add_argument("--sparse", action="store_true",
-                   help="the reference's channel pruning (sparsity 0.2/0.7/0.8 by stage)")
-    p.add_argument("--sparse-execution", default=d.sparse_execution, choices=SPARSE_EXECUTIONS,
-                   help="with --sparse: masked (dense layers, pruned weights held at zero, as "
-                        "the reference) or compact (narrower layers of the kept channels)")
-    p.add_argument("--derpp-alpha", type=float, default=d.derpp_alpha, help="DER++ logit MSE weight")
-    p.add_argument("--derpp-beta", type=float, default=d.derpp_beta,
-                   help="DER++ replayed cross-entropy weight")
-    p.add_argument("--ewc-lambda", type=float, default=d.ewc_lambda, help="online EWC weight")
-    p.add_argument("--ewc-gamma", type=float, default=d.ewc_gamma,
-                   help="online EWC Fisher decay, [0, 1]")
-    p.add_argument("--lwf-alpha", type=float, default=d.lwf_alpha, help="LwF distillation weight")
-    p.add_argument("--lwf-temperature", type=float, default=d.lwf_temperature,
-                   help="LwF distillation temperature")
-    _add_run_flags(p)
+                        "the defaults, and flags given here override them (default: none)")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default=d.dataset, choices=DATASETS)
+    data.add_argument("--data-dir", default=None,
+                      help="TFDS data_dir holding the prepared dataset; tinyimagenet: the "
+                           "tiny-imagenet-200 folder (default: TFDS's)")
+    data.add_argument("--num-tasks", type=int, default=None,
+                      help="tasks to split the classes into (default: 5; cifar100, "
+                           "tinyimagenet: 10)")
+    data.add_argument("--eval-split", default=d.eval_split, choices=EVAL_SPLITS,
+                      help="holdout: the reference's 10%% of train; test: the official test split")
+    data.add_argument("--augment", type=parse_bool, default=None,
+                      help="random crop + flip: on/off (default: off for digits, else on)")
+    model = p.add_argument_group("model")
+    model.add_argument("--nf", type=int, default=None,
+                       help="ResNet width (default: digits32 and digits 16, else 64; with "
+                            "--init-from, the backbone's)")
+    model.add_argument("--init-from", default=None, metavar="BACKBONE",
+                       help="start from a pre-trained backbone directory (written by "
+                            "experiments.pretrain or experiments.convert_torch) with a fresh "
+                            "head (default: none, train from scratch)")
+    model.add_argument("--frozen-bn", default=d.frozen_bn, choices=FROZEN_BN_MODES,
+                       help="frozen layers' BatchNorm statistics: update (reference) or fixed")
+    model.add_argument("--sparse", action="store_true",
+                       help="the reference's channel pruning (sparsity 0.2/0.7/0.8 by stage)")
+    model.add_argument("--sparse-execution", default=d.sparse_execution,
+                       choices=SPARSE_EXECUTIONS,
+                       help="with --sparse: masked (dense layers, pruned weights held at zero, "
+                            "as the reference) or compact (narrower layers of the kept channels)")
+    schedule = p.add_argument_group("optimizer and schedule")
+    schedule.add_argument("--epochs", type=int, default=None,
+                          help="epochs per task (default: digits32 and digits 10, cifar 50, "
+                               "tinyimagenet 100)")
+    schedule.add_argument("--batch-size", type=int, default=d.batch_size)
+    schedule.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    schedule.add_argument("--last-batch", default=d.last_batch, choices=LAST_BATCH_MODES,
+                          help="an epoch's samples after its last full batch: drop them, or "
+                               "keep them as a smaller last batch as the reference does (one "
+                               "device only)")
+    schedule.add_argument("--seed", type=int, default=d.seed,
+                          help="seed of initialisation, data order and augmentation")
+    schedule.add_argument("--seeds", type=int, default=1, metavar="N",
+                          help="train seeds --seed .. --seed+N-1 together in one compiled program "
+                               "(vmapped); results.json then holds per-seed results and mean/std")
+    strategy = p.add_argument_group("strategy")
+    strategy.add_argument("--strategy", default=d.strategy, metavar="NAME",
+                          help="a built-in strategy (" + ", ".join(STRATEGIES) + ") or the "
+                               "import path of your own class: package.module:Name or "
+                               "path/to/file.py:Name")
+    strategy.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE",
+                          help=STRATEGY_ARG_HELP + " (default: the strategy's defaults)")
+    strategy.add_argument("--freeze", default=d.freeze, choices=list(FREEZE_POINTS) + ["auto"],
+                          help="deepest frozen layer group of strategies that freeze (stage3 = "
+                               "the reference), or auto: chosen from measured LP/MS by a "
+                               "one-epoch probe (see README)")
+    strategy.add_argument("--freeze-threshold", type=float, default=d.freeze_threshold,
+                          help="with --freeze auto: LP and MS level a frozen group must reach")
+    strategy.add_argument("--similarity", default=d.similarity, metavar="SIMILARITY",
+                          help="with --freeze auto: the similarity LP and MS are measured with ("
+                               + ", ".join(SIMILARITIES) + ", or an import path)")
+    evaluation = p.add_argument_group("evaluation and metrics")
+    evaluation.add_argument("--metrics", default=",".join(d.metrics), metavar="NAMES",
+                            help="the run summaries and evaluation metrics to report, comma-"
+                                 "separated names or import paths (avg always among them); "
+                                 "+NAME adds to the defaults (listed at the end)")
+    evaluation.add_argument("--layer-metrics", nargs="?", const=d.similarity, default=None,
+                            metavar="SIMILARITY",
+                            help="record LP and MS per layer after every task in results.json "
+                                 f"(default: off; given alone, {d.similarity})")
+    evaluation.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    _add_run_flags(p, d)
     return p
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def _more_help(args) -> str:
+    """What ``--help`` prints after the flags: the strategies' hyperparameters (those of
+    ``--strategy`` alone when one was given before ``--help``) and the metrics."""
+    chosen = getattr(args, "strategy", None)
+    names = [chosen] if chosen not in (None, Config().strategy) else list(STRATEGIES)
+    return strategies_help(names) + "\n\n" + metrics_help()
+
+
+def _add_run_flags(p: argparse.ArgumentParser, d: Config) -> None:
     """Flags of where and how the run goes, not what it computes."""
-    p.add_argument("--workdir", default=None,
-                   help="where results.json and checkpoints/ go (default: "
-                        "runs/<dataset>-<strategy>-seed<seed>); rerunning the same command with "
-                        "the same workdir resumes from the newest checkpoint")
-    p.add_argument("--ckpt-every", type=int, default=500, metavar="N",
-                   help="also checkpoint every N train steps within a task (default: "
-                        "%(default)s; 0: only after each task)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="discard results.json and checkpoints/ in --workdir before running "
-                        "(without it, those of another run are refused)")
-    p.add_argument("--init-from", default=None, metavar="BACKBONE",
-                   help="start from a pre-trained backbone directory (written by "
-                        "experiments.pretrain or experiments.convert_torch) with a fresh head; "
-                        "--nf defaults to the backbone's")
-    p.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="split each batch over the first N visible devices (data parallel; "
-                        "default: all of them)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log each epoch and task as TensorBoard scalars in "
-                        "<workdir>/tensorboard (tensorboard --logdir runs/)")
-    distributed.add_flags(p)
+    execution = p.add_argument_group("execution")
+    execution.add_argument("--workdir", default=None,
+                           help="where results.json and checkpoints/ go (default: "
+                                "runs/<dataset>-<strategy>-seed<seed>); rerunning the same "
+                                "command with the same workdir resumes from the newest checkpoint")
+    execution.add_argument("--ckpt-every", type=int, default=500, metavar="N",
+                           help="also checkpoint every N train steps within a task (0: only "
+                                "after each task)")
+    execution.add_argument("--overwrite", action="store_true",
+                           help="discard results.json and checkpoints/ in --workdir before "
+                                "running (without it, those of another run are refused)")
+    execution.add_argument("--devices", type=int, default=None, metavar="N",
+                           help="split each batch over the first N visible devices (data "
+                                "parallel; default: all of them)")
+    execution.add_argument("--xla-scheduler", default=d.xla_scheduler, choices=XLA_SCHEDULERS,
+                           help="XLA:CPU scheduler of train steps (auto: memory where layers "
+                                "freeze)")
+    execution.add_argument("--no-progress", action="store_true", help="no progress bars")
+    execution.add_argument("--tensorboard", action="store_true",
+                           help="also log each epoch and task as TensorBoard scalars in "
+                                "<workdir>/tensorboard (tensorboard --logdir runs/)")
+    distributed.add_flags(p.add_argument_group("several processes"))
 
 
 def format_table(results: dict) -> str:
-    """The accuracy matrices and summary as plain text (per seed and mean +/- std
-    for several seeds)."""
+    """The accuracy matrices, the evaluation metrics' matrices and every summary as plain
+    text (per seed and mean +/- std for several seeds)."""
     if "seeds" in results:
         return _format_seeds(results)
     n = results["num_tasks"]
+    names = results["metric_names"]
     lines = [f"{results['strategy']} on {results['dataset']} ({n} tasks, seed {results['seed']}, "
              f"eval split {results['eval_split']})", ""]
-    for key, label in (("acc_til", "TIL"), ("acc_cil", "CIL")):
-        lines.append(f"{label} accuracy (%), row = after task i, column = task j")
+    matrices = [(f"{label} accuracy (%)", results[key], "8.2f")
+                for key, label in (("acc_til", "TIL"), ("acc_cil", "CIL"))]
+    matrices += [(f"evaluation {name}", results[f"eval_{name}"], "8.4f")
+                 for name in names["evaluation"]]
+    for title, matrix, form in matrices:
+        lines.append(f"{title}, row = after task i, column = task j")
         lines.append("        " + "".join(f"{'T' + str(j):>8}" for j in range(n)) + f"{'avg':>8}")
-        for i, row in enumerate(results[key]):
-            cells = "".join(f"{v:8.2f}" for v in row) + " " * 8 * (n - len(row))
-            lines.append(f"after {i:<2}{cells}{sum(row) / len(row):8.2f}")
+        for i, row in enumerate(matrix):
+            cells = "".join(f"{v:{form}}" for v in row) + " " * 8 * (n - len(row))
+            lines.append(f"after {i:<2}{cells}{sum(row) / len(row):{form}}")
         lines.append("")
-    lines.append(f"{'':14}{'avg':>8}{'forget':>8}{'bwt':>8}")
+    widths = [max(8, len(name) + 2) for name in names["summaries"]]
+    lines.append(f"{'':6}" + "".join(f"{name:>{w}}" for name, w in zip(names["summaries"], widths)))
     for mode in ("til", "cil"):
-        lines.append(f"{mode.upper():14}{results['avg_' + mode]:8.2f}"
-                     f"{results['forgetting_' + mode]:8.2f}{results['bwt_' + mode]:8.2f}")
+        lines.append(f"{mode.upper():6}" + "".join(
+            f"{results[f'{name}_{mode}']:{w}.2f}" for name, w in zip(names["summaries"], widths)))
     if results.get("freeze_auto"):
         auto = results["freeze_auto"]
         lines.append(f"--freeze auto chose {auto['chosen']} at task {auto['task']} "
@@ -160,18 +189,18 @@ def _time_and_memory(results: dict) -> str:
 
 
 def _format_seeds(results: dict) -> str:
+    """A row per summary and evaluation metric: each seed's value and the mean +/- std."""
+    from lightcl_jax.training.results import scalar_metric_keys
     runs = results["seeds"]
     lines = [f"{results['strategy']} on {results['dataset']} ({results['num_tasks']} tasks, "
              f"seeds {runs[0]['seed']}..{runs[-1]['seed']} trained together, eval split "
              f"{results['eval_split']})", "",
-             f"{'seed':<8}{'avg TIL':>10}{'avg CIL':>10}{'forget TIL':>12}{'forget CIL':>12}"]
-    for run in runs:
-        lines.append(f"{run['seed']:<8}{run['avg_til']:10.2f}{run['avg_cil']:10.2f}"
-                     f"{run['forgetting_til']:12.2f}{run['forgetting_cil']:12.2f}")
-    lines.append("")
-    lines.append(f"avg TIL {results['avg_til_mean']:.2f} +/- {results['avg_til_std']:.2f}, "
-                 f"avg CIL {results['avg_cil_mean']:.2f} +/- {results['avg_cil_std']:.2f} "
-                 f"(mean +/- std over {len(runs)} seeds)")
+             f"{'':22}" + "".join(f"{'seed ' + str(run['seed']):>10}" for run in runs)
+             + f"{'mean +/- std':>18}"]
+    for key in scalar_metric_keys(results):
+        form = ".4f" if key.startswith("avg_eval_") else ".2f"
+        lines.append(f"{key:22}" + "".join(f"{run[key]:10{form}}" for run in runs)
+                     + f"{results[key + '_mean']:10{form}} +/- {results[key + '_std']:{form}}")
     chosen = {run["freeze_auto"]["chosen"] for run in runs if run.get("freeze_auto")}
     if chosen:
         lines.append(f"--freeze auto chose {', '.join(sorted(chosen))}")
@@ -180,8 +209,27 @@ def _format_seeds(results: dict) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The `Config` that parsed flags describe (not validated yet): one flag per field."""
-    return Config(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Config)})
+    """The `Config` that parsed flags describe: one flag per run setting, the strategy's
+    hyperparameters from ``--strategy-arg`` and the config file's ``strategy_args``.
+
+    The run settings are checked first (no JAX loads for a bad one); then the strategy's
+    class is loaded to read and check its arguments.
+
+    Raises:
+      ValueError: a bad setting, strategy, strategy argument or metric list.
+    """
+    own = {"strategy_args", "metrics"}
+    config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                       if f.name not in own},
+                    metrics=parse_metrics(args.metrics, DEFAULT_METRICS))
+    config.validate()
+    from lightcl_jax.strategies import strategy_class
+    cls = strategy_class(config.strategy)
+    strategy_args = strategy_arguments({config.strategy: cls}, args.strategy_arg,
+                                       getattr(args, "config_strategy_args", None),
+                                       args.config)[config.strategy]
+    cls.from_args(strategy_args)  # each value checked against its declaration
+    return dataclasses.replace(config, strategy_args=strategy_args)
 
 
 def parse_args(argv=None, parser: argparse.ArgumentParser | None = None
@@ -194,32 +242,37 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None
     """
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    note = None
+    note = config_args = None
     if args.config is not None:
         from experiments.configs import load_config
         try:
             module = load_config(args.config)
         except ValueError as err:
             parser.error(str(err))
+        flags = dict(module.FLAGS)
+        config_args = flags.pop("strategy_args", None)
         known = {action.dest for action in parser._actions} - {"help", "config"}
-        unknown = sorted(set(module.FLAGS) - known)
+        unknown = sorted(set(flags) - known)
         if unknown:
             parser.error(f"config {args.config} sets unknown flags {unknown}; flags are "
-                         f"experiments.run's, by argparse name: {', '.join(sorted(known))}")
-        parser.set_defaults(**module.FLAGS)
+                         f"experiments.run's, by argparse name: {', '.join(sorted(known))}, "
+                         "and strategy_args (strategy -> its hyperparameters)")
+        if config_args is not None and not isinstance(config_args, dict):
+            parser.error(f"config {args.config}: strategy_args must be a dict of strategy "
+                         f"names to dicts of hyperparameters; got {config_args!r}")
+        parser.set_defaults(**flags)
         args = parser.parse_args(argv)
         if getattr(module, "PRETRAINED", False) and args.init_from is None:
             note = (f"note: config {args.config} follows the paper, which starts from a "
                     "pre-trained backbone; without --init-from this run trains from scratch")
-    args.note = note
+    args.note, args.config_strategy_args = note, config_args
     return parser, args
 
 
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
-    config = config_from_args(args)
     try:
-        config.validate()
+        config = config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
     if args.seeds < 1:
@@ -233,7 +286,8 @@ def main(argv=None) -> int:
                      "pip install tensorboardX")
     seeds = (f"seed{args.seed}" if args.seeds == 1
              else f"seeds{args.seed}-{args.seed + args.seeds - 1}")
-    workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{args.strategy}-{seeds}")
+    workdir = args.workdir or os.path.join("runs", f"{args.dataset}-{_strategy_label(config)}-"
+                                                   f"{seeds}")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
     problem = distributed.check_flags(args)
@@ -259,6 +313,13 @@ def main(argv=None) -> int:
             return train_in_workdir(parser, args, run, backbone, workdir)
     finally:
         lock.release(remove_empty_workdir=fresh)  # a run refused at its start leaves none
+
+
+def _strategy_label(config: Config) -> str:
+    """The strategy's name for a default workdir: its registry name, or its class's
+    ``name`` for one given by import path."""
+    from lightcl_jax.strategies import strategy_class
+    return config.strategy if config.strategy in STRATEGIES else strategy_class(config.strategy).name
 
 
 def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:

@@ -46,8 +46,9 @@ SCRIPT_EPOCHS = 50
 # with nf 64 and slices logits in pairs).
 REFERENCE_SHAPE = {"num_tasks": 5, "num_classes": 10, "channels": 3}
 # Our side of the comparison: the reference's settings (SPEC section 2), no pre-training.
-OUR_SETTINGS = dict(strategy="lightcl", nf=64, batch_size=32, lr=0.01, beta=2e-4, buffer_size=15,
-                    ratio=0.15, freeze="stage3", frozen_bn="update", augment=False)
+OUR_SETTINGS = dict(strategy="lightcl", strategy_args=dict(beta=2e-4, buffer_size=15, ratio=0.15),
+                    nf=64, batch_size=32, lr=0.01, freeze="stage3", frozen_bn="update",
+                    augment=False)
 LAST_BATCH = {"keep": "both keep an epoch's smaller last batch (the script's DataLoader does)",
               "drop": "both drop it (a diagnostic: the script's loaders are served with "
                       "drop_last=True)"}

@@ -1,8 +1,10 @@
 """Run configuration: every setting of a run, validated at the boundary.
 
-Plain data: importing this module imports no JAX (strategy and similarity
-names come from `lightcl_jax.registry`), so the CLI refuses a bad flag before
-JAX loads.
+Plain data: importing this module imports no JAX (strategy, metric and
+similarity names come from `lightcl_jax.registry`), so the CLI refuses a bad
+flag before JAX loads. A strategy's hyperparameters belong to the strategy
+(`lightcl_jax.strategies`): the config holds its name and ``strategy_args``,
+which the strategy checks when a run makes it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
 from lightcl_jax.model.layers import FREEZE_POINTS
-from lightcl_jax.registry import SIMILARITIES, STRATEGIES
+from lightcl_jax.registry import (EVAL_METRICS, SIMILARITIES, STRATEGIES, SUMMARIES,
+                                  is_import_path)
 
 FROZEN_BN_MODES = ("update", "fixed")
 # What an epoch does with the samples left after its last full batch: drop them (one
@@ -31,15 +34,30 @@ EXECUTION_FIELDS = ("xla_scheduler",)
 # Fields added after checkpoints existed, at the value that reproduces those runs: left
 # out of a run's identity at that value, so the older checkpoints still resume.
 IDENTITY_DEFAULTS = {"sparse_execution": "masked", "last_batch": "drop"}
+# The metrics a run computes unless told otherwise: every built-in summary and
+# evaluation metric (`lightcl_jax.metrics.continual`). ``avg`` is always among them.
+DEFAULT_METRICS = ("avg", "forgetting", "bwt", "avg_incremental", "loss")
+# Before strategies owned their hyperparameters, the config held them: old field ->
+# {strategy: hyperparameter}. `upgrade_identity` reads older runs' identities with it.
+LEGACY_STRATEGY_FIELDS = {
+    "beta": {"lightcl": "beta"}, "ratio": {"lightcl": "ratio"},
+    "buffer_size": {"lightcl": "buffer_size", "er": "buffer_size", "derpp": "buffer_size",
+                    "agem": "buffer_size"},
+    "derpp_alpha": {"derpp": "alpha"}, "derpp_beta": {"derpp": "beta"},
+    "ewc_lambda": {"ewc": "lam"}, "ewc_gamma": {"ewc": "gamma"},
+    "lwf_alpha": {"lwf": "alpha"}, "lwf_temperature": {"lwf": "temperature"},
+}
+# What runs computed before the metrics were a setting.
+LEGACY_METRICS = ("avg", "forgetting", "bwt")
 # JAX's PRNG keys hold 32 bits of a seed: 2**32 would give seed 0's key.
 MAX_SEED = 2**32 - 1
 # A ResNet-18 of nf 4096 holds 4.6e10 weights; whether a smaller one fits the device is
 # checked against its memory when the run is set up (`lightcl_jax.training.setup`).
 MAX_NF = 4096
-FLOAT_FIELDS = ("lr", "beta", "ratio", "freeze_threshold", "derpp_alpha", "derpp_beta",
-                "ewc_lambda", "ewc_gamma", "lwf_alpha", "lwf_temperature")
+FLOAT_FIELDS = ("lr", "freeze_threshold")
 
-# Settings that depend on the dataset when not given: (epochs, nf).
+# Settings that depend on the built-in dataset when not given: (epochs, nf). A stream of a
+# user's own has no defaults: its config sets both.
 # digits32 (the default) and digits: small enough that a run finishes in about a minute
 # on 2 CPU cores. experiments.vs_reference sets the reference's nf 64 and 50 epochs itself.
 DATASET_DEFAULTS = {
@@ -55,13 +73,20 @@ DATASET_DEFAULTS = {
 class Config:
     """All settings of one continual-learning run.
 
-    Defaults follow SPEC section 2 (lr 0.01, beta 2e-4, buffer 15, ratio 0.15,
-    batch 32, seed 0, freeze stem + stages 1-3); ``epochs`` and ``nf`` default
-    per dataset (`DATASET_DEFAULTS`) when left as None.
+    Defaults follow SPEC section 2 (lr 0.01, batch 32, seed 0, freeze stem +
+    stages 1-3; LightCL's own beta 2e-4, buffer 15, ratio 0.15); ``epochs`` and
+    ``nf`` default per built-in dataset (`DATASET_DEFAULTS`) when left as None.
 
     Attributes:
-      strategy: registered strategy name (see `lightcl_jax.strategies`).
-      dataset: one of `DATASETS`.
+      strategy: registered strategy name (see `lightcl_jax.strategies`), or the
+        import path of a strategy class (``package.module:Name``,
+        ``path/to/file.py:Name``).
+      strategy_args: the strategy's hyperparameters that differ from its
+        defaults, ``{name: value}`` (e.g. ``{"lam": 100.0}`` for ``ewc``). A run
+        records all of them, defaults filled in (`lightcl_jax.training.setup`).
+      dataset: one of `DATASETS`, or the name of a stream of your own (or None)
+        handed to `lightcl_jax.training.setup.setup_run` with it; such a
+        config sets ``epochs`` and ``nf``.
       data_dir: TFDS data directory (TFDS datasets only).
       num_tasks: tasks to split the classes into (None: the dataset's default).
       eval_split: ``holdout`` (the reference's 10% of train) or ``test``.
@@ -81,6 +106,9 @@ class Config:
       similarity: registered similarity that ``auto`` measures LP and MS with.
       layer_metrics: None, or a registered similarity: record LP and MS per
         layer after every task >= 1 in the results.
+      metrics: the run summaries and evaluation metrics the run reports
+        (`lightcl_jax.metrics.continual`): registered names or import paths;
+        ``avg`` must be one of them.
       frozen_bn: frozen layers' BatchNorm statistics: ``update`` keeps
         updating them from each batch as the reference does, ``fixed`` uses
         and keeps the running statistics.
@@ -110,29 +138,24 @@ class Config:
         same speed, XLA's default for full-network steps, where it held more
         (238.1 to 270.8 MB for finetune). Step times did not change. Results are
         bit-identical either way.
-      derpp_alpha, derpp_beta: DER++'s weights of the logit MSE and of the
-        replayed cross-entropy (Mammoth's CIFAR-10 values).
-      ewc_lambda, ewc_gamma: online EWC's penalty weight and Fisher decay.
-      lwf_alpha, lwf_temperature: LwF's distillation weight and temperature.
     """
 
     strategy: str = "lightcl"
-    dataset: str = "digits32"
+    strategy_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dataset: str | None = "digits32"
     data_dir: str | None = None
     num_tasks: int | None = None
     eval_split: str = "holdout"
     epochs: int | None = None
     batch_size: int = 32
     lr: float = 0.01
-    beta: float = 2e-4
-    buffer_size: int = 15
-    ratio: float = 0.15
     nf: int | None = None
     seed: int = 0
     freeze: str = "stage3"
     freeze_threshold: float = 0.9
     similarity: str = "linear_cka_debiased"
     layer_metrics: str | None = None
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     frozen_bn: str = "update"
     last_batch: str = "drop"
     augment: bool | None = None
@@ -140,21 +163,29 @@ class Config:
     sparse: bool = False
     sparse_execution: str = "masked"
     xla_scheduler: str = "auto"
-    derpp_alpha: float = 0.1
-    derpp_beta: float = 0.5
-    ewc_lambda: float = 10.0
-    ewc_gamma: float = 1.0
-    lwf_alpha: float = 1.0
-    lwf_temperature: float = 2.0
 
     def resolved(self) -> "Config":
-        """Validates, and fills the dataset-dependent defaults."""
+        """Validates, and fills the dataset-dependent defaults.
+
+        Raises:
+          ValueError: a bad setting, or a dataset that is not built in without
+            ``epochs`` and ``nf`` (it has no defaults).
+        """
         self.validate()
-        defaults = DATASET_DEFAULTS[self.dataset]
+        defaults = DATASET_DEFAULTS.get(self.dataset)
+        if defaults is None:
+            missing = [f for f in ("epochs", "nf") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"dataset {self.dataset!r} is not built in, so "
+                                 f"{' and '.join(missing)} {'have' if len(missing) > 1 else 'has'}"
+                                 f" no default: set {' and '.join(missing)} (the built-in "
+                                 f"datasets' defaults: {_defaults_text()})")
+            defaults = {}
         return dataclasses.replace(
             self,
-            epochs=defaults["epochs"] if self.epochs is None else self.epochs,
-            nf=defaults["nf"] if self.nf is None else self.nf,
+            epochs=defaults.get("epochs") if self.epochs is None else self.epochs,
+            nf=defaults.get("nf") if self.nf is None else self.nf,
+            strategy_args=dict(self.strategy_args), metrics=tuple(self.metrics),
         )
 
     def validate(self) -> None:
@@ -163,21 +194,30 @@ class Config:
             if not ok:
                 raise ValueError(message)
 
-        need(self.strategy in STRATEGIES, STRATEGIES.unknown(self.strategy))
+        need(STRATEGIES.known(self.strategy), STRATEGIES.unknown(self.strategy))
+        need(isinstance(self.strategy_args, dict)
+             and all(isinstance(k, str) and k.isidentifier() for k in self.strategy_args),
+             f"strategy_args must be a dict of hyperparameter names to values; "
+             f"got {self.strategy_args!r}")
+        for name, value in self.strategy_args.items():
+            need(isinstance(value, (bool, int, float, str)),
+                 f"strategy_args: {name} must be a bool, int, float or str; got {value!r}")
+        self._validate_metrics(need)
         for field in FLOAT_FIELDS:  # NaN and Inf pass some comparisons below; none is a weight
             value = getattr(self, field)
             need(isinstance(value, (int, float)) and not isinstance(value, bool)
                  and math.isfinite(value), f"{field} must be a finite number; got {value!r}")
-        need(self.dataset in DATASETS,
-             f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
+        need(self.dataset is None or (isinstance(self.dataset, str) and self.dataset.strip()),
+             f"dataset must be a name (one of {', '.join(DATASETS)}, or your own stream's) or "
+             f"None; got {self.dataset!r}")
         need(self.eval_split in EVAL_SPLITS,
              f"eval_split must be one of {', '.join(EVAL_SPLITS)}; got {self.eval_split!r}")
         need(self.freeze in FREEZE_POINTS or self.freeze == "auto",
              f"unknown freeze point {self.freeze!r}; known: {', '.join(FREEZE_POINTS)}, auto")
         for field in ("similarity", "layer_metrics"):
             name = getattr(self, field)
-            need(name is None and field == "layer_metrics" or name in SIMILARITIES,
-                 f"unknown {field} {name!r}; known: {', '.join(sorted(SIMILARITIES))}")
+            need(name is None and field == "layer_metrics" or SIMILARITIES.known(name),
+                 f"{field}: {SIMILARITIES.unknown(name)}")
         need(isinstance(self.freeze_threshold, (int, float)) and -1 <= self.freeze_threshold <= 1,
              f"freeze_threshold must lie in [-1, 1]; got {self.freeze_threshold!r}")
         need(isinstance(self.sparse, bool), f"sparse must be True or False; got {self.sparse!r}")
@@ -198,19 +238,6 @@ class Config:
         need(_is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
              f"eval_batch_size must be an integer >= 1; got {self.eval_batch_size!r}")
         need(self.lr > 0, f"lr must be > 0; got {self.lr!r}")
-        need(self.beta >= 0, f"beta must be >= 0; got {self.beta!r}")
-        need(0 < self.ratio <= 1, f"ratio must lie in (0, 1]; got {self.ratio!r}")
-        if self.strategy == "lightcl":
-            need(_is_int(self.buffer_size) and 1 <= self.buffer_size <= self.batch_size,
-                 f"buffer_size must be an integer in [1, batch_size={self.batch_size}] (LightCL "
-                 f"takes its buffer from one batch of a task); got {self.buffer_size!r}")
-        need(_is_int(self.buffer_size) and self.buffer_size >= 1,
-             f"buffer_size must be an integer >= 1; got {self.buffer_size!r}")
-        for field in ("derpp_alpha", "derpp_beta", "ewc_lambda", "lwf_alpha"):
-            need(getattr(self, field) >= 0, f"{field} must be >= 0; got {getattr(self, field)!r}")
-        need(0 <= self.ewc_gamma <= 1, f"ewc_gamma must lie in [0, 1]; got {self.ewc_gamma!r}")
-        need(self.lwf_temperature > 0,
-             f"lwf_temperature must be > 0; got {self.lwf_temperature!r}")
         need(self.nf is None or (_is_int(self.nf) and 1 <= self.nf <= MAX_NF),
              f"nf must be an integer in [1, {MAX_NF}]; got {self.nf!r}")
         need(self.num_tasks is None or (_is_int(self.num_tasks) and self.num_tasks >= 1),
@@ -219,8 +246,25 @@ class Config:
              f"seed must be an integer in [0, {MAX_SEED}] (JAX's PRNG keys take 32 bits); "
              f"got {self.seed!r}")
 
+    def _validate_metrics(self, need) -> None:
+        known = sorted(SUMMARIES) + sorted(EVAL_METRICS)
+        need(isinstance(self.metrics, (tuple, list))
+             and all(isinstance(m, str) for m in self.metrics),
+             f"metrics must be a sequence of metric names; got {self.metrics!r}")
+        for name in self.metrics:
+            need(name in SUMMARIES or name in EVAL_METRICS or is_import_path(name),
+                 f"unknown metric {name!r}; known: {', '.join(known)}, or the import path of "
+                 "your own (package.module:NAME or path/to/file.py:NAME)")
+        need(len(set(self.metrics)) == len(self.metrics),
+             f"metrics names one twice: {list(self.metrics)}")
+        need("avg" in self.metrics, f"metrics must include avg (tables, figures and the mean "
+                                    f"over seeds read it); got {list(self.metrics)}")
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as JSON values (``metrics`` a list)."""
+        settings = dataclasses.asdict(self)
+        settings["metrics"] = list(self.metrics)
+        return settings
 
     def identity_dict(self) -> dict[str, Any]:
         """`to_dict` less what never changes a result (`EXECUTION_FIELDS`) and the
@@ -232,6 +276,30 @@ class Config:
             if settings[field] == value:
                 del settings[field]
         return settings
+
+
+def upgrade_identity(identity: dict) -> dict:
+    """A run identity as this version writes it, from one an older version wrote (the
+    same dict when it is current): a config that held the strategies' hyperparameters
+    as fields (`LEGACY_STRATEGY_FIELDS`) gets its strategy's as ``strategy_args`` and the
+    metrics those runs computed (`LEGACY_METRICS`)."""
+    config = identity.get("config") if isinstance(identity, dict) else None
+    if not isinstance(config, dict) or "strategy_args" in config or "beta" not in config:
+        return identity
+    config = dict(config)
+    strategy, args = config.get("strategy"), {}
+    for field, owners in LEGACY_STRATEGY_FIELDS.items():
+        value = config.pop(field, None)
+        if strategy in owners:
+            args[owners[strategy]] = value
+    config["strategy_args"] = args
+    config["metrics"] = list(LEGACY_METRICS)
+    return {**identity, "config": config}
+
+
+def _defaults_text() -> str:
+    return "; ".join(f"{name} epochs {d['epochs']}, nf {d['nf']}"
+                     for name, d in DATASET_DEFAULTS.items())
 
 
 def _is_int(value) -> bool:

@@ -6,12 +6,12 @@ import pytest
 from lightcl_jax.accounting import compiled_train_step_cost
 from lightcl_jax.config import Config
 
-TINY = Config(dataset="digits", nf=8, batch_size=16, buffer_size=8)
+TINY = Config(dataset="digits", nf=8, batch_size=16, strategy_args={"buffer_size": 8})
 
 
 def test_frozen_step_compiles_to_fewer_bytes_and_flops_than_the_unfrozen_step():
     shape = (8, 8, 1)
-    finetune = compiled_train_step_cost(dataclasses.replace(TINY, strategy="finetune"), shape,
+    finetune = compiled_train_step_cost(dataclasses.replace(TINY, strategy="finetune", strategy_args={}), shape,
                                         10, 2, task_index=1)
     lightcl = compiled_train_step_cost(dataclasses.replace(TINY, strategy="lightcl"), shape,
                                        10, 2, task_index=1)
@@ -80,7 +80,7 @@ def test_sparse_step_compiles_with_its_masks_in_the_optimizer_state():
 
 def test_memory_plan_lists_what_fits_deepest_first_and_each_fits_when_compiled_again():
     from lightcl_jax.accounting.compiled import memory_plan
-    config = Config(strategy="lightcl", dataset="digits", nf=4, buffer_size=8)
+    config = Config(strategy="lightcl", dataset="digits", nf=4, strategy_args={"buffer_size": 8})
     shape = (8, 8, 1)
     points = ("stage3", "none")  # 2 of the 6 freeze points keep the test short
     everything = memory_plan(config, shape, 10, 2, budget_mb=1e9, batch_sizes=(8, 16),

@@ -74,9 +74,9 @@ def stream(digits_stream):
     ("lightcl", dict(last_batch="keep", batch_size=20)),
 ])
 def test_resume_mid_task_gives_the_uninterrupted_results(tmp_path, strategy, config_changes):
-    from test_training import TINY as TRAINING_TINY, _tiny_stream
+    from test_training import TINY as TRAINING_TINY, _tiny_stream, with_strategy
     stream = _tiny_stream(num_tasks=3)
-    config = dataclasses.replace(TRAINING_TINY, strategy=strategy, epochs=2, **config_changes)
+    config = dataclasses.replace(with_strategy(TRAINING_TINY, strategy), epochs=2, **config_changes)
     # Tasks run steps 1-6, 7-12 and 13-18. The disk as a kill after step 9 leaves it: the
     # newest checkpoint is at step 8, the second step of task 1.
     clean = train_and_evaluate(
@@ -107,17 +107,27 @@ def resume_old_fixture(name, tmp_path, config, stream, clean, *, seeds=1, bounda
     the identity, phases and freeze choice of an uninterrupted run of this code
     (``clean``). Its later numbers are this code's: that code compiled convolutions with
     XLA's default kernels, this one with `lightcl_jax.compiler.COMPILER_OPTIONS`, which
-    round differently (and these tiny runs magnify rounding; see tests/test_seeds.py)."""
+    round differently (and these tiny runs magnify rounding; see tests/test_seeds.py).
+    That code held the strategy's hyperparameters as config fields and computed the
+    metrics of `LEGACY_METRICS`: the identity it wrote reads as this code's
+    (`upgrade_identity`), and it resumes with those metrics."""
+    from lightcl_jax.config import LEGACY_METRICS, upgrade_identity
     directory = tmp_path / f"old-{name}"
     shutil.copytree(os.path.join(FIXTURES, name, "checkpoints"), directory)
     if boundary:
         shutil.rmtree(directory / "steps")
-    resumed = train_and_evaluate(config, stream, seeds=seeds,
-                                 checkpoints=RunCheckpoints(directory, every=8))
+    with pytest.raises(CheckpointError, match=r"metrics \['avg', 'forgetting', 'bwt'\] there"):
+        train_and_evaluate(config, stream, seeds=seeds, checkpoints=RunCheckpoints(directory))
+    resumed = train_and_evaluate(dataclasses.replace(config, metrics=LEGACY_METRICS), stream,
+                                 seeds=seeds, checkpoints=RunCheckpoints(directory, every=8))
     with open(os.path.join(FIXTURES, name, "results.json")) as f:
         old = json.load(f)
+    assert upgrade_identity(old["identity"]) == resumed["identity"]
+    clean_identity = {**clean["identity"], "config": {**clean["identity"]["config"],
+                                                      "metrics": list(LEGACY_METRICS)}}
+    assert clean_identity == resumed["identity"]
     for other in (old, clean):
-        assert other["identity"] == resumed["identity"] and other["phases"] == resumed["phases"]
+        assert other["phases"] == resumed["phases"]
     for old_run, new_run, clean_run in zip(*(r.get("seeds", [r]) for r in (old, resumed, clean))):
         assert old_run["freeze_auto"] == new_run["freeze_auto"]  # chosen before step 6
         for key in ("acc_til", "acc_cil"):
@@ -178,9 +188,11 @@ def test_resume_from_a_task_boundary_and_from_a_finished_run(tmp_path, stream, l
 def _nan_at_step(bad_step):
     """Wraps a train step so that the step numbered ``bad_step`` gives NaN params and loss.
 
-    It poisons that step's images: the other steps' programs compute exactly what the
-    unwrapped step does (the select only passes their images through), where a select
-    on the step's outputs changed how XLA fused the update, and so its last bits.
+    It poisons that step's images; the other steps' images pass through the select. The
+    program is not the unwrapped step's (XLA compiles it otherwise, and the weights differ
+    in their last bits, which the evaluation loss shows), but it is the same program
+    whatever ``bad_step`` is: a run wrapped with a step it never reaches is the
+    uninterrupted twin of a run poisoned at ``bad_step``.
     """
     def wrap(step_fn):
         def poisoned(state, memory, x, y, offset):
@@ -201,11 +213,13 @@ def test_divergence_names_task_and_step_keeps_the_last_good_checkpoint_and_resum
     # The checkpoints at steps 10 (end of task 0) and 14 were finite; the NaN (step 16) was
     # found at the end of the epoch, before task 1's checkpoint at step 20 was written.
     assert checkpoints.latest() == ("steps", 14)
-    resumed = train_and_evaluate(config, stream, checkpoints=checkpoints)
+    never = _nan_at_step(10 ** 6)
+    resumed = train_and_evaluate(config, stream, checkpoints=checkpoints, step_wrapper=never)
     assert resumed["resumed_at_steps"] == [14]
-    # Not "resources": task 0 compiled the wrapped step, whose extra ops XLA counts.
-    del resumed["resources"]
-    assert _same(resumed) == {k: v for k, v in _same(lightcl_run[1]).items() if k != "resources"}
+    assert _same(resumed) == _same(train_and_evaluate(config, stream, step_wrapper=never))
+    # Against the unwrapped run: the same accuracies (the weights differ in their last bits).
+    for key in ("acc_til", "acc_cil"):
+        assert resumed[key] == lightcl_run[1][key]
 
 
 def _tree_digest(path):
@@ -253,8 +267,10 @@ def test_cli_results_file_of_a_run(finished_workdir):
     from test_cli import _check_results
     results = _check_results(finished_workdir / "results.json", "lightcl", "digits", 5)
     config = results["config"]
-    assert (config["nf"], config["epochs"], config["lr"], config["beta"], config["ratio"],
-            config["buffer_size"], config["freeze"]) == (4, 1, 0.01, 2e-4, 0.15, 15, "stage3")
+    assert (config["nf"], config["epochs"], config["lr"], config["freeze"]) == (
+        4, 1, 0.01, "stage3")
+    # Every hyperparameter of the strategy is recorded, the defaults filled in.
+    assert config["strategy_args"] == {"beta": 2e-4, "buffer_size": 15, "ratio": 0.15}
     assert (finished_workdir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     # metrics.jsonl: per epoch (1 a task here) and per task, in order.
     lines = _metrics(finished_workdir)
@@ -272,6 +288,10 @@ def test_cli_results_file_of_a_run(finished_workdir):
         assert e["examples_per_s"] == pytest.approx(32 * e["steps"] / e["seconds"])
         assert task["til_row"] == results["acc_til"][t] and task["cil_row"] == results["acc_cil"][t]
         assert task["global_step"] == e["global_step"]
+        # Every metric of the run, as the matrices so far give it.
+        assert task["eval_loss_row"] == results["eval_loss"][t]
+        assert task["avg_incremental_til"] == pytest.approx(
+            np.mean([np.mean(row) for row in results["acc_til"][:t + 1]]))
 
 
 def _metrics(workdir):
@@ -425,7 +445,7 @@ def test_sigkill_mid_task_then_rerun_writes_the_clean_results(tmp_path, finished
     np.testing.assert_array_equal(got["acc_cil"][-1], want["acc_cil"][-1])
     # The real command prints the tables and the averages it wrote.
     assert "TIL accuracy" in resumed.stdout and "CIL accuracy" in resumed.stdout
-    assert f"{'TIL':14}{got['avg_til']:8.2f}" in resumed.stdout
+    assert f"{'TIL':6}{got['avg_til']:8.2f}" in resumed.stdout
 
 
 def test_cli_refuses_an_unreadable_results_file_and_a_workdir_that_is_a_file(tmp_path, capsys):

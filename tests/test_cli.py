@@ -44,7 +44,7 @@ def _check_results(path, strategy, dataset, num_tasks):
 
 def test_cli_on_mock_cifar10_through_tfds(tmp_path):
     args = ["--dataset", "cifar10", "--strategy", "finetune", "--epochs", "1", "--nf", "4",
-            "--batch-size", "8", "--buffer-size", "4", "--workdir", str(tmp_path), "--no-progress"]
+            "--batch-size", "8", "--workdir", str(tmp_path), "--no-progress"]
     with tfds.testing.mock_data(num_examples=120, policy=tfds.testing.MockPolicy.USE_CODE):
         assert run.main(args) == 0
     results = _check_results(tmp_path / "results.json", "finetune", "cifar10", 5)
@@ -52,19 +52,32 @@ def test_cli_on_mock_cifar10_through_tfds(tmp_path):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--ratio", "1.5"], "ratio must lie in (0, 1]"),
-    (["--beta", "-1"], "beta must be >= 0"),
+    (["--strategy-arg", "ratio=1.5"], "strategy lightcl: ratio must be a float in (0, 1]; got 1.5"),
+    (["--strategy-arg", "beta=-1"], "strategy lightcl: beta must be a float >= 0; got -1.0"),
+    (["--strategy-arg", "beta=nan"], "strategy lightcl: beta must be a float >= 0; got nan"),
+    (["--strategy-arg", "buffer_size=1.5"], "buffer_size must be an int >= 1; got '1.5'"),
+    (["--strategy-arg", "buffer_size=40"], "buffer_size must be at most batch_size=32"),
+    (["--strategy-arg", "beta"], "write NAME=VALUE (e.g. lam=100)"),
+    (["--strategy", "er", "--strategy-arg", "beta=5"],
+     "strategy er has no hyperparameter 'beta'; it has buffer_size"),
+    (["--strategy-arg", "ewc.lam=5"], "ewc is not a strategy of this run (lightcl)"),
+    (["--strategy", "finetune", "--strategy-arg", "buffer_size=5"],
+     "strategy finetune has no hyperparameter 'buffer_size'; it has none"),
+    (["--strategy", "nope.py:Mine"], "cannot import nope.py for 'nope.py:Mine'"),
+    (["--strategy", "os:getcwd"], "os:getcwd is not a strategy"),
+    (["--metrics", "avg,nope"], "unknown metric 'nope'"),
+    (["--metrics", "loss"], "metrics must include avg"),
+    (["--metrics", "avg,os:getcwd"], "neither a lightcl_jax Summary nor an EvalMetric"),
     (["--lr", "0"], "lr must be > 0"),
     (["--epochs", "0"], "epochs must be an integer >= 1"),
-    (["--buffer-size", "40"], "buffer_size must be an integer in [1, batch_size=32]"),
     (["--nf", "0"], "nf must be an integer in [1, 4096]"),
-    (["--strategy", "sgd"], "invalid choice: 'sgd'"),
+    (["--strategy", "sgd"], "unknown strategy 'sgd'; known:"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--num-tasks", "3"], "positive divisor of the 10 classes"),
     (["--epochs", "two"], "invalid int value: 'two'"),
     (["--batch-size", "400"], "fewer than one batch of 400"),
     (["--freeze", "stage9"], "invalid choice: 'stage9'"),
-    (["--layer-metrics", "nope"], "invalid choice: 'nope'"),
+    (["--layer-metrics", "nope"], "layer_metrics: unknown similarity 'nope'"),
     (["--ckpt-every", "-1"], "--ckpt-every must be >= 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--sparse-execution", "fast"], "invalid choice: 'fast'"),
@@ -90,6 +103,7 @@ def test_freeze_auto_and_layer_metrics_flags_reach_the_config_and_the_table():
     assert (config.freeze, config.freeze_threshold, config.similarity, config.layer_metrics) == (
         "auto", 0.8, "cosine", "linear_cka_debiased")     # bare --layer-metrics: the default
     results = {"strategy": "lightcl", "dataset": "digits", "num_tasks": 2, "seed": 0,
+               "metric_names": {"summaries": ["avg", "forgetting", "bwt"], "evaluation": []},
                "eval_split": "holdout", "acc_til": [[90.0], [80.0, 70.0]],
                "acc_cil": [[90.0], [40.0, 60.0]], "avg_til": 75.0, "avg_cil": 50.0,
                "forgetting_til": 10.0, "forgetting_cil": 50.0, "bwt_til": -10.0,
@@ -99,7 +113,7 @@ def test_freeze_auto_and_layer_metrics_flags_reach_the_config_and_the_table():
     table = run.format_table(results)
     assert "--freeze auto chose stage2 at task 1 (cosine LP and MS >= 0.8)" in table
     assert "after 1    80.00   70.00   75.00" in table
-    assert "CIL              50.00   50.00  -50.00" in table
+    assert "CIL      50.00       50.00  -50.00" in table
 
 
 def test_every_config_field_is_a_flag_with_the_configs_default():
@@ -107,8 +121,9 @@ def test_every_config_field_is_a_flag_with_the_configs_default():
 
     from lightcl_jax.config import Config
     _, args = run.parse_args([])
-    assert {f.name for f in dataclasses.fields(Config)} <= set(vars(args))
-    assert run.config_from_args(args) == Config()
+    # strategy_args come from the repeatable --strategy-arg.
+    assert {f.name for f in dataclasses.fields(Config)} - {"strategy_args"} <= set(vars(args))
+    assert args.strategy_arg == [] and run.config_from_args(args) == Config()
 
 
 @pytest.mark.parametrize("flags", [["--workdir", "w"], ["--ckpt-every", "3"], ["--overwrite"],
@@ -127,13 +142,17 @@ def test_check_identical_compares_all_but_the_wall_time_and_refuses_a_non_checko
     from experiments import check_identical
     assert check_identical.differences({"a": 1, "wall_time_s": 2.0}, {"a": 1, "wall_time_s": 3.0}) \
         == []
-    assert check_identical.differences({"a": [1.0], "b": 0}, {"a": [1.5], "c": 0}) == ["a", "b", "c"]
+    # An old entry changed or gone differs; a new one is listed apart; ignored ones pass.
+    assert check_identical.differences({"a": [1.0], "b": 0}, {"a": [1.5], "c": 0}) == ["a", "b"]
+    assert check_identical.added({"a": [1.0], "b": 0}, {"a": [1.5], "c": 0}) == ["c"]
+    assert check_identical.differences({"a": 1, "config": 1}, {"a": 1, "config": 2},
+                                       ignore=("config",)) == []
     # The peak resident memory is measured too (an old run's results have none).
     resources = {"flops": 1.0, "peak_rss_mb": 900.0}
     assert check_identical.differences({"resources": resources},
-                                       {"resources": {"flops": 1.0}}) == []
+                                       {"resources": {"flops": 1.0, "more": 3}}) == []
     assert check_identical.differences({"resources": resources},
-                                       {"resources": {"flops": 2.0}}) == ["resources"]
+                                       {"resources": {"flops": 2.0}}) == ["resources.flops"]
     for argv, words in ((["--old", str(tmp_path)], "is not a lightcl_jax checkout"),
                         (["--old", ".", "--runs", "nope"], "unknown runs ['nope']")):
         with pytest.raises(SystemExit) as exit_info:

@@ -70,7 +70,7 @@ def test_compare_from_one_backbone_with_a_paper_config(tmp_path):
     with tfds.testing.mock_data(num_examples=120, policy=tfds.testing.MockPolicy.USE_CODE):
         assert compare.main(["--config", "split_cifar10", "--init-from", str(tmp_path / "backbone"),
                              "--strategies", "finetune,lightcl", "--seeds", "2", "--epochs", "1",
-                             "--num-tasks", "2", "--batch-size", "8", "--buffer-size", "4",
+                             "--num-tasks", "2", "--batch-size", "8", "--strategy-arg", "buffer_size=4",
                              "--workdir", str(out), "--no-progress"]) == 0
     for name in ("finetune", "lightcl"):
         for seed in (0, 1):
@@ -78,8 +78,11 @@ def test_compare_from_one_backbone_with_a_paper_config(tmp_path):
             assert results["dataset"] == "cifar10" and results["pretrained"] is True
             config = results["config"]
             # The config's settings, the backbone's width, the flags given here.
-            assert (config["nf"], config["lr"], config["beta"], config["frozen_bn"],
-                    config["epochs"], config["batch_size"]) == (2, 0.01, 2e-4, "update", 1, 8)
+            assert (config["nf"], config["lr"], config["frozen_bn"], config["epochs"],
+                    config["batch_size"]) == (2, 0.01, "update", 1, 8)
+            # The config's hyperparameters, the flag's buffer; finetune has none.
+            assert config["strategy_args"] == ({} if name == "finetune" else
+                                               dict(beta=2e-4, buffer_size=4, ratio=0.15))
     lightcl = json.load(open(out / "lightcl-seed0.json"))
     assert lightcl["phases"][0]["frozen"] == ["stem", "stage1", "stage2", "stage3"]
     assert "from " + str(tmp_path / "backbone") in (out / "table.md").read_text()

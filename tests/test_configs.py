@@ -29,8 +29,8 @@ def test_paper_configs_hold_the_paper_hyperparameters_and_numbers(name):
     _, args = run.parse_args(["--config", name])
     expected = Config(strategy="lightcl", dataset=paper["dataset"], num_tasks=paper["num_tasks"],
                       eval_split="holdout", epochs=paper["epochs"], batch_size=32, lr=0.01,
-                      beta=2e-4, buffer_size=15, ratio=0.15, nf=64, seed=0, freeze="stage3",
-                      frozen_bn="update", sparse=False)
+                      strategy_args=dict(beta=2e-4, buffer_size=15, ratio=0.15), nf=64, seed=0,
+                      freeze="stage3", frozen_bn="update", sparse=False)
     # nf is the dataset's default (64), or the backbone's with --init-from.
     assert args.nf is None and run.config_from_args(args).resolved() == expected
     assert args.seeds == 5                               # the paper averages 5 runs
@@ -41,6 +41,13 @@ def test_paper_configs_hold_the_paper_hyperparameters_and_numbers(name):
     # Flags given on the command line win over the config's.
     _, args = run.parse_args(["--config", name, "--epochs", "3", "--seeds", "1", "--sparse"])
     assert (args.epochs, args.seeds, args.sparse, args.lr) == (3, 1, True, 0.01)
+    # So do strategy arguments; another strategy takes the config's setting for it (Table 1:
+    # buffer 15 for every method with a buffer), one without a buffer none.
+    for strategy, flags, strategy_args in (
+            ("lightcl", ["--strategy-arg", "beta=0.5"], dict(beta=0.5, buffer_size=15, ratio=0.15)),
+            ("derpp", [], dict(buffer_size=15)), ("ewc", ["--strategy-arg", "lam=3"], dict(lam=3.0))):
+        _, args = run.parse_args(["--config", name, "--strategy", strategy, *flags])
+        assert run.config_from_args(args).strategy_args == strategy_args
 
 
 def test_config_files_and_bad_configs(tmp_path, capsys):
@@ -73,7 +80,7 @@ def test_split_tinyimagenet_config_runs_from_a_converted_backbone(tmp_path, caps
     workdir = tmp_path / "run"
     assert run.main(["--config", "split_tinyimagenet", "--init-from", str(tmp_path / "backbone"),
                      "--data-dir", str(folder), "--epochs", "1", "--seeds", "1", "--num-tasks", "2",
-                     "--batch-size", "16", "--buffer-size", "8", "--workdir", str(workdir),
+                     "--batch-size", "16", "--strategy-arg", "buffer_size=8", "--workdir", str(workdir),
                      "--no-progress"]) == 0
     assert "note:" not in capsys.readouterr().err
     with open(workdir / "results.json") as f:
@@ -106,7 +113,7 @@ def test_split_tinyimagenet_config_runs_from_a_converted_backbone(tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         run.main(["--config", "split_tinyimagenet", "--init-from", str(tmp_path / "other"),
                   "--data-dir", str(folder), "--epochs", "1", "--seeds", "1",
-                  "--num-tasks", "2", "--batch-size", "16", "--buffer-size", "8",
+                  "--num-tasks", "2", "--batch-size", "16", "--strategy-arg", "buffer_size=8",
                   "--workdir", str(workdir), "--no-progress"])
     assert exit_info.value.code == 2
     assert "holds another run's results (init_from" in capsys.readouterr().err

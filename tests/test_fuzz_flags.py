@@ -25,12 +25,24 @@ from hypothesis import strategies as st
 from experiments import run
 
 TINY = ["--dataset", "digits", "--nf", "2", "--epochs", "1", "--num-tasks", "2",
-        "--batch-size", "16", "--buffer-size", "8", "--ckpt-every", "0", "--no-progress"]
+        "--batch-size", "16", "--strategy-arg", "buffer_size=8", "--ckpt-every", "0",
+        "--no-progress"]
 NUMBERS = ["0", "1", "2", "3", "-1", "-7", "0.5", "-0", "1e-300", "1e308", "-1e308", "nan", "NaN",
            "inf", "-inf", "Infinity", "", " ", "abc", "0x10", "99999999999999999999", "2147483648",
            "4294967296", "-9223372036854775809", "1_000"]
 NAMES = ["", " ", "nope", "NONE", "../x", "a" * 300, "\u00e9t\u00e9"]
 PATHS = ["", ".", "missing/dir", "a_file.txt", "a_file.txt/below", "sub/dir"]  # under a tmp cwd
+# Import paths: a missing file, a file that is not Python, a module without the name, an
+# object of another kind, a module that fails to import.
+IMPORT_PATHS = ["a_file.txt:X", "missing.py:X", "os:nope", "os:getcwd", "json:JSONDecoder",
+                "no_such_module:X", ":X", "a:b:c"]
+STRATEGY_ARGS = ["beta=0.5", "beta=-1", "beta=nan", "beta=inf", "beta=", "beta=abc", "ratio=0",
+                 "ratio=1", "ratio=2", "buffer_size=1", "buffer_size=0", "buffer_size=16",
+                 "buffer_size=17", "buffer_size=1.5", "buffer_size=99999999999999999999",
+                 "lam=100", "ewc.lam=1", "lightcl.beta=0.1", "er.buffer_size=4", "nope=1",
+                 "=1", "beta", ".beta=1", "a.b.c=1"]
+METRICS = ["avg", "avg,loss", "+loss", "+avg_incremental", "loss", "avg,avg", "+", ",", "avg,nope",
+           "+os:getcwd", "avg,json:JSONDecoder"]
 
 
 def _flag_values(action: argparse.Action) -> list:
@@ -40,6 +52,16 @@ def _flag_values(action: argparse.Action) -> list:
     if action.choices is not None:
         values = [str(c) for c in action.choices] + NAMES
         return [None] + values if action.nargs == "?" else values
+    if action.dest == "strategy":
+        return ["lightcl", "finetune", "er", "derpp", "ewc", "lwf", "agem", "joint"] + \
+            IMPORT_PATHS + NAMES
+    if action.dest == "strategy_arg":
+        return STRATEGY_ARGS
+    if action.dest == "metrics":
+        return METRICS + NAMES + IMPORT_PATHS
+    if action.dest in ("similarity", "layer_metrics"):
+        return ["cosine", "linear_cka", "param_similarity"] + IMPORT_PATHS + NAMES + (
+            [None] if action.nargs == "?" else [])
     if action.dest in ("workdir", "data_dir", "init_from", "config"):
         return PATHS + (["split_cifar10", "split_tinyimagenet"] + NAMES
                         if action.dest == "config" else [])

@@ -14,7 +14,7 @@ from lightcl_jax.model.layers import FREEZE_POINTS, LAYER_NAMES
 from lightcl_jax.model.resnet import ResNet18, layer_features
 from lightcl_jax.training.loop import train_and_evaluate
 from test_similarity import _numpy_cka
-from test_training import TINY, _tiny_stream
+from test_training import TINY, _tiny_stream, with_strategy
 
 
 def test_layer_similarities_against_numpy_cka():
@@ -73,13 +73,13 @@ def test_auto_freeze_with_cka_picks_a_prefix_and_finetune_never_probes():
     assert results["phases"][1]["frozen"] == list(FREEZE_POINTS[auto["chosen"]])
     lp = [auto["metrics"][layer]["lp"] for layer in LAYER_NAMES]
     assert all(-0.2 <= v <= 1.0 + 1e-6 for v in lp)  # debiased CKA may dip below 0
-    finetune = train_and_evaluate(dataclasses.replace(TINY, strategy="finetune", freeze="auto"),
+    finetune = train_and_evaluate(dataclasses.replace(with_strategy(TINY, "finetune"), freeze="auto"),
                                   stream)
     assert finetune["freeze_auto"] is None
 
 
 def test_bad_similarity_settings_are_refused():
-    with pytest.raises(ValueError, match="unknown layer_metrics 'nope'"):
+    with pytest.raises(ValueError, match="layer_metrics: unknown similarity 'nope'"):
         Config(layer_metrics="nope").validate()
     with pytest.raises(ValueError, match="freeze_threshold must lie in"):
         Config(freeze_threshold=1.5).validate()

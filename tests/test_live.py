@@ -30,7 +30,8 @@ def _tree_bytes(tree) -> int:
 
 @pytest.mark.parametrize("task_index", [0, 1])
 def test_train_step_terms_add_up_to_the_step_and_hold_every_weight_once(task_index):
-    config = Config(strategy="lightcl", nf=4, batch_size=8, buffer_size=4).resolved()
+    config = Config(strategy="lightcl", nf=4, batch_size=8,
+                    strategy_args={"buffer_size": 4}).resolved()
     shape, classes = (8, 8, 3), 4
     lowered, phase = lowered_train_step(config, shape, classes, 2, task_index=task_index,
                                         pretrained=True)

@@ -70,7 +70,7 @@ def resnet18(dataset, nf=64):
 '''
 
 CONFIG = Config(strategy="lightcl", dataset="digits", epochs=1, nf=4, batch_size=16,
-                buffer_size=6, last_batch="keep", lr=0.05).resolved()
+                strategy_args={"buffer_size": 6}, last_batch="keep", lr=0.05).resolved()
 
 
 def _stream():

@@ -29,7 +29,7 @@ from lightcl_jax.training.lanes import Lanes
 from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.state import create_train_state
 from test_checkpoint import _SnapshotAfter, _same, resume_old_fixture
-from test_training import TINY, _tiny_stream
+from test_training import TINY, _tiny_stream, with_strategy
 
 
 def _final_params(store, key):
@@ -92,12 +92,13 @@ def test_seeds_in_one_program_equal_single_runs(tmp_path):
         assert multi[f"avg_{mode}_std"] == pytest.approx(abs(a - b) / 2)
     table = run.format_table(multi)
     assert "seeds 3..4 trained together" in table
-    assert (f"avg TIL {multi['avg_til_mean']:.2f} +/- {multi['avg_til_std']:.2f}" in table)
+    assert (f"{multi['avg_til_mean']:10.2f} +/- {multi['avg_til_std']:.2f}" in table)
+    assert f"{'avg_til':22}{multi['seeds'][0]['avg_til']:10.2f}" in table
 
 
 def test_seeds_resume_mid_task_to_the_uninterrupted_results(tmp_path):
     stream = _tiny_stream(num_tasks=2)
-    config = dataclasses.replace(TINY, strategy="derpp", epochs=2)
+    config = dataclasses.replace(with_strategy(TINY, "derpp"), epochs=2)
     # Tasks run steps 1-6 and 7-12; a kill after step 9 leaves the checkpoint of step 8.
     clean = train_and_evaluate(
         config, stream, seeds=2, progress=_SnapshotAfter(9, tmp_path / "run", tmp_path / "killed"),
@@ -179,9 +180,9 @@ def test_a_traced_hook_may_not_read_a_per_seed_field():
         def extra_loss(self, forward, eval_forward, params, memory, *, config, **unused):
             return jnp.zeros((), jnp.float32) * config.seed, {}
 
-    register_strategy(SeedInLoss())
+    register_strategy(SeedInLoss)
     try:
-        config = dataclasses.replace(TINY, strategy="seed_in_loss")
+        config = with_strategy(TINY, "seed_in_loss")
         with pytest.raises(AttributeError, match=r"read config.seed, which differs between the "
                                                  r"seeds trained together"):
             train_and_evaluate(config, _tiny_stream(num_tasks=1), seeds=2)

@@ -138,7 +138,7 @@ def test_readme_metric_example_registers_and_runs():
     import os
     import re
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    section = readme[readme.index("### Adding a metric"):]
+    section = readme[readme.index("### Adding a similarity"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     try:
         exec(code, {})

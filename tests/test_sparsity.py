@@ -16,8 +16,8 @@ from lightcl_jax.training.state import create_train_state
 from lightcl_jax.training.sparsity import (REFERENCE_SPARSITY, apply_masks, channel_prune_masks,
                                            keep_pruned, kept_output_channels, sparsity_report)
 
-TINY = Config(strategy="lightcl", dataset="digits", epochs=1, nf=10, batch_size=16, buffer_size=8,
-              sparse=True)
+TINY = Config(strategy="lightcl", dataset="digits", epochs=1, nf=10, batch_size=16,
+              strategy_args={"buffer_size": 8}, sparse=True)
 
 
 def _params(nf=10, seed=0):
@@ -122,7 +122,7 @@ def test_sparse_run_keeps_pruned_weights_exactly_zero():
 
 
 def test_sparse_pretrained_task0_also_trains_the_last_frozen_block():
-    lightcl = LightCL()
+    lightcl = LightCL(buffer_size=8)
     dense = dataclasses.replace(TINY, sparse=False)
     assert lightcl.frozen_groups(TINY, 0, True) == ("stem", "stage1", "stage2", "stage3_block1")
     assert lightcl.frozen_groups(dense, 0, True) == ("stem", "stage1", "stage2", "stage3")

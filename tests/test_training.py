@@ -20,7 +20,17 @@ from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.state import create_train_state
 from lightcl_jax.training.steps import Phase, make_train_step, phase_for_task, phase_step
 
-TINY = Config(strategy="lightcl", dataset="digits", epochs=1, nf=4, batch_size=16, buffer_size=8)
+TINY = Config(strategy="lightcl", strategy_args={"buffer_size": 8}, dataset="digits", epochs=1,
+              nf=4, batch_size=16)
+
+
+def with_strategy(config: Config, strategy: str, **args) -> Config:
+    """``config`` for ``strategy``: the tests' buffer of 8 samples where it has a buffer,
+    and hyperparameters ``args``."""
+    from lightcl_jax.strategies import strategy_class
+    fields = {f.name for f in dataclasses.fields(strategy_class(strategy))}
+    buffer = {"buffer_size": 8} if "buffer_size" in fields else {}
+    return dataclasses.replace(config, strategy=strategy, strategy_args={**buffer, **args})
 
 
 def _tiny_stream(num_tasks=3, per_class=24, seed=0):
@@ -50,7 +60,7 @@ def _step_setup(frozen_bn: str):
     phase = Phase(frozen=frozen, fixed_bn=frozen if frozen_bn == "fixed" else (), uses_memory=False)
     tx = masked_optimizer(optax.sgd(0.1), state.params, frozen)
     state = state.replace(opt_state=tx.init(state.params))
-    step = jax.jit(make_train_step(model, tx, LightCL(), config, phase, 2), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(model, tx, LightCL(buffer_size=8), config, phase, 2), donate_argnums=(0, 1))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)).astype(np.float32))
     y = jnp.asarray(rng.integers(2, 4, size=16).astype(np.int32))
@@ -126,7 +136,7 @@ def test_pretrained_init_freezes_from_task_zero_with_a_fresh_head():
     stream = _tiny_stream(num_tasks=2)
     model = ResNet18(num_classes=stream.num_classes, nf=4)
     pre = model.init(jax.random.PRNGKey(42), jnp.zeros((1, 8, 8, 1)), train=False)
-    strategy = LightCL()
+    strategy = LightCL(buffer_size=8)
     config = TINY.resolved()
     assert phase_for_task(strategy, config, 0, pretrained=True).frozen == frozen_groups("stage3")
     assert phase_for_task(strategy, config, 0, pretrained=False).frozen == ()
@@ -153,7 +163,7 @@ def test_regulation_loss_starts_at_zero_on_the_old_model():
     forward = jitted_forward(model, chain, ())
     x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(np.float32))
     config = TINY.resolved()
-    lightcl = LightCL()
+    lightcl = LightCL(buffer_size=8)
     hooks = dict(config=config, batch=(x, None), forward=forward, eval_forward=None,
                  params=state.params, batch_stats=state.batch_stats, classes_per_task=2)
     memory = lightcl.end_task(None, task_index=0, **hooks)
@@ -179,7 +189,7 @@ def test_train_step_folds_buffer_then_batch_statistics_into_running_ones():
     x = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)
     y = rng.integers(2, 4, size=16).astype(np.int32)
     buffer_x = rng.normal(size=(8, 8, 8, 1)).astype(np.float32) + 2.0
-    lightcl = LightCL()
+    lightcl = LightCL(buffer_size=8)
     host = jitted_forward(model, BatchStatsChain(state.batch_stats), ())
     hooks = dict(config=config, forward=host, eval_forward=None, params=state.params,
                  batch_stats=state.batch_stats, classes_per_task=2)
@@ -204,13 +214,13 @@ def test_train_step_folds_buffer_then_batch_statistics_into_running_ones():
 
 
 def test_divergence_names_task_and_step():
-    config = dataclasses.replace(TINY, strategy="finetune", lr=1e30)
+    config = dataclasses.replace(with_strategy(TINY, "finetune"), lr=1e30)
     with pytest.raises(DivergenceError, match=r"at task 0, step \d+ of the task"):
         train_and_evaluate(config, _tiny_stream(num_tasks=2))
 
 
 def test_too_small_tasks_are_refused():
-    config = dataclasses.replace(TINY, batch_size=64, buffer_size=8)
+    config = dataclasses.replace(TINY, batch_size=64)
     with pytest.raises(ValueError, match="fewer than one batch of 64"):
         train_and_evaluate(config, _tiny_stream(num_tasks=2))
 
@@ -225,7 +235,7 @@ def test_cached_prefix_step_equals_the_reference_full_forward_step(frozen_bn):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)).astype(np.float32))
     y = jnp.asarray(rng.integers(2, 4, size=16).astype(np.int32))
-    lightcl = LightCL()
+    lightcl = LightCL(buffer_size=8)
     phase, tx, step = phase_step(model, lightcl, config, state.params, 1, False, 2)
     chain = BatchStatsChain(state.batch_stats)
     hooks = dict(config=config, forward=jitted_forward(model, chain, phase.fixed_bn),
@@ -244,7 +254,7 @@ def test_cached_prefix_step_equals_the_reference_full_forward_step(frozen_bn):
                                               fixed_bn=phase.fixed_bn, mutable=["batch_stats"])
         masks = {k: memory.vital_masks[k].astype(jnp.float32)[None, None, None, :]
                  for k in taps_b}
-        reg = config.beta * (jnp.sum((logits_b - memory.ref_logits) ** 2) + sum(
+        reg = 2e-4 * (jnp.sum((logits_b - memory.ref_logits) ** 2) + sum(
             jnp.sum((masks[k] * (taps_b[k] - memory.ref_taps[k])) ** 2) for k in taps_b))
         (logits, _), upd = model.apply({"params": params, "batch_stats": upd["batch_stats"]},
                                        x, train=True, fixed_bn=phase.fixed_bn,
@@ -289,7 +299,7 @@ def test_progress_gets_the_mean_loss_terms_of_each_whole_epoch(monkeypatch):
     monkeypatch.setattr(epochs, "CHECK_EVERY", 2)
     got = EpochMetrics()
     # One task of 48 samples: 3 steps an epoch, checked after steps 2 and 3.
-    train_and_evaluate(dataclasses.replace(TINY, strategy="finetune", epochs=2),
+    train_and_evaluate(dataclasses.replace(with_strategy(TINY, "finetune"), epochs=2),
                        _tiny_stream(num_tasks=1), progress=got)
     assert len(per_step) == 6 and [m["epoch"] for m in got.epochs] == [1, 2]
     for epoch, metrics in enumerate(got.epochs):
@@ -300,6 +310,7 @@ def test_progress_gets_the_mean_loss_terms_of_each_whole_epoch(monkeypatch):
 
 def test_evaluate_gives_each_seeds_accuracy_on_each_task():
     """Against argmax of each seed's logits in NumPy; batches of 12 pad the 16 samples."""
+    from lightcl_jax.registry import EVAL_METRICS
     from lightcl_jax.training.evaluation import evaluate
     from lightcl_jax.training.placement import Placement
     from lightcl_jax.training.state import create_lane_states
@@ -309,9 +320,11 @@ def test_evaluate_gives_each_seeds_accuracy_on_each_task():
     model = ResNet18(num_classes=4, nf=4)
     placement = Placement.of(5, 2, 1, {})
     states, _ = create_lane_states(model, (8, 8, 1), placement.lanes.seeds)
-    eval_step = placement.jit_eval_step(make_eval_step(model, 2))
-    til, cil = evaluate(eval_step, placement.lanes.join(states), stream, 2, 12, placement)
-    assert til.shape == cil.shape == (2, 2)
+    loss = EVAL_METRICS["loss"]
+    eval_step = placement.jit_eval_step(make_eval_step(model, 2, (loss,)))
+    til, cil, metrics = evaluate(eval_step, placement.lanes.join(states), stream, 2, 12,
+                                 placement, (loss,))
+    assert til.shape == cil.shape == metrics["loss"].shape == (2, 2)
     for lane, state in enumerate(states):
         for j, task in enumerate(stream.tasks):
             logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
@@ -320,6 +333,11 @@ def test_evaluate_gives_each_seeds_accuracy_on_each_task():
             own = logits[:, task.class_offset:task.class_offset + 2].argmax(1) + task.class_offset
             assert til[j, lane] == 100.0 * np.mean(own == task.y_eval)
             assert cil[j, lane] == 100.0 * np.mean(logits.argmax(1) == task.y_eval)
+            # The evaluation loss: the task-masked cross-entropy, averaged over the task.
+            task_logits = logits[:, task.class_offset:task.class_offset + 2].astype(np.float64)
+            log_p = task_logits - np.log(np.exp(task_logits).sum(1, keepdims=True))
+            expected = -np.mean(log_p[np.arange(len(task.y_eval)), task.y_eval - task.class_offset])
+            np.testing.assert_allclose(metrics["loss"][j, lane], expected, rtol=1e-5)
 
 
 def test_the_xla_scheduler_changes_memory_not_results():
@@ -334,7 +352,7 @@ def test_the_xla_scheduler_changes_memory_not_results():
     assert runs["memory"]["identity"] == runs["default"]["identity"] == run_identity(
         TINY, stream, pretrained=False)
     # The option reaches the compiler: LightCL's frozen-phase step holds less with it.
-    small = dataclasses.replace(TINY, nf=16, batch_size=32, buffer_size=15)
+    small = dataclasses.replace(TINY, nf=16, batch_size=32, strategy_args={})
     step_bytes = {name: compiled_train_step_cost(dataclasses.replace(small, xla_scheduler=name),
                                                  (16, 16, 3), 10, 2)["step_bytes"]
                   for name in ("memory", "default", "auto")}

@@ -68,8 +68,8 @@ def test_exported_stream_round_trips_and_the_harness_runs_both_sides(tmp_path):
     checkout.mkdir()
     (checkout / "LightCL.py").write_text(STUB)
     (checkout / "models.py").write_text("CHECKOUT_MODELS = True\n")
-    config = Config(dataset="digits", epochs=1, nf=4, batch_size=16, buffer_size=8,
-                    augment=False, last_batch="keep").resolved()
+    config = Config(dataset="digits", epochs=1, nf=4, batch_size=16,
+                    strategy_args={"buffer_size": 8}, augment=False, last_batch="keep").resolved()
     lines = []
     summary = vs_reference.compare(str(checkout), stream, config, [3], 2, str(tmp_path / "w"),
                                    report=lines.append)

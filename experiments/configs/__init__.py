@@ -3,8 +3,10 @@
 Each module here is one benchmark of the paper with its hyperparameters: a
 docstring with the command and the paper's numbers it targets (SPEC section
 3), and ``FLAGS``, a dict of `experiments.run` flag values (argparse names:
-``batch_size`` for ``--batch-size``). Flags given on the command line win over
-the config's. ``--config`` also takes the path of a ``.py`` file of the same
+``batch_size`` for ``--batch-size``) and ``strategy_args``: strategy name ->
+its hyperparameters in this setting (the chosen strategy's entry applies;
+``experiments.compare`` applies each strategy's). Flags given on the command
+line win over the config's (``--strategy-arg`` over ``strategy_args``). ``--config`` also takes the path of a ``.py`` file of the same
 form, for configs of your own.
 """
 

@@ -111,10 +111,12 @@ def _tensor(x: np.ndarray, channels_first: bool = True):
 class Theirs:
     """The authors' model and optimizer, stepped as their `LightCL.py` does."""
 
-    def __init__(self, checkout: str, config, variables: dict, classes_per_task: int):
+    def __init__(self, checkout: str, config, variables: dict, classes_per_task: int,
+                 strategy):
         import torch
 
-        self.config, self.classes_per_task = config, classes_per_task
+        # ``strategy``: our LightCL, whose beta, buffer_size and ratio the authors' run takes.
+        self.config, self.classes_per_task, self.strategy = config, classes_per_task, strategy
         self.model = authors_model(checkout, config.nf)
         self.model.load_state_dict(to_state_dict(variables, self.model))
         self.optimizer = torch.optim.SGD(params=self.model.parameters(), lr=config.lr)  # 156
@@ -132,7 +134,7 @@ class Theirs:
         """171-176: the buffer and its taps, in train mode; then 117-120's freezing."""
         self.model.train()
         self._variables = None
-        self.buffer = _tensor(x)[:self.config.buffer_size]
+        self.buffer = _tensor(x)[:self.strategy.buffer_size]
         _, standard = self.model(self.buffer)
         self.standard = {k: v.detach() for k, v in standard.items()}
         grad = False
@@ -155,10 +157,10 @@ class Theirs:
             _, feats = self.model(self.buffer.clone())
             for name, feat in feats.items():
                 if "linear" in name:
-                    reg = reg + torch.sum(self.config.beta * (self.standard[name] - feat) ** 2)
+                    reg = reg + torch.sum(self.strategy.beta * (self.standard[name] - feat) ** 2)
                 else:
                     mask = self.masks[name].view(1, -1, 1, 1).expand_as(feat)
-                    reg = reg + torch.sum(self.config.beta * ((feat - self.standard[name]) * mask) ** 2)
+                    reg = reg + torch.sum(self.strategy.beta * ((feat - self.standard[name]) * mask) ** 2)
         out, _ = self.model(x)
         loss = F.cross_entropy(out[:, lo:lo + cpt], y - lo) + reg
         loss.backward()
@@ -176,7 +178,7 @@ class Theirs:
             if "linear" in name:
                 continue
             score = feat.detach().abs().permute(1, 0, 2, 3).sum(-1).sum(-1).sum(-1)
-            keep = int(feat.shape[1] * self.config.ratio + 0.5)
+            keep = int(feat.shape[1] * self.strategy.ratio + 0.5)
             vital = score >= torch.kthvalue(score.flatten(), max(1, feat.shape[1] - keep))[0]
             self.masks[name] = vital if task == 0 else self.masks[name] | vital
 
@@ -201,7 +203,8 @@ def lockstep(checkout: str, config, stream, report=print) -> dict:
 
     run = setup_run(config, stream)
     (state,), _ = create_lane_states(run.model, run.stream.image_shape, [config.seed])
-    theirs = Theirs(checkout, config, _variables(state), run.stream.classes_per_task)
+    theirs = Theirs(checkout, config, _variables(state), run.stream.classes_per_task,
+                    run.strategy)
 
     def forced(state):
         return state.replace(**jax.tree_util.tree_map(jax.numpy.asarray, theirs.variables()))
@@ -374,8 +377,9 @@ def main(argv=None) -> int:
     from lightcl_jax.data.streams import make_stream
 
     config = Config(strategy="lightcl", dataset="digits32", nf=args.nf, epochs=args.epochs,
-                    seed=args.seed, last_batch="keep", batch_size=32, lr=0.01, beta=2e-4,
-                    buffer_size=15, ratio=0.15, freeze="stage3", frozen_bn="update").resolved()
+                    seed=args.seed, last_batch="keep", batch_size=32, lr=0.01,
+                    strategy_args=dict(beta=2e-4, buffer_size=15, ratio=0.15), freeze="stage3",
+                    frozen_bn="update").resolved()
     stream = make_stream("digits32")
     if args.chaos:
         out = {"config": config.to_dict(),

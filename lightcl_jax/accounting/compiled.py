@@ -21,7 +21,8 @@ from lightcl_jax.accounting.xla import compiled_cost
 from lightcl_jax.config import Config
 from lightcl_jax.model.layers import FREEZE_POINTS
 from lightcl_jax.model.resnet import ResNet18
-from lightcl_jax.strategies import get_strategy
+from lightcl_jax.metrics.continual import split_metrics
+from lightcl_jax.strategies import get_strategy, strategy_of
 from lightcl_jax.training.state import create_lane_states, create_train_state, run_model
 from lightcl_jax.training.steps import abstract_memory, make_eval_step, memory_scheduled, phase_step
 
@@ -32,7 +33,7 @@ def lowered_train_step(config: Config, image_shape: tuple[int, int, int], num_cl
     """The train step a strategy runs in ``task_index``, lowered on abstract shapes.
 
     Args:
-      config: run settings (strategy, nf, batch size, buffer size, freeze, ...).
+      config: run settings (strategy and its arguments, nf, batch size, freeze, ...).
       image_shape: (H, W, C) of the inputs.
       num_classes: width of the head.
       classes_per_task: classes in one task.
@@ -47,7 +48,7 @@ def lowered_train_step(config: Config, image_shape: tuple[int, int, int], num_cl
       options (``.compile()`` it) and the `Phase` it trains.
     """
     config = config.resolved()
-    strategy = get_strategy(config.strategy)
+    strategy = strategy_of(config)
     model = run_model(config, num_classes, image_shape, 0)
     state = jax.eval_shape(lambda: create_train_state(model, image_shape, jax.random.PRNGKey(0)))
     masks = None
@@ -94,7 +95,8 @@ def compiled_train_step_cost(config: Config, image_shape: tuple[int, int, int],
 
 def compiled_eval_step_cost(config: Config, image_shape: tuple[int, int, int], num_classes: int,
                             classes_per_task: int) -> dict:
-    """XLA's figures for the jitted eval step on a batch of ``config.eval_batch_size``."""
+    """XLA's figures for the jitted eval step on a batch of ``config.eval_batch_size``
+    (with the evaluation metrics of ``config.metrics``)."""
     config = config.resolved()
     model = ResNet18(num_classes=num_classes, nf=config.nf)
     state = jax.eval_shape(lambda: create_train_state(model, image_shape, jax.random.PRNGKey(0)))
@@ -103,7 +105,9 @@ def compiled_eval_step_cost(config: Config, image_shape: tuple[int, int, int], n
             jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32),
             jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.bool_),
             jax.ShapeDtypeStruct((), jnp.int32))
-    compiled = compiler.jit(make_eval_step(model, classes_per_task)).lower(*args).compile()
+    eval_metrics = split_metrics(config.metrics)[1]
+    compiled = compiler.jit(make_eval_step(model, classes_per_task, eval_metrics)).lower(
+        *args).compile()
     return compiled_cost(compiled)
 
 
@@ -129,7 +133,9 @@ def memory_plan(config: Config, image_shape: tuple[int, int, int], num_classes: 
       budget_mb: the memory (MiB) a step may hold.
       freeze_points: default: every point of `FREEZE_POINTS` for LightCL, the
         config's own for other strategies.
-      batch_sizes, buffer_sizes: the sizes to try (buffer default: the config's).
+      batch_sizes, buffer_sizes: the sizes to try (buffer: the strategy's
+        ``buffer_size``; default: the config's, or the strategy's default; a strategy
+        without a buffer gets None).
       sparse: whether to try the sparse variant (LightCL; run as
         ``config.sparse_execution`` says), the dense one, or both.
       report: called with each row as it is compiled (e.g. to show progress).
@@ -142,12 +148,17 @@ def memory_plan(config: Config, image_shape: tuple[int, int, int], num_classes: 
     """
     lightcl = config.strategy == "lightcl"
     freeze_points = freeze_points or (tuple(FREEZE_POINTS) if lightcl else (config.freeze,))
+    own = get_strategy(config.strategy, **config.strategy_args).hyperparameters()
+    if "buffer_size" not in own:
+        buffer_sizes = (None,)
     rows = []
     for freeze, batch, buffer, pruned in itertools.product(
-            freeze_points, batch_sizes, buffer_sizes or (config.buffer_size,), sparse):
+            freeze_points, batch_sizes, buffer_sizes or (own["buffer_size"],), sparse):
         if lightcl and buffer > batch:
             continue
-        trial = dataclasses.replace(config, freeze=freeze, batch_size=batch, buffer_size=buffer,
+        args = config.strategy_args if buffer is None else {**config.strategy_args,
+                                                             "buffer_size": buffer}
+        trial = dataclasses.replace(config, freeze=freeze, batch_size=batch, strategy_args=args,
                                     sparse=pruned).resolved()
         cost = compiled_train_step_cost(trial, image_shape, num_classes, classes_per_task,
                                         pretrained=True, quick=True)
@@ -157,7 +168,7 @@ def memory_plan(config: Config, image_shape: tuple[int, int, int], num_classes: 
         if trial.strategy in THEORY_STRATEGIES and (lightcl or not pruned):
             row["theory_mb"] = theoretical_cost(
                 trial.strategy, image_size=image_shape[0], num_classes=num_classes,
-                batch_size=batch, buffer_size=buffer, train_samples=1, epochs=1, nf=trial.nf,
+                batch_size=batch, buffer_size=buffer or 0, train_samples=1, epochs=1, nf=trial.nf,
                 freeze=freeze, sparse=pruned, channels=image_shape[-1])["mem_mb"]
         row["fits"] = row["step_mb"] <= budget_mb
         rows.append(row)
@@ -165,4 +176,4 @@ def memory_plan(config: Config, image_shape: tuple[int, int, int], num_classes: 
             report(row)
     depth = {name: i for i, name in enumerate(FREEZE_POINTS)}
     return sorted(rows, key=lambda r: (not r["fits"], depth.get(r["freeze"], 0),
-                                       -r["batch_size"], -r["buffer_size"], r["sparse"]))
+                                       -r["batch_size"], -(r["buffer_size"] or 0), r["sparse"]))

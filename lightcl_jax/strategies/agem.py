@@ -7,7 +7,7 @@ and g_ref the gradient of the memory's loss,
     g~ = g - (g . g_ref / g_ref . g_ref) g_ref   when g . g_ref < 0,   g otherwise,
 
 and the optimizer applies g~ (`project_gradient`; the dot products run over
-the trainable leaves only). Here the memory is ``config.buffer_size``
+the trainable leaves only). Here the memory is ``buffer_size``
 samples, filled at the end of every task with ``buffer_size // num_tasks``
 samples of a fresh training batch of that task (at least one; by reservoir
 sampling once it is full, `lightcl_jax.memory.replay`), so task t trains
@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from lightcl_jax.memory.replay import empty_buffer, replay_batch, reservoir_add
-from lightcl_jax.strategies.base import Strategy, task_cross_entropy
+from lightcl_jax.metrics.continual import task_cross_entropy
+from lightcl_jax.strategies.base import Strategy
+from lightcl_jax.strategies.hyperparameters import hyperparameter
 from lightcl_jax.strategies.replay import masked_mean
 
 
@@ -58,6 +60,7 @@ def project_gradient(grads, reference, trainable):
 
 class AGEM(Strategy):
     name = "agem"
+    buffer_size: int = hyperparameter(15, "samples in the episodic memory", minimum=1)
 
     def uses_memory(self, task_index):
         return task_index >= 1
@@ -66,14 +69,14 @@ class AGEM(Strategy):
                    batch_stats, classes_per_task):
         if memory is not None:
             return memory
-        return empty_buffer(config.buffer_size, batch[0].shape[1:], num_classes=None,
+        return empty_buffer(self.buffer_size, batch[0].shape[1:], num_classes=None,
                             key=jax.random.PRNGKey(config.seed + 7919))
 
     def end_task(self, memory, *, config, task_index, batch, forward, eval_forward, params,
                  batch_stats, classes_per_task):
         x, y = batch
         num_classes = jax.eval_shape(eval_forward, params, batch_stats, x[:1])[0].shape[-1]
-        per_task = max(1, config.buffer_size // (num_classes // classes_per_task))
+        per_task = max(1, self.buffer_size // (num_classes // classes_per_task))
         return reservoir_add(memory, jnp.asarray(x[:per_task]), jnp.asarray(y[:per_task]))
 
     def gradient_projection(self, grads, *, value_and_grad, memory, trainable, config,

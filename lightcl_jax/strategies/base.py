@@ -1,7 +1,13 @@
 """What a continual-learning strategy is: the pieces that differ between methods.
 
 Every strategy shares the model, data, jitted train step and evaluation
-(`lightcl_jax.training.loop`). A strategy only says:
+(`lightcl_jax.training.loop`). A strategy is a frozen dataclass whose fields
+are its hyperparameters (every subclass becomes one: no decorator needed),
+declared with their types, defaults and allowed ranges
+(`lightcl_jax.strategies.hyperparameters.hyperparameter`) and checked when an
+instance is made: ``OnlineEWC(lam=100.0)``. Its hooks read them from ``self``;
+the ``config`` they receive holds the run's settings (seed, batch size,
+freeze point, ...). Besides its hyperparameters, a strategy only says:
 
   * which layer groups are frozen in a task (`frozen_groups`);
   * what it trains on in a task (`training_arrays`; default: the task's data);
@@ -35,44 +41,63 @@ class y is scored over its own task's logits only (`task_cross_entropy`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lightcl_jax.config import Config
+from lightcl_jax.metrics.continual import task_cross_entropy  # noqa: F401  (its home once)
+from lightcl_jax.strategies import hyperparameters
 
 Forward = Callable[[Any, jax.Array], tuple[jax.Array, dict]]
 EvalForward = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
 
 
-def task_cross_entropy(logits: jax.Array, labels: jax.Array, classes_per_task: int) -> jax.Array:
-    """Per-sample cross-entropy over each sample's own task's logits.
-
-    Tasks are consecutive class groups of ``classes_per_task``; a sample of
-    class y belongs to the task starting at y - y % classes_per_task, and its
-    label is shifted to 0..classes_per_task-1.
-
-    Args:
-      logits: (N, K) logits over all classes.
-      labels: (N,) int global class ids.
-      classes_per_task: classes in each task (static).
-
-    Returns:
-      (N,) float32 losses.
-    """
-    first = labels - labels % classes_per_task
-    columns = first[:, None] + jnp.arange(classes_per_task, dtype=labels.dtype)[None, :]
-    task_logits = jnp.take_along_axis(logits, columns, axis=1)
-    return optax.softmax_cross_entropy_with_integer_labels(task_logits, labels - first)
-
-
+@dataclasses.dataclass(frozen=True)
 class Strategy:
-    """Plain training of every layer with no memory: the base of all strategies."""
+    """Plain training of every layer with no memory: the base of all strategies.
 
-    name = "base"
+    ``name`` is a plain class attribute (the registry's key, and what the run's
+    default workdir is named after), not a field.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__.get("__annotations__", {}):
+            raise TypeError(f"{cls.__name__}: write name = {cls.__dict__.get('name')!r} "
+                            "without an annotation (an annotated name would be a hyperparameter)")
+        dataclasses.dataclass(frozen=True)(cls)
+        # Strategy's own (below) refuse every assignment; without the generated ones here,
+        # a subclass that is also decorated @dataclasses.dataclass(frozen=True) still works.
+        del cls.__setattr__, cls.__delattr__
+
+    def __post_init__(self):
+        """Checks every hyperparameter against its declaration (a subclass that adds its
+        own ``__post_init__`` calls this one)."""
+        for field in hyperparameters.fields(type(self)):
+            value = hyperparameters.check_value(type(self), field, getattr(self, field.name))
+            object.__setattr__(self, field.name, value)
+
+    @classmethod
+    def from_args(cls, args: dict | None = None) -> "Strategy":
+        """An instance from ``{hyperparameter: value}``; ValueError names an unknown one or a
+        bad value, and what is allowed."""
+        args = dict(args or {})
+        hyperparameters.check_names(cls, args)
+        return cls(**args)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """``{name: value}`` of every hyperparameter: what a run records of its strategy."""
+        return {f.name: getattr(self, f.name) for f in hyperparameters.fields(type(self))}
+
+    def validate_run(self, config: Config) -> None:
+        """Raises ValueError when this strategy cannot run with ``config`` (its run
+        settings); e.g. LightCL takes its buffer from one batch. Default: any."""
 
     def frozen_groups(self, config: Config, task_index: int, pretrained: bool) -> tuple[str, ...]:
         return ()
@@ -138,3 +163,13 @@ class Strategy:
                  classes_per_task: int) -> Any:
         """Memory after the last step of a task; ``batch`` is a fresh training batch of it."""
         return memory
+
+
+def _refuse_assignment(self, name, value=None):
+    raise dataclasses.FrozenInstanceError(
+        f"cannot change {type(self).__name__}.{name}: a strategy's hyperparameters are fixed "
+        "when it is made (make another: dataclasses.replace(strategy, ...))")
+
+
+Strategy.__setattr__ = _refuse_assignment
+Strategy.__delattr__ = _refuse_assignment

@@ -5,11 +5,12 @@ SPEC section 2:
     are frozen in every task when the backbone is pre-trained; without
     pre-training task 0 trains every layer and freezing starts at task 1.
   * End of every task: vital channels of the four taps are scored on one
-    training batch and OR-ed into the masks.
+    training batch and OR-ed into the masks (``ratio`` of each tap's channels).
   * Start of task t >= 1: the first ``buffer_size`` samples of a fresh
     training batch of the new task are stored with the old model's taps and
     logits on them (no old-task image is kept).
-  * Task t >= 1: the regulation loss on the buffer joins the cross-entropy.
+  * Task t >= 1: the regulation loss on the buffer, weighted by ``beta``, joins
+    the cross-entropy.
 
 The frozen prefix's output on the buffer does not change within a task (its
 weights are frozen, and train-mode BatchNorm normalises by the buffer's own
@@ -26,6 +27,7 @@ from lightcl_jax.memory.feature_memory import (FeatureMemory, build_memory,
                                                regulation_loss, update_vital_masks)
 from lightcl_jax.model.layers import LAYER_GROUPS, LAYER_NAMES, frozen_groups
 from lightcl_jax.strategies.base import Strategy
+from lightcl_jax.strategies.hyperparameters import hyperparameter
 
 
 def buffer_start(config) -> str | None:
@@ -42,6 +44,17 @@ def buffer_start(config) -> str | None:
 
 class LightCL(Strategy):
     name = "lightcl"
+    beta: float = hyperparameter(2e-4, "weight of the regulation loss", minimum=0)
+    buffer_size: int = hyperparameter(15, "samples of a new task's first batch kept as the "
+                                      "buffer (at most the batch size)", minimum=1)
+    ratio: float = hyperparameter(0.15, "fraction of each tap's channels made vital per task",
+                                  above=0, maximum=1)
+
+    def validate_run(self, config):
+        if self.buffer_size > config.batch_size:
+            raise ValueError(f"strategy lightcl: buffer_size must be at most batch_size="
+                             f"{config.batch_size} (LightCL takes its buffer from one batch of a "
+                             f"task); got {self.buffer_size}")
 
     def frozen_groups(self, config, task_index, pretrained):
         if task_index == 0 and not pretrained:
@@ -64,14 +77,14 @@ class LightCL(Strategy):
         else:
             logits, taps = forward(params, memory.buffer_features, start=buffer_start(config),
                                    prefix_stats=memory.prefix_stats)
-        loss = regulation_loss(taps, logits, memory, config.beta)
+        loss = regulation_loss(taps, logits, memory, self.beta)
         return loss, {"regulation": loss}
 
     def begin_task(self, memory, *, config, task_index, batch, forward, eval_forward, params,
                    batch_stats, classes_per_task):
         if task_index == 0:
             return memory
-        buffer_x = batch[0][:config.buffer_size]
+        buffer_x = batch[0][:self.buffer_size]
         start = buffer_start(config)
         if start is None:
             ref_logits, ref_taps = forward(params, buffer_x)
@@ -86,7 +99,7 @@ class LightCL(Strategy):
                  batch_stats, classes_per_task):
         _, taps = forward(params, batch[0])
         masks = update_vital_masks(None if memory is None else memory.vital_masks, taps,
-                                   config.ratio)
+                                   self.ratio)
         if memory is None:
             return FeatureMemory(buffer_x=None, ref_taps=None, ref_logits=None, vital_masks=masks)
         return memory._replace(vital_masks=masks)

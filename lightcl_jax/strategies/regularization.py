@@ -3,14 +3,14 @@
 Online EWC (Schwarz et al. 2018), diagonal Fisher:
   * end of task t: F_t = mean over one training batch of (d log p(y|x) / d theta)^2
     (the empirical Fisher of the task-masked log-likelihood, per sample, in
-    evaluation mode), accumulated F = ewc_gamma x F + F_t; theta* = theta.
-  * tasks t >= 1: + ewc_lambda x sum(F x (theta - theta*)^2).
+    evaluation mode), accumulated F = gamma x F + F_t; theta* = theta.
+  * tasks t >= 1: + lam x sum(F x (theta - theta*)^2).
 
 LwF (Li & Hoiem 2016), as a class-incremental distillation:
   * start of task t >= 1: keep a copy of the model (parameters and BatchNorm
     statistics).
-  * tasks t >= 1: + lwf_alpha x cross-entropy between the old model's and the
-    current model's softened (temperature lwf_temperature) distributions over
+  * tasks t >= 1: + alpha x cross-entropy between the old model's and the
+    current model's softened (temperature ``temperature``) distributions over
     the classes of earlier tasks, on the current batch. The old model runs in
     evaluation mode.
 """
@@ -23,7 +23,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lightcl_jax.strategies.base import Strategy, task_cross_entropy
+from lightcl_jax.metrics.continual import task_cross_entropy
+from lightcl_jax.strategies.base import Strategy
+from lightcl_jax.strategies.hyperparameters import hyperparameter
 
 
 class EWCMemory(NamedTuple):
@@ -66,6 +68,8 @@ def ewc_penalty(params: Any, memory: EWCMemory) -> jax.Array:
 
 class OnlineEWC(Strategy):
     name = "ewc"
+    lam: float = hyperparameter(10.0, "weight of the penalty", minimum=0)
+    gamma: float = hyperparameter(1.0, "decay of the accumulated Fisher", minimum=0, maximum=1)
 
     def uses_memory(self, task_index):
         return task_index >= 1
@@ -73,14 +77,14 @@ class OnlineEWC(Strategy):
     def extra_loss(self, forward, eval_forward, params, memory, *, x, y, class_offset, config,
                    classes_per_task):
         penalty = ewc_penalty(params, memory)
-        return config.ewc_lambda * penalty, {"ewc_penalty": penalty}
+        return self.lam * penalty, {"ewc_penalty": penalty}
 
     def end_task(self, memory, *, config, task_index, batch, forward, eval_forward, params,
                  batch_stats, classes_per_task):
         x, y = jnp.asarray(batch[0]), jnp.asarray(batch[1])
         fisher = _fisher_fn(eval_forward, classes_per_task)(params, batch_stats, x, y)
         if memory is not None:
-            fisher = jax.tree_util.tree_map(lambda old, new: config.ewc_gamma * old + new,
+            fisher = jax.tree_util.tree_map(lambda old, new: self.gamma * old + new,
                                             memory.fisher, fisher)
         return EWCMemory(fisher=fisher, anchor=jax.tree_util.tree_map(jnp.copy, params))
 
@@ -117,6 +121,8 @@ def distillation_loss(new_logits: jax.Array, old_logits: jax.Array, num_old_clas
 
 class LearningWithoutForgetting(Strategy):
     name = "lwf"
+    alpha: float = hyperparameter(1.0, "weight of the distillation loss", minimum=0)
+    temperature: float = hyperparameter(2.0, "distillation temperature", above=0)
 
     def uses_memory(self, task_index):
         return task_index >= 1
@@ -132,5 +138,5 @@ class LearningWithoutForgetting(Strategy):
                    classes_per_task):
         old_logits, _ = eval_forward(memory.params, memory.batch_stats, x)
         kd = distillation_loss(logits, jax.lax.stop_gradient(old_logits), class_offset,
-                               config.lwf_temperature)
-        return config.lwf_alpha * kd, {"distillation": kd}
+                               self.temperature)
+        return self.alpha * kd, {"distillation": kd}

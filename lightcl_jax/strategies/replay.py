@@ -1,14 +1,14 @@
 """``er`` (experience replay) and ``derpp`` (DER++), on a reservoir buffer.
 
-Both keep ``config.buffer_size`` samples of the stream by reservoir sampling
+Both keep ``buffer_size`` samples of the stream by reservoir sampling
 (`lightcl_jax.memory.replay`): every training batch is offered to the buffer
 after its step. Each step replays the whole buffer (or ``batch_size`` samples
 of it when it is larger) through the model as its own batch:
 
   * ER: + mean task-masked cross-entropy on the replayed samples.
-  * DER++ (Buzzega et al. 2020): + ``derpp_alpha`` x MSE between the current
-    logits and the logits stored at insertion, + ``derpp_beta`` x the
-    replayed samples' task-masked cross-entropy.
+  * DER++ (Buzzega et al. 2020): + ``alpha`` x MSE between the current
+    logits and the logits stored at insertion, + ``beta`` x the replayed
+    samples' task-masked cross-entropy (Mammoth's CIFAR-10 values by default).
 
 The buffer stores the inputs as they were trained on (augmented when
 augmentation is on). Slots not yet filled are masked out of the losses; at
@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from lightcl_jax.memory.replay import empty_buffer, replay_batch, reservoir_add
-from lightcl_jax.strategies.base import Strategy, task_cross_entropy
+from lightcl_jax.metrics.continual import task_cross_entropy
+from lightcl_jax.strategies.base import Strategy
+from lightcl_jax.strategies.hyperparameters import hyperparameter
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -39,6 +41,7 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 class ExperienceReplay(Strategy):
     name = "er"
     stores_logits = False
+    buffer_size: int = hyperparameter(15, "samples in the reservoir buffer", minimum=1)
 
     def uses_memory(self, task_index):
         return True
@@ -51,7 +54,7 @@ class ExperienceReplay(Strategy):
         num_classes = None
         if self.stores_logits:
             num_classes = eval_forward(params, batch_stats, x[:1])[0].shape[-1]
-        return empty_buffer(config.buffer_size, x.shape[1:], num_classes=num_classes,
+        return empty_buffer(self.buffer_size, x.shape[1:], num_classes=num_classes,
                             key=jax.random.PRNGKey(config.seed + 7919))
 
     def _replayed(self, forward, params, memory, config):
@@ -72,11 +75,13 @@ class ExperienceReplay(Strategy):
 class DERPlusPlus(ExperienceReplay):
     name = "derpp"
     stores_logits = True
+    alpha: float = hyperparameter(0.1, "weight of the logit MSE", minimum=0)
+    beta: float = hyperparameter(0.5, "weight of the replayed cross-entropy", minimum=0)
 
     def extra_loss(self, forward, eval_forward, params, memory, *, x, y, class_offset, config,
                    classes_per_task):
         index, valid, logits = self._replayed(forward, params, memory, config)
         mse = masked_mean(jnp.mean(jnp.square(logits - memory.logits[index]), axis=1), valid)
         ce = masked_mean(task_cross_entropy(logits, memory.y[index], classes_per_task), valid)
-        loss = config.derpp_alpha * mse + config.derpp_beta * ce
+        loss = self.alpha * mse + self.beta * ce
         return loss, {"logit_mse": mse, "replay_ce": ce}

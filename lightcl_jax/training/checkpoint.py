@@ -32,6 +32,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from lightcl_jax.config import upgrade_identity
+
 # Version of the layout above; a checkpoint of another version is refused.
 FORMAT = 1
 
@@ -249,7 +251,11 @@ def _describe(shape_dtype) -> str:
 
 
 def identity_differences(stored: dict, current: dict) -> str:
-    """'' when two run identities agree, else the differing entries, one clause each."""
+    """'' when two run identities agree, else the differing entries, one clause each.
+
+    ``stored`` may be an older version's (`lightcl_jax.config.upgrade_identity` reads it).
+    """
+    stored = upgrade_identity(stored)
     out = []
     for section in sorted(set(stored) | set(current)):
         a, b = stored.get(section, "absent"), current.get(section, "absent")

@@ -1,18 +1,23 @@
 """After a task: accuracy on every task seen so far, and LP/MS per layer.
 
 `evaluate` runs the compiled eval step over each seen task's evaluation split
-and returns TIL and CIL accuracy per task and lane; `layer_metrics` measures
+and returns TIL and CIL accuracy and the run's evaluation metrics per task and
+lane; `layer_metrics` measures
 each layer's learning plasticity and memory stability between the models
 before and after the task (`lightcl_jax.metrics.generalizability`).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lightcl_jax.data.pipeline import eval_batches, prefetch
 from lightcl_jax.data.streams import TaskStream
+from lightcl_jax.metrics.continual import EvalMetric
 from lightcl_jax.metrics.generalizability import generalizability
 from lightcl_jax.training.placement import Placement
 from lightcl_jax.training.state import TrainState
@@ -24,44 +29,72 @@ PREFETCH = 2
 PROBE_SIZE = 256
 
 
-def correct_counts(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
-                   batch_size: int, placement: Placement | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Correct TIL and CIL predictions on each of the first ``num_seen`` tasks.
+class Evaluation(NamedTuple):
+    """What one evaluation after a task measured, per seen task and lane."""
 
-    Returns two int64 arrays of shape (num_seen, *E), E being the shape of
-    what ``eval_step`` counts: () for one model, (lanes,) for a vmapped one.
-    With ``placement``, each batch is split over its devices (this process
-    reading only its part of it).
+    til: np.ndarray        # (tasks seen, lanes) float64: TIL accuracy, %
+    cil: np.ndarray        # (tasks seen, lanes) float64: CIL accuracy, %
+    metrics: dict          # evaluation metric name -> (tasks seen, lanes) float64
+
+
+def correct_counts(eval_step, state: TrainState, stream: TaskStream, num_seen: int,
+                   batch_size: int, placement: Placement | None = None):
+    """Correct TIL and CIL predictions, and the evaluation metrics' sums, on each of the
+    first ``num_seen`` tasks.
+
+    Returns:
+      ``(til, cil, sums)``: two int64 arrays of shape (num_seen, *E), E being the shape
+      of what ``eval_step`` counts: () for one model, (lanes,) for a vmapped one; and per
+      task, the ``eval_step``'s sums added over its batches (float64).
+      With ``placement``, each batch is split over its devices (this process reading
+      only its part of it).
     """
     transform = None if placement is None else placement.eval_batch
     part = (0, 1) if placement is None else placement.parallel.part
-    til_counts, cil_counts = [], []
+    til_counts, cil_counts, task_sums = [], [], []
     for task in stream.tasks[:num_seen]:
         til_correct = cil_correct = 0
+        sums = None
         offset = jnp.asarray(task.class_offset, jnp.int32)
         batches = eval_batches(task.x_eval, task.y_eval, batch_size, part)
         for x, y, valid in prefetch(batches, PREFETCH, transform):
-            til, cil = eval_step(state.params, state.batch_stats, x, y, valid, offset)
+            til, cil, batch_sums = eval_step(state.params, state.batch_stats, x, y, valid, offset)
             til_correct = til_correct + np.asarray(til, np.int64)
             cil_correct = cil_correct + np.asarray(cil, np.int64)
+            batch_sums = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), batch_sums)
+            sums = batch_sums if sums is None else jax.tree_util.tree_map(np.add, sums,
+                                                                         batch_sums)
         til_counts.append(til_correct)
         cil_counts.append(cil_correct)
-    return np.stack(til_counts), np.stack(cil_counts)
+        task_sums.append(sums)
+    return np.stack(til_counts), np.stack(cil_counts), task_sums
 
 
 def evaluate(eval_step, state: TrainState, stream: TaskStream, num_seen: int, batch_size: int,
-             placement: Placement | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """TIL and CIL accuracy in percent on each of the first ``num_seen`` tasks.
+             placement: Placement | None = None,
+             eval_metrics: tuple[EvalMetric, ...] = ()) -> Evaluation:
+    """TIL and CIL accuracy in percent, and ``eval_metrics`` (those the ``eval_step`` sums),
+    on each of the first ``num_seen`` tasks.
 
     Returns:
-      Two float64 arrays of shape (num_seen, lanes): row j is task j, column
-      i the model of lane i (one column for a single model).
+      An `Evaluation`: arrays of shape (num_seen, lanes), row j task j, column i the model
+      of lane i (one column for a single model).
     """
-    til, cil = correct_counts(eval_step, state, stream, num_seen, batch_size, placement)
+    til, cil, task_sums = correct_counts(eval_step, state, stream, num_seen, batch_size,
+                                         placement)
     sizes = np.array([len(t.y_eval) for t in stream.tasks[:num_seen]], np.float64)
-    return (100.0 * til.reshape(num_seen, -1) / sizes[:, None],
-            100.0 * cil.reshape(num_seen, -1) / sizes[:, None])
+    lanes = til.reshape(num_seen, -1).shape[1]
+    stacked = til.ndim > 1
+
+    def value(metric, sums, lane):
+        total = sums[metric.name]
+        if stacked:
+            total = jax.tree_util.tree_map(lambda v: v[lane], total)
+        return float(metric.compute(total))
+    metrics = {m.name: np.array([[value(m, sums, lane) for lane in range(lanes)]
+                                 for sums in task_sums], np.float64) for m in eval_metrics}
+    return Evaluation(100.0 * til.reshape(num_seen, -1) / sizes[:, None],
+                      100.0 * cil.reshape(num_seen, -1) / sizes[:, None], metrics)
 
 
 def probe_set(arrays: list[np.ndarray], size: int = PROBE_SIZE) -> np.ndarray | None:

@@ -36,7 +36,7 @@ from lightcl_jax.training.progress import Progress
 from lightcl_jax.training.record import RunRecord
 from lightcl_jax.training.resume import (Clock, Saver, find_resume_point, payload,
                                          restore_run)
-from lightcl_jax.training.results import assemble_results
+from lightcl_jax.training.results import assemble_results, task_record
 from lightcl_jax.training.setup import Run, setup_run
 from lightcl_jax.training.state import TrainState, copy_variables, create_lane_states
 from lightcl_jax.training.steps import phase_step
@@ -73,7 +73,7 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
     resume = find_resume_point(checkpoints, run.identity)
     states, masks = create_lane_states(run.model, run.stream.image_shape, lanes.seeds,
                                        init_variables=run.init_variables, sparse=run.config.sparse)
-    programs = Programs(placement, run.model, run.stream.classes_per_task, run.config, step_wrapper)
+    programs = Programs.of_run(run, step_wrapper)
     (state, memory, before), record, clock = _restore(
         run, resume, checkpoints, states, masks, programs, progress, start_time)
     save = _Checkpointer(Saver(checkpoints, run.identity), lanes, record, programs, clock)
@@ -110,32 +110,30 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
         state, memory = end_task(run, state, memory, batches, task_index=t, phase=phase,
                                  configs=configs)
         state, global_step = placement.replicate(state), end.global_step
-        til, cil = evaluate(programs.eval, state, run.stream, t + 1, run.eval_batch_size,
-                            placement)
-        record.add_accuracies(til, cil)
+        record.add_evaluation(*evaluate(programs.eval, state, run.stream, t + 1,
+                                        run.eval_batch_size, placement, run.eval_metrics))
         if _measures_layers(run, t):
             record.add_layer_metrics(t, layer_metrics(run.model, placement, before, state,
                                                       run.stream, t, run.config.layer_metrics))
         save(end := dataclasses.replace(end, task_done=True), state, memory)
-        _task_done(progress, end, til, cil, lanes.seeds, last=t + 1 == run.stream.num_tasks)
+        _task_done(progress, end, record, run.summaries, lanes.seeds,
+                   last=t + 1 == run.stream.num_tasks)
         if on_task_end is not None:
             on_task_end(t, state)
     return assemble_results(run, record, state, programs, resumed_at=list(clock.resumed_at),
                             wall_time_s=clock.elapsed())
 
 
-def _task_done(progress: Progress, done: Position, til, cil, seeds, *, last: bool) -> None:
-    """Reports a trained, evaluated and checkpointed task (``done``): its accuracy rows
-    (per seed when several). A signal received by now stops the run here (`Preempted`),
-    unless this was its last task."""
-    rows = {}
-    for name, acc in (("til", til), ("cil", cil)):
-        per_seed = [[float(v) for v in acc[:, lane]] for lane in range(acc.shape[1])]
-        rows[f"{name}_row"] = per_seed[0] if len(seeds) == 1 else per_seed
-        rows[name] = float(acc.mean())
-    progress.record("task", {"task": done.task, "global_step": done.global_step, **rows,
+def _task_done(progress: Progress, done: Position, record: RunRecord, summaries, seeds, *,
+               last: bool) -> None:
+    """Reports a trained, evaluated and checkpointed task (``done``): its rows of accuracy
+    and of each evaluation metric (per seed when several), and the summaries of the
+    accuracy matrices so far (`task_record`). A signal received by now stops the run here
+    (`Preempted`), unless this was its last task."""
+    values = task_record(record, summaries, len(seeds))
+    progress.record("task", {"task": done.task, "global_step": done.global_step, **values,
                              **({"seeds": list(seeds)} if len(seeds) > 1 else {})})
-    progress.end({"til": rows["til"], "cil": rows["cil"]})
+    progress.end({"til": values["til"], "cil": values["cil"]})
     if requested() is not None and not last:
         raise Preempted(requested(), done)
 

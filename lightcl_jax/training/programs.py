@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Callable
 
 from lightcl_jax.accounting.xla import CompiledStep, run_resources
-from lightcl_jax.training.placement import Placement
 from lightcl_jax.config import Config
+from lightcl_jax.metrics.continual import EvalMetric
+from lightcl_jax.training.placement import Placement
 from lightcl_jax.training.steps import Phase, make_eval_step, memory_scheduled
 
 
@@ -26,14 +27,24 @@ class Programs:
       config: the run's settings (``xla_scheduler``: how each phase's step compiles).
       step_wrapper: wraps each phase's pure train step before jit (tests pass
         `chex.assert_max_traces` here); None: none.
+      eval_metrics: the evaluation metrics the eval step sums besides the accuracies.
     """
 
     def __init__(self, placement: Placement, model, classes_per_task: int, config: Config,
-                 step_wrapper: Callable[[Callable], Callable] | None = None):
+                 step_wrapper: Callable[[Callable], Callable] | None = None,
+                 eval_metrics: tuple[EvalMetric, ...] = ()):
         self.placement, self.step_wrapper, self.config = placement, step_wrapper, config
         self.train: dict[Phase, CompiledStep] = {}
         self.phase_tasks: dict[Phase, list[int]] = {}
-        self.eval = CompiledStep(placement.jit_eval_step(make_eval_step(model, classes_per_task)))
+        self.eval = CompiledStep(placement.jit_eval_step(
+            make_eval_step(model, classes_per_task, eval_metrics)))
+
+    @classmethod
+    def of_run(cls, run, step_wrapper: Callable[[Callable], Callable] | None = None
+               ) -> "Programs":
+        """The programs of a `lightcl_jax.training.setup.Run`."""
+        return cls(run.placement, run.model, run.stream.classes_per_task, run.config,
+                   step_wrapper, run.eval_metrics)
 
     def train_step(self, phase: Phase, step: Callable) -> CompiledStep:
         """The compiled step of ``phase``, built from the pure ``step`` unless it already is.

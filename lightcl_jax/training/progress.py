@@ -41,7 +41,10 @@ class Progress:
         (the first epoch of a phase includes compiling its step),
         ``step_time_s``, ``examples_per_s`` and the mean loss terms. ``kind``
         "task": ``task``, ``global_step``, ``til_row`` and ``cil_row`` (accuracy
-        on each task seen so far) with their means ``til`` and ``cil``.
+        on each task seen so far) with their means ``til`` and ``cil``, each
+        evaluation metric's ``eval_<name>_row`` and ``avg_eval_<name>``, and each
+        summary of the matrices so far, ``<name>_til`` and ``<name>_cil``
+        (`lightcl_jax.training.results.task_record`).
         """
 
 
@@ -119,7 +122,9 @@ class TensorBoardLog(Progress):
     ``train/examples_per_s`` and ``extra`` (e.g. ``train/lr``); tasks:
     ``accuracy/til`` and ``accuracy/cil`` (the average over seen tasks) and
     ``accuracy_til/task<j>``, ``accuracy_cil/task<j>`` (the mean over seeds
-    with several); all at the run's global step. Each record is on disk when
+    with several), each evaluation metric as ``eval_<name>/task<j>`` and
+    ``eval/<name>`` (its average), each summary as ``summary/<name>_til`` and
+    ``summary/<name>_cil``; all at the run's global step. Each record is on disk when
     `record` returns (tensorboardX's synchronous `EventsWriter`: its
     `SummaryWriter` queues events for a thread, and a killed run would lose
     the last ones). A fresh run removes the event files already in ``logdir``;
@@ -167,10 +172,16 @@ class TensorBoardLog(Progress):
         elif kind == "task":
             for name in ("til", "cil"):
                 scalars[f"accuracy/{name}"] = values[name]
-                row = values[f"{name}_row"]
-                per_task = np.mean(row, axis=0) if np.ndim(row) == 2 else row
-                scalars.update({f"accuracy_{name}/task{j}": float(a)
-                                for j, a in enumerate(per_task)})
+            for key, value in values.items():
+                if key.endswith("_row"):
+                    per_task = np.mean(value, axis=0) if np.ndim(value) == 2 else value
+                    tag = {"til_row": "accuracy_til", "cil_row": "accuracy_cil"}.get(key,
+                                                                                    key[:-4])
+                    scalars.update({f"{tag}/task{j}": float(a) for j, a in enumerate(per_task)})
+                elif key.startswith("avg_eval_"):
+                    scalars[f"eval/{key[len('avg_eval_'):]}"] = value
+                elif key.endswith(("_til", "_cil")):
+                    scalars[f"summary/{key}"] = value
         for tag, value in scalars.items():
             self.writer.write_event(Event(wall_time=time.time(), step=values["global_step"],
                                           summary=scalar(tag, float(value))))

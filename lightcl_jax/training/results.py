@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from lightcl_jax.accounting.process import peak_rss_mb
-from lightcl_jax.metrics.continual import average_accuracy, backward_transfer, forgetting
 from lightcl_jax.training.lanes import seed_statistics
 from lightcl_jax.training.programs import Programs
 from lightcl_jax.training.record import RunRecord
@@ -18,6 +19,16 @@ MEASURED = ("wall_time_s",)
 MEASURED_RESOURCES = ("peak_rss_mb",)
 
 
+def scalar_metric_keys(results: dict) -> list[str]:
+    """The keys of a run's results (or one seed's) that hold a number per metric: each
+    summary's ``<name>_til`` and ``<name>_cil``, each evaluation metric's
+    ``avg_eval_<name>`` (read from its ``metric_names``). Several seeds report each as a
+    mean and std; `experiments.compare` tabulates them."""
+    names = results["metric_names"]
+    return ([f"{s}_{kind}" for s in names["summaries"] for kind in ("til", "cil")]
+            + [f"avg_eval_{e}" for e in names["evaluation"]])
+
+
 def without_measurements(results: dict) -> dict:
     """``results`` less `MEASURED` and `MEASURED_RESOURCES`: what two runs of the same
     computation (resumed or not, on this code or another) must agree on exactly."""
@@ -28,24 +39,60 @@ def without_measurements(results: dict) -> dict:
     return out
 
 
-def seed_results(record: RunRecord, lane: int, seed: int, params, *, layer_metrics: bool,
-                 sparse: bool) -> dict:
-    """One seed's accuracy matrices, their averages, forgetting and backward transfer."""
+def summary_values(summaries, til, cil) -> dict[str, float]:
+    """``<name>_til`` and ``<name>_cil`` of each summary of the accuracy matrices."""
+    return {f"{summary.name}_{kind}": summary(matrix)
+            for summary in summaries for kind, matrix in (("til", til), ("cil", cil))}
+
+
+def eval_metric_values(matrices: dict) -> dict:
+    """``eval_<name>`` (the matrix) and ``avg_eval_<name>`` (its last row's mean) of each
+    evaluation metric's matrix."""
+    out = {}
+    for name, matrix in matrices.items():
+        out[f"eval_{name}"] = matrix
+        out[f"avg_eval_{name}"] = float(np.mean(matrix[-1]))
+    return out
+
+
+def seed_results(record: RunRecord, lane: int, seed: int, params, *, summaries,
+                 layer_metrics: bool, sparse: bool) -> dict:
+    """One seed's accuracy matrices and their summaries (average accuracy, forgetting,
+    backward transfer, ... as the run's metrics say), and its evaluation metrics."""
     til, cil = record.acc_til[lane], record.acc_cil[lane]
     return {
         "seed": seed,
         "acc_til": til,
         "acc_cil": cil,
-        "avg_til": average_accuracy(til),
-        "avg_cil": average_accuracy(cil),
-        "forgetting_til": forgetting(til),
-        "forgetting_cil": forgetting(cil),
-        "bwt_til": backward_transfer(til),
-        "bwt_cil": backward_transfer(cil),
+        **summary_values(summaries, til, cil),
+        **eval_metric_values(record.eval_metrics[lane]),
         "freeze_auto": record.freeze_auto[lane],
         **({"layer_metrics": record.layer_metrics[lane]} if layer_metrics else {}),
         **({"sparsity": sparsity_report(params)} if sparse else {}),
     }
+
+
+def task_record(record: RunRecord, summaries, num_seeds: int) -> dict:
+    """What a run reports after each task (`Progress.record`'s "task"): the last row of
+    accuracy (``til_row``, ``cil_row``) and of each evaluation metric (``eval_<name>_row``),
+    per seed when there are several, with their means over tasks and seeds (``til``,
+    ``cil``, ``avg_eval_<name>``), and each summary of the matrices so far, the mean over
+    seeds (``<name>_til``, ``<name>_cil``)."""
+    def row(matrices):
+        rows = [m[-1] for m in matrices]
+        return rows[0] if num_seeds == 1 else rows
+    out = {"til_row": row(record.acc_til), "cil_row": row(record.acc_cil),
+           "til": float(np.mean([m[-1] for m in record.acc_til])),
+           "cil": float(np.mean([m[-1] for m in record.acc_cil]))}
+    for name in record.eval_metrics[0]:
+        matrices = [lane[name] for lane in record.eval_metrics]
+        out[f"eval_{name}_row"] = row(matrices)
+        out[f"avg_eval_{name}"] = float(np.mean([m[-1] for m in matrices]))
+    per_seed = [summary_values(summaries, til, cil)
+                for til, cil in zip(record.acc_til, record.acc_cil)]
+    for key in per_seed[0]:
+        out[key] = float(np.mean([values[key] for values in per_seed]))
+    return out
 
 
 def assemble_results(run, record: RunRecord, state, programs: Programs, *,
@@ -56,7 +103,8 @@ def assemble_results(run, record: RunRecord, state, programs: Programs, *,
         lambda lane, lane_state: seed_results(
             record, lane, placement.lanes.seeds[lane],
             full_width_params(run.model, run.stream.image_shape, lane_state.params),
-            layer_metrics=config.layer_metrics is not None, sparse=config.sparse),
+            summaries=run.summaries, layer_metrics=config.layer_metrics is not None,
+            sparse=config.sparse),
         state, join=False)
     common = {
         "strategy": config.strategy,
@@ -66,12 +114,15 @@ def assemble_results(run, record: RunRecord, state, programs: Programs, *,
         "eval_split": run.stream.eval_split,
         "pretrained": run.pretrained,
         "config": config.to_dict(),
+        "metric_names": {"summaries": [s.name for s in run.summaries],
+                         "evaluation": [e.name for e in run.eval_metrics]},
     }
     if placement.lanes.stacked:
-        til_mean, til_std = seed_statistics([r["avg_til"] for r in runs])
-        cil_mean, cil_std = seed_statistics([r["avg_cil"] for r in runs])
-        summary = {"seeds": runs, "avg_til_mean": til_mean, "avg_til_std": til_std,
-                   "avg_cil_mean": cil_mean, "avg_cil_std": cil_std, "phases": record.phases}
+        summary = {"seeds": runs}
+        for key in scalar_metric_keys(common):
+            mean, std = seed_statistics([r[key] for r in runs])
+            summary.update({f"{key}_mean": mean, f"{key}_std": std})
+        summary["phases"] = record.phases
     else:
         (one,) = runs
         summary = {**{k: v for k, v in one.items() if k not in _PER_SEED_ONLY},

@@ -23,7 +23,7 @@ import numpy as np
 from lightcl_jax.config import Config
 from lightcl_jax.data.sources import update_digest
 from lightcl_jax.data.streams import TaskStream
-from lightcl_jax.strategies import Strategy
+from lightcl_jax.strategies import Strategy, strategy_of
 from lightcl_jax.training.checkpoint import Position, RunCheckpoints
 from lightcl_jax.training.record import RunRecord
 from lightcl_jax.training.state import TrainState
@@ -48,7 +48,7 @@ def run_identity(config: Config, stream: TaskStream, pretrained: bool,
                  num_devices: int = 1, seeds: int = 1, init_digest: str | None = None) -> dict:
     """What makes two runs the same run: a checkpoint resumes only its own run.
 
-    The resolved config, the stream (name, shapes, and a fingerprint of its
+    The resolved config (its strategy's every hyperparameter), the stream (name, shapes, and a fingerprint of its
     data), whether it started from a pre-trained backbone and, when it did,
     the digest of that backbone's arrays (``init_digest``,
     `lightcl_jax.model.backbone.variables_digest`), the number of devices the
@@ -57,8 +57,10 @@ def run_identity(config: Config, stream: TaskStream, pretrained: bool,
     config's `EXECUTION_FIELDS` are left out: they never change a result; so are
     `IDENTITY_DEFAULTS` at their values, as runs made before those fields existed.
     """
+    config = config.resolved()
+    config = dataclasses.replace(config, strategy_args=strategy_of(config).hyperparameters())
     identity = {
-        "config": config.resolved().identity_dict(),
+        "config": config.identity_dict(),
         "stream": {"name": stream.name, "num_tasks": stream.num_tasks,
                    "num_classes": stream.num_classes, "image_shape": list(stream.image_shape),
                    "eval_split": stream.eval_split, "fingerprint": stream_fingerprint(stream)},

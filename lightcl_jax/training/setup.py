@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from lightcl_jax.config import MAX_SEED, Config
-from lightcl_jax.data.streams import TaskStream, make_stream, validate_stream
+from lightcl_jax.data.streams import DATASETS, TaskStream, make_stream, validate_stream
+from lightcl_jax.metrics.continual import EvalMetric, Summary, split_metrics
+from lightcl_jax.metrics.similarity import get_similarity
 from lightcl_jax.model.backbone import variables_digest
 from lightcl_jax.model.resnet import ResNet, ResNet18
-from lightcl_jax.strategies import Strategy, get_strategy
+from lightcl_jax.strategies import Strategy, strategy_of
 from lightcl_jax.training.forward import jitted_eval_forward
 from lightcl_jax.training.placement import Placement
 from lightcl_jax.training.resume import run_identity
@@ -32,9 +34,9 @@ from lightcl_jax.training.state import run_model
 class Run:
     """A validated run, ready to train."""
 
-    config: Config              # resolved: dataset defaults filled in
+    config: Config              # resolved: dataset defaults and every strategy argument filled in
     stream: TaskStream
-    strategy: Strategy
+    strategy: Strategy          # made from the config's strategy and strategy_args
     model: ResNet
     placement: Placement        # seeds (lanes) and devices
     pretrained: bool            # starts from a pre-trained backbone
@@ -43,6 +45,8 @@ class Run:
     init_variables: Any         # the backbone's {"params", "batch_stats"}, or None
     eval_forward: Callable      # the model's jitted evaluation-mode forward, for the hooks
     eval_batch_size: int        # `eval_batch_size` of the config and the stream
+    summaries: tuple[Summary, ...] = ()       # the config's run summaries
+    eval_metrics: tuple[EvalMetric, ...] = ()  # the config's evaluation metrics
 
     @property
     def lane_configs(self) -> list[Config]:
@@ -56,8 +60,10 @@ def setup_run(config: Config, stream: TaskStream | None = None, *,
     """Validates a run's settings and data, and places it on the devices.
 
     Args:
-      config: the run's settings (validated and resolved here).
-      stream: the task stream; built from ``config`` when None.
+      config: the run's settings (validated and resolved here; its strategy is made
+        from ``strategy_args``, and the run's config records every hyperparameter).
+      stream: the task stream; built from ``config.dataset`` when None. A stream of
+        your own may go with a config whose dataset is None or its name.
       init_variables: ``{"params", "batch_stats"}`` of a pre-trained backbone;
         the run then counts as pre-trained (LightCL freezes from task 0).
       devices: how many of the visible devices to split each batch over
@@ -66,10 +72,19 @@ def setup_run(config: Config, stream: TaskStream | None = None, *,
         independent runs in one compiled program (`lightcl_jax.training.lanes`).
 
     Raises:
-      ValueError: bad configuration, data, seed count or device count.
+      ValueError: bad configuration, strategy arguments, metrics, data, seed count or
+        device count.
     """
     config = config.resolved()
+    strategy = strategy_of(config)
+    config = dataclasses.replace(config, strategy_args=strategy.hyperparameters())
+    summaries, eval_metrics = split_metrics(config.metrics)
+    for similarity in {config.similarity, config.layer_metrics} - {None}:
+        get_similarity(similarity)  # a bad name or import path fails here, not mid-run
     if stream is None:
+        if config.dataset not in DATASETS:
+            raise ValueError(f"dataset {config.dataset!r} is not built in ({', '.join(DATASETS)}):"
+                             " pass its stream (lightcl_jax.split_into_tasks) with the config")
         stream = make_stream(config.dataset, data_dir=config.data_dir,
                              num_tasks=config.num_tasks, eval_split=config.eval_split)
     validate_stream(stream, config.batch_size)
@@ -90,13 +105,14 @@ def setup_run(config: Config, stream: TaskStream | None = None, *,
     identity = run_identity(config, stream, pretrained, placement.parallel.num_devices,
                             placement.lanes.size,
                             init_digest=variables_digest(init_variables) if pretrained else None)
-    return Run(config=config, stream=stream, strategy=get_strategy(config.strategy), model=model,
+    return Run(config=config, stream=stream, strategy=strategy, model=model,
                placement=placement, pretrained=pretrained,
                augment=stream.augment if config.augment is None else config.augment,
                identity=identity, init_variables=init_variables,
                eval_forward=jitted_eval_forward(model),
                eval_batch_size=eval_batch_size(config.eval_batch_size, stream,
-                                               placement.parallel.num_devices))
+                                               placement.parallel.num_devices),
+               summaries=summaries, eval_metrics=eval_metrics)
 
 
 def check_weights_fit(nf: int, num_classes: int, image_shape, seeds: int) -> None:

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import optax
 
 from lightcl_jax.config import Config
-from lightcl_jax.metrics.continual import cil_predictions, til_predictions
+from lightcl_jax.metrics.continual import (EvalMetric, cil_predictions, task_cross_entropy,
+                                           til_predictions)
 from lightcl_jax.strategies import Strategy
-from lightcl_jax.strategies.base import task_cross_entropy
 from lightcl_jax.training.forward import BatchStatsChain, make_eval_forward, make_forward
 from lightcl_jax.training.freezing import TRAINABLE, freeze_labels, masked_optimizer
 from lightcl_jax.training.sparsity import keep_pruned
@@ -137,13 +137,19 @@ def _chained_value_and_grad(model, chain: BatchStatsChain, phase: Phase, params)
     return value_and_grad
 
 
-def make_eval_step(model, classes_per_task: int) -> Callable:
-    """``eval_step(params, batch_stats, x, y, valid, class_offset) -> (til_correct, cil_correct)``."""
+def make_eval_step(model, classes_per_task: int, eval_metrics: tuple[EvalMetric, ...] = ()
+                   ) -> Callable:
+    """``eval_step(params, batch_stats, x, y, valid, class_offset) -> (til_correct,
+    cil_correct, sums)``: ``sums`` maps each of ``eval_metrics`` to its ``update`` of the
+    batch (`lightcl_jax.metrics.continual.EvalMetric`)."""
     def eval_step(params, batch_stats, x, y, valid, class_offset):
         logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
         til = (til_predictions(logits, class_offset, classes_per_task) == y) & valid
         cil = (cil_predictions(logits) == y) & valid
-        return jnp.sum(til, dtype=jnp.int32), jnp.sum(cil, dtype=jnp.int32)
+        sums = {metric.name: metric.update(logits, y, valid, class_offset=class_offset,
+                                           classes_per_task=classes_per_task)
+                for metric in eval_metrics}
+        return jnp.sum(til, dtype=jnp.int32), jnp.sum(cil, dtype=jnp.int32), sums
     return eval_step
 
 
