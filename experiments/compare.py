@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from experiments.common import (STRATEGY_ARG_HELP, Bars, Parser, metrics_help, parse_metrics,
+from experiments.common import (Bars, Parser, metrics_help, parse_metrics,
                                 strategies_help, strategy_arguments, write_json_atomic)
 from experiments.figures import accuracy_curve_figure, cost_accuracy_figure, save_figure
 from lightcl_jax.config import DEFAULT_METRICS, Config
@@ -69,13 +69,17 @@ def build_parser():
                         "experiments.pretrain or experiments.convert_torch); --nf defaults to its")
     p.add_argument("--dataset", default=None, choices=DATASETS,
                    help=f"default: the config's, or {Config().dataset}")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--num-tasks", type=int, default=None)
+    p.add_argument("--data-dir", default=None, help="as experiments.run's (default: TFDS's)")
+    p.add_argument("--num-tasks", type=int, default=None,
+                   help="tasks to split the classes into (default: the dataset's)")
     p.add_argument("--strategies", default=None,
                    help="comma-separated names or import paths (default: " + ",".join(ORDER)
                         + ")")
     p.add_argument("--strategy-arg", action="append", default=[], metavar="[STRATEGY.]NAME=VALUE",
-                   help=STRATEGY_ARG_HELP + " (default: each strategy's defaults)")
+                   help="a hyperparameter, repeatable: NAME=VALUE sets it in every strategy "
+                        "that has it (buffer_size=15), STRATEGY.NAME=VALUE in that one "
+                        "(ewc.lam=100); the strategies' hyperparameters and defaults are listed "
+                        "at the end (default: each strategy's defaults)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), metavar="NAMES",
                    help="the run summaries and evaluation metrics to report (as "
                         "experiments.run's --metrics)")
@@ -84,13 +88,16 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--one-by-one", action="store_true",
                    help="train a strategy's seeds one after another, not in one program")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--nf", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per task (default: the config's, or the dataset's)")
+    p.add_argument("--nf", type=int, default=None,
+                   help="ResNet width (default: the config's, the backbone's, or the dataset's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"training batch size (default: the config's, or {Config().batch_size})")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N visible devices (default: all)")
     p.add_argument("--workdir", default=None, help="default: runs/compare-<dataset>")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

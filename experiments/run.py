@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "experiments/configs/) or a .py file defining FLAGS: its values become "
                         "the defaults, and flags given here override them (default: none)")
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default=d.dataset, choices=DATASETS)
+    data.add_argument("--dataset", default=d.dataset, choices=DATASETS,
+                      help="the task stream (digits32, digits: offline; the others from TFDS)")
     data.add_argument("--data-dir", default=None,
                       help="TFDS data_dir holding the prepared dataset; tinyimagenet: the "
                            "tiny-imagenet-200 folder (default: TFDS's)")
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--epochs", type=int, default=None,
                           help="epochs per task (default: digits32 and digits 10, cifar 50, "
                                "tinyimagenet 100)")
-    schedule.add_argument("--batch-size", type=int, default=d.batch_size)
+    schedule.add_argument("--batch-size", type=int, default=d.batch_size,
+                          help="training batch size")
     schedule.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
     schedule.add_argument("--last-batch", default=d.last_batch, choices=LAST_BATCH_MODES,
                           help="an epoch's samples after its last full batch: drop them, or "
@@ -102,12 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--metrics", default=",".join(d.metrics), metavar="NAMES",
                             help="the run summaries and evaluation metrics to report, comma-"
                                  "separated names or import paths (avg always among them); "
-                                 "+NAME adds to the defaults (listed at the end)")
+                                 "+NAME,... adds to the built-ins (all listed at the end)")
     evaluation.add_argument("--layer-metrics", nargs="?", const=d.similarity, default=None,
                             metavar="SIMILARITY",
                             help="record LP and MS per layer after every task in results.json "
                                  f"(default: off; given alone, {d.similarity})")
-    evaluation.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    evaluation.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                            help="largest evaluation batch")
     _add_run_flags(p, d)
     return p
 

@@ -442,6 +442,13 @@ def test_sigkill_mid_task_then_rerun_writes_the_clean_results(tmp_path, finished
     assert [e.step for e in cil] == [x["global_step"] for x in tasks]
     assert [e.value for e in cil] == pytest.approx([x["cil"] for x in tasks])
     assert [e.step for e in events.Scalars("accuracy_til/task0")] == epoch_steps
+    # Every metric of the run: the evaluation loss per task and on average, each summary.
+    assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx(
+        [x["avg_eval_loss"] for x in tasks])
+    assert [e.value for e in events.Scalars("eval_loss/task0")] == pytest.approx(
+        [row[0] for row in got["eval_loss"]])
+    assert events.Scalars("summary/avg_incremental_cil")[-1].value == pytest.approx(
+        got["avg_incremental_cil"])
     np.testing.assert_array_equal(got["acc_cil"][-1], want["acc_cil"][-1])
     # The real command prints the tables and the averages it wrote.
     assert "TIL accuracy" in resumed.stdout and "CIL accuracy" in resumed.stdout
