@@ -95,7 +95,7 @@ def strategy_arguments(strategies: dict[str, type], given: list[str],
       ValueError: a malformed flag, one that sets nothing (a strategy not run here, or a
         hyperparameter no strategy here has), a bad value; one line naming what is allowed.
     """
-    from lightcl_jax.strategies.hyperparameters import check_names, parse_value
+    from lightcl_jax.strategies.hyperparameters import check_names, fields, parse_value
 
     args = {key: {} for key in strategies}
     for key, cls in strategies.items():
@@ -113,7 +113,7 @@ def strategy_arguments(strategies: dict[str, type], given: list[str],
         qualifier, name, value = split_strategy_arg(text)
         targets = [key for key, cls in strategies.items()
                    if qualifier in (None, key, cls.name) and
-                   (qualifier is not None or name in _field_names(cls))]
+                   (qualifier is not None or name in {f.name for f in fields(cls)})]
         if qualifier is not None and not targets:
             raise ValueError(f"--strategy-arg {text}: {qualifier} is not a strategy of this run "
                              f"({', '.join(strategies)})")
@@ -126,11 +126,6 @@ def strategy_arguments(strategies: dict[str, type], given: list[str],
         for key in targets:
             args[key][name] = parse_value(strategies[key], name, value)
     return args
-
-
-def _field_names(cls) -> set[str]:
-    import dataclasses
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 def parse_metrics(text: str, default: tuple[str, ...]) -> tuple[str, ...]:

@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--seeds", type=int, default=1, metavar="N",
                           help="train seeds --seed .. --seed+N-1 together in one compiled program "
                                "(vmapped); results.json then holds per-seed results and mean/std")
+    _add_strategy_and_metric_flags(p, d)
+    _add_run_flags(p, d)
+    return p
+
+
+def _add_strategy_and_metric_flags(p: argparse.ArgumentParser, d: Config) -> None:
+    """The strategy's flags (its name, its hyperparameters, what it freezes) and the
+    evaluation's (metrics, layer metrics)."""
     strategy = p.add_argument_group("strategy")
     strategy.add_argument("--strategy", default=d.strategy, metavar="NAME",
                           help="a built-in strategy (" + ", ".join(STRATEGIES) + ") or the "
@@ -111,8 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
                                  f"(default: off; given alone, {d.similarity})")
     evaluation.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
                             help="largest evaluation batch")
-    _add_run_flags(p, d)
-    return p
 
 
 def _more_help(args) -> str:
@@ -154,8 +160,9 @@ def format_table(results: dict) -> str:
     text (per seed and mean +/- std for several seeds)."""
     if "seeds" in results:
         return _format_seeds(results)
+    from lightcl_jax.training.results import metric_names
     n = results["num_tasks"]
-    names = results["metric_names"]
+    names = metric_names(results)
     lines = [f"{results['strategy']} on {results['dataset']} ({n} tasks, seed {results['seed']}, "
              f"eval split {results['eval_split']})", ""]
     matrices = [(f"{label} accuracy (%)", results[key], "8.2f")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lightcl_jax.accounting.process import peak_rss_mb
+from lightcl_jax.config import LEGACY_METRICS
 from lightcl_jax.training.lanes import seed_statistics
 from lightcl_jax.training.programs import Programs
 from lightcl_jax.training.record import RunRecord
@@ -19,12 +20,18 @@ MEASURED = ("wall_time_s",)
 MEASURED_RESOURCES = ("peak_rss_mb",)
 
 
+def metric_names(results: dict) -> dict[str, list[str]]:
+    """``{"summaries": [...], "evaluation": [...]}``: the metrics a run's results hold
+    (results of a version before the metrics were a setting: `LEGACY_METRICS`)."""
+    return results.get("metric_names", {"summaries": list(LEGACY_METRICS), "evaluation": []})
+
+
 def scalar_metric_keys(results: dict) -> list[str]:
     """The keys of a run's results (or one seed's) that hold a number per metric: each
     summary's ``<name>_til`` and ``<name>_cil``, each evaluation metric's
     ``avg_eval_<name>`` (read from its ``metric_names``). Several seeds report each as a
     mean and std; `experiments.compare` tabulates them."""
-    names = results["metric_names"]
+    names = metric_names(results)
     return ([f"{s}_{kind}" for s in names["summaries"] for kind in ("til", "cil")]
             + [f"avg_eval_{e}" for e in names["evaluation"]])
 
