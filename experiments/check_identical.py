@@ -13,8 +13,10 @@ the peak resident memory (one level into dicts: ``resources.eval_flops``),
 and lists the entries only the new one has. Prints one line per run; exits 1
 when an old entry differs or is gone. A refactor should leave every line
 "identical: True". ``--ignore config,identity`` leaves out entries whose
-recording changed on purpose (e.g. how the settings are written). Flags after
-``--`` go to every run (e.g. ``-- --epochs 2``).
+recording changed on purpose (e.g. how the settings are written);
+``--new-flags "..."`` gives this checkout's runs flags the old code does not
+have (e.g. ``--metrics avg,forgetting,bwt``, the metrics it computed). Flags
+after ``--`` go to every run (e.g. ``-- --epochs 2``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -94,6 +97,9 @@ def main(argv=None) -> int:
                         help="comma-separated top-level entries left out of the comparison "
                              "(e.g. config,identity where only how settings are recorded "
                              "changed)")
+    parser.add_argument("--new-flags", default="", metavar="FLAGS",
+                        help="flags for this checkout's runs only, one string (settings the "
+                             "old code does not have)")
     args = parser.parse_args(own)
     names = args.runs.split(",")
     unknown = [n for n in names if n not in RUNS]
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
         for name in names:
             flags = [*RUNS[name], *run_flags]
             old_s, old = run_once(old_code, flags, os.path.join(out, "old", name))
-            new_s, new = run_once(ROOT, flags, os.path.join(out, "new", name))
+            new_s, new = run_once(ROOT, [*flags, *shlex.split(args.new_flags)],
+                                  os.path.join(out, "new", name))
             differ = differences(old, new, tuple(filter(None, args.ignore.split(","))))
             same &= not differ
             til = "avg_til_mean" if "seeds" in new else "avg_til"

@@ -37,18 +37,6 @@ IDENTITY_DEFAULTS = {"sparse_execution": "masked", "last_batch": "drop"}
 # The metrics a run computes unless told otherwise: every built-in summary and
 # evaluation metric (`lightcl_jax.metrics.continual`). ``avg`` is always among them.
 DEFAULT_METRICS = ("avg", "forgetting", "bwt", "avg_incremental", "loss")
-# Before strategies owned their hyperparameters, the config held them: old field ->
-# {strategy: hyperparameter}. `upgrade_identity` reads older runs' identities with it.
-LEGACY_STRATEGY_FIELDS = {
-    "beta": {"lightcl": "beta"}, "ratio": {"lightcl": "ratio"},
-    "buffer_size": {"lightcl": "buffer_size", "er": "buffer_size", "derpp": "buffer_size",
-                    "agem": "buffer_size"},
-    "derpp_alpha": {"derpp": "alpha"}, "derpp_beta": {"derpp": "beta"},
-    "ewc_lambda": {"ewc": "lam"}, "ewc_gamma": {"ewc": "gamma"},
-    "lwf_alpha": {"lwf": "alpha"}, "lwf_temperature": {"lwf": "temperature"},
-}
-# What runs computed before the metrics were a setting.
-LEGACY_METRICS = ("avg", "forgetting", "bwt")
 # JAX's PRNG keys hold 32 bits of a seed: 2**32 would give seed 0's key.
 MAX_SEED = 2**32 - 1
 # A ResNet-18 of nf 4096 holds 4.6e10 weights; whether a smaller one fits the device is
@@ -276,25 +264,6 @@ class Config:
             if settings[field] == value:
                 del settings[field]
         return settings
-
-
-def upgrade_identity(identity: dict) -> dict:
-    """A run identity as this version writes it, from one an older version wrote (the
-    same dict when it is current): a config that held the strategies' hyperparameters
-    as fields (`LEGACY_STRATEGY_FIELDS`) gets its strategy's as ``strategy_args`` and the
-    metrics those runs computed (`LEGACY_METRICS`)."""
-    config = identity.get("config") if isinstance(identity, dict) else None
-    if not isinstance(config, dict) or "strategy_args" in config or "beta" not in config:
-        return identity
-    config = dict(config)
-    strategy, args = config.get("strategy"), {}
-    for field, owners in LEGACY_STRATEGY_FIELDS.items():
-        value = config.pop(field, None)
-        if strategy in owners:
-            args[owners[strategy]] = value
-    config["strategy_args"] = args
-    config["metrics"] = list(LEGACY_METRICS)
-    return {**identity, "config": config}
 
 
 def _defaults_text() -> str:

@@ -111,7 +111,7 @@ def resume_old_fixture(name, tmp_path, config, stream, clean, *, seeds=1, bounda
     That code held the strategy's hyperparameters as config fields and computed the
     metrics of `LEGACY_METRICS`: the identity it wrote reads as this code's
     (`upgrade_identity`), and it resumes with those metrics."""
-    from lightcl_jax.config import LEGACY_METRICS, upgrade_identity
+    from lightcl_jax.training.checkpoint import LEGACY_METRICS, upgrade_identity
     directory = tmp_path / f"old-{name}"
     shutil.copytree(os.path.join(FIXTURES, name, "checkpoints"), directory)
     if boundary:

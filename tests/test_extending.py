@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import compare, run
-from lightcl_jax.config import DEFAULT_METRICS, Config, upgrade_identity
+from lightcl_jax.config import DEFAULT_METRICS, Config
 from lightcl_jax.data.streams import split_into_tasks
 from lightcl_jax.metrics.continual import (EvalMetric, Summary, average_incremental_accuracy,
                                            register_eval_metric, register_summary, split_metrics)
@@ -20,7 +20,7 @@ from lightcl_jax.registry import EVAL_METRICS, STRATEGIES, SUMMARIES, load_path
 from lightcl_jax.strategies import (LightCL, OnlineEWC, Strategy, get_strategy, hyperparameter,
                                     register_strategy)
 from lightcl_jax.strategies.hyperparameters import describe, parse_value
-from lightcl_jax.training.checkpoint import RunCheckpoints
+from lightcl_jax.training.checkpoint import RunCheckpoints, upgrade_identity
 from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.progress import Progress
 from test_checkpoint import _SnapshotAfter, _same

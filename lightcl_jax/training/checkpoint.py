@@ -32,8 +32,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from lightcl_jax.config import upgrade_identity
-
 # Version of the layout above; a checkpoint of another version is refused.
 FORMAT = 1
 
@@ -248,6 +246,39 @@ def _describe(shape_dtype) -> str:
         return "absent"
     shape, dtype = shape_dtype
     return f"{dtype}{list(shape)}"
+
+
+# Before strategies owned their hyperparameters, the config held them: old field ->
+# {strategy: hyperparameter}. `upgrade_identity` reads older runs' identities with it.
+LEGACY_STRATEGY_FIELDS = {
+    "beta": {"lightcl": "beta"}, "ratio": {"lightcl": "ratio"},
+    "buffer_size": {"lightcl": "buffer_size", "er": "buffer_size", "derpp": "buffer_size",
+                    "agem": "buffer_size"},
+    "derpp_alpha": {"derpp": "alpha"}, "derpp_beta": {"derpp": "beta"},
+    "ewc_lambda": {"ewc": "lam"}, "ewc_gamma": {"ewc": "gamma"},
+    "lwf_alpha": {"lwf": "alpha"}, "lwf_temperature": {"lwf": "temperature"},
+}
+# What runs computed before the metrics were a setting.
+LEGACY_METRICS = ("avg", "forgetting", "bwt")
+
+
+def upgrade_identity(identity: dict) -> dict:
+    """A run identity as this version writes it, from one an older version wrote (the
+    same dict when it is current): a config that held the strategies' hyperparameters
+    as fields (`LEGACY_STRATEGY_FIELDS`) gets its strategy's as ``strategy_args`` and the
+    metrics those runs computed (`LEGACY_METRICS`)."""
+    config = identity.get("config") if isinstance(identity, dict) else None
+    if not isinstance(config, dict) or "strategy_args" in config or "beta" not in config:
+        return identity
+    config = dict(config)
+    strategy, args = config.get("strategy"), {}
+    for field, owners in LEGACY_STRATEGY_FIELDS.items():
+        value = config.pop(field, None)
+        if strategy in owners:
+            args[owners[strategy]] = value
+    config["strategy_args"] = args
+    config["metrics"] = list(LEGACY_METRICS)
+    return {**identity, "config": config}
 
 
 def identity_differences(stored: dict, current: dict) -> str:
