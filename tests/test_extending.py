@@ -2,6 +2,7 @@
 of three kinds as plugins, streams of your own, and the two examples in docs/examples/."""
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -361,3 +362,31 @@ def test_an_import_path_loads_once_and_names_what_is_wrong(tmp_path):
         STRATEGIES.lookup(f"{path}:BROKEN")
     assert isinstance(load_path("lightcl_jax.metrics.continual:EVAL_LOSS"), EvalMetric)
     assert isinstance(load_path(LEARNING.replace("docs/", f"{ROOT}/docs/")), Summary)
+
+
+def test_an_evaluation_metric_is_a_pure_jittable_pair_testable_with_chex():
+    """The example's calibration error, batch by batch, against NumPy on all of a task at
+    once; padding rows (valid False) are left out."""
+    import chex
+    metric = load_path(os.path.join(ROOT, ECE))
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(20, 6)).astype(np.float32) * 3
+    labels = rng.integers(0, 6, size=20).astype(np.int32)
+    valid = np.arange(20) < 17                                  # three padding rows
+    update = jax.jit(functools.partial(metric.update, class_offset=jnp.asarray(2),
+                                       classes_per_task=2))
+    halves = [update(jnp.asarray(logits[s]), jnp.asarray(labels[s]), jnp.asarray(valid[s]))
+              for s in (slice(0, 10), slice(10, 20))]
+    total = jax.tree_util.tree_map(lambda a, b: np.asarray(a, np.float64) + np.asarray(b),
+                                   *halves)
+    p = np.exp(logits[:17] - logits[:17].max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    confidence, right = p.max(1), p.argmax(1) == labels[:17]
+    bins = np.minimum((confidence * 15).astype(int), 14)
+    chex.assert_trees_all_close(total, {
+        "count": np.bincount(bins, minlength=15).astype(np.float64),
+        "confidence": np.bincount(bins, confidence, minlength=15),
+        "correct": np.bincount(bins, right.astype(np.float64), minlength=15)}, rtol=1e-5)
+    expected = np.sum(np.abs(np.bincount(bins, right.astype(float), minlength=15)
+                             - np.bincount(bins, confidence, minlength=15))) / 17
+    assert metric.compute(total) == pytest.approx(expected, rel=1e-5)
