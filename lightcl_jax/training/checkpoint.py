@@ -284,7 +284,7 @@ def upgrade_identity(identity: dict) -> dict:
 def identity_differences(stored: dict, current: dict) -> str:
     """'' when two run identities agree, else the differing entries, one clause each.
 
-    ``stored`` may be an older version's (`lightcl_jax.config.upgrade_identity` reads it).
+    ``stored`` may be an older version's (`upgrade_identity` reads it).
     """
     stored = upgrade_identity(stored)
     out = []
