@@ -92,11 +92,16 @@ def strategy_arguments(strategies: dict[str, type], given: list[str],
       config_name: the config, for messages.
 
     Raises:
-      ValueError: a malformed flag, one that sets nothing (a strategy not run here, or a
-        hyperparameter no strategy here has), a bad value; one line naming what is allowed.
+      ValueError: a config's strategy_args that is not a dict, a malformed flag, one that
+        sets nothing (a strategy not run here, or a hyperparameter no strategy here has), a
+        bad value (each strategy is made from its arguments here, so each value is checked
+        against its declaration); one line naming what is allowed.
     """
     from lightcl_jax.strategies.hyperparameters import check_names, fields, parse_value
 
+    if from_config is not None and not isinstance(from_config, dict):
+        raise ValueError(f"config {config_name}: strategy_args must be a dict of strategy "
+                         f"names to dicts of hyperparameters; got {from_config!r}")
     args = {key: {} for key in strategies}
     for key, cls in strategies.items():
         for owner in {key, cls.name}:
@@ -125,6 +130,8 @@ def strategy_arguments(strategies: dict[str, type], given: list[str],
                              f"({', '.join(strategies)}) has a hyperparameter {name!r}")
         for key in targets:
             args[key][name] = parse_value(strategies[key], name, value)
+    for key, cls in strategies.items():
+        cls.from_args(args[key])
     return args
 
 

@@ -132,12 +132,8 @@ def strategy_configs(parser, args, names: list[str]) -> tuple[dict[str, Config],
             configs[name].validate()
         from lightcl_jax.strategies import strategy_class
         classes = {name: strategy_class(name) for name in names}
-        if config_args is not None and not isinstance(config_args, dict):
-            raise ValueError(f"config {args.config}: strategy_args must be a dict of strategy "
-                             f"names to dicts of hyperparameters; got {config_args!r}")
         strategy_args = strategy_arguments(classes, args.strategy_arg, config_args, args.config)
-        for name, cls in classes.items():
-            cls.from_args(strategy_args[name])  # each value checked against its declaration
+        for name in classes:
             configs[name] = dataclasses.replace(configs[name], strategy_args=strategy_args[name])
     except (TypeError, ValueError) as err:
         parser.error(str(err))

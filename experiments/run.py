@@ -238,7 +238,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     strategy_args = strategy_arguments({config.strategy: cls}, args.strategy_arg,
                                        getattr(args, "config_strategy_args", None),
                                        args.config)[config.strategy]
-    cls.from_args(strategy_args)  # each value checked against its declaration
     return dataclasses.replace(config, strategy_args=strategy_args)
 
 
@@ -267,9 +266,6 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None
             parser.error(f"config {args.config} sets unknown flags {unknown}; flags are "
                          f"experiments.run's, by argparse name: {', '.join(sorted(known))}, "
                          "and strategy_args (strategy -> its hyperparameters)")
-        if config_args is not None and not isinstance(config_args, dict):
-            parser.error(f"config {args.config}: strategy_args must be a dict of strategy "
-                         f"names to dicts of hyperparameters; got {config_args!r}")
         parser.set_defaults(**flags)
         args = parser.parse_args(argv)
         if getattr(module, "PRETRAINED", False) and args.init_from is None:
