@@ -117,7 +117,7 @@ def test_peak_rss_is_the_kernels_figure_and_malloc_arenas_cap_on_glibc():
     import platform
     import sys
 
-    from lightcl_jax.accounting.process import limit_malloc_arenas, peak_rss_mb
+    from lightcl_jax.process import limit_malloc_arenas, peak_rss_mb
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     assert 0 < peak_rss_mb() and abs(peak_rss_mb() - hwm) < 64  # both in MiB, moments apart
@@ -130,7 +130,7 @@ def test_release_free_memory_hands_freed_heap_pages_back():
     import platform
     import sys
 
-    from lightcl_jax.accounting.process import release_free_memory
+    from lightcl_jax.process import release_free_memory
     if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
         assert release_free_memory() is False
         return
@@ -165,7 +165,7 @@ def test_bench_rss_refuses_a_bad_setting_before_running_anything(capsys):
 
 
 def test_huge_pages_environment_asks_only_where_it_changes_something():
-    from lightcl_jax.accounting.process import huge_pages_environment
+    from lightcl_jax.process import huge_pages_environment
     madvise, env = "always [madvise] never\n", {"PATH": "/bin"}
     assert huge_pages_environment(env, "glibc 2.36", madvise) == {
         "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
@@ -193,8 +193,8 @@ def test_run_with_huge_pages_runs_the_command_again_with_the_tunable(tmp_path):
     import subprocess
     import sys
 
-    from lightcl_jax.accounting.process import huge_pages_environment
-    code = ("import os, sys; from lightcl_jax.accounting.process import run_with_huge_pages; "
+    from lightcl_jax.process import huge_pages_environment
+    code = ("import os, sys; from lightcl_jax.process import run_with_huge_pages; "
             "print('start', os.getpid(), flush=True); run_with_huge_pages(); "
             "print('tunables', os.environ.get('GLIBC_TUNABLES'), os.getpid(), sys.argv[1:])")
     env = {k: v for k, v in os.environ.items()

@@ -20,10 +20,10 @@ PACKAGE = ROOT / "lightcl_jax"
 # specific prefix names a module's layer.
 LAYERS = (
     ("lightcl_jax._lazy", "lightcl_jax.registry", "lightcl_jax.model.layers",
-     "lightcl_jax.accounting.process"),
+     "lightcl_jax.process"),
     ("lightcl_jax.compiler", "lightcl_jax.data", "lightcl_jax.model", "lightcl_jax.metrics",
      "lightcl_jax.memory",
-     "lightcl_jax.accounting.theory", "lightcl_jax.accounting.xla", "lightcl_jax.accounting.live"),
+     "lightcl_jax.accounting.theory", "lightcl_jax.compiler", "lightcl_jax.accounting.live"),
     ("lightcl_jax.config",),
     ("lightcl_jax.strategies",),
     ("lightcl_jax.training",),

@@ -97,7 +97,7 @@ def test_exported_stream_round_trips_and_the_harness_runs_both_sides(tmp_path):
     assert summary["epochs_overridden"] and len(lines) == 2
     # Both sides in one environment: the reference gets the huge-pages tunable our
     # scripts run themselves with, where they do.
-    from lightcl_jax.accounting.process import huge_pages_here
+    from lightcl_jax.process import huge_pages_here
     tunables = (huge_pages_here() or os.environ).get("GLIBC_TUNABLES")
     assert summary["glibc_tunables"] == tunables
     log = (tmp_path / "w" / "reference-seed3.log").read_text()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from lightcl_jax import compiler
 from lightcl_jax.accounting.theory import STRATEGIES as THEORY_STRATEGIES
 from lightcl_jax.accounting.theory import theoretical_cost
-from lightcl_jax.accounting.xla import compiled_cost
+from lightcl_jax.compiler import compiled_cost
 from lightcl_jax.config import Config
 from lightcl_jax.model.layers import FREEZE_POINTS
 from lightcl_jax.model.resnet import ResNet18

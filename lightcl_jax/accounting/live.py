@@ -26,7 +26,7 @@ import os
 import re
 import tempfile
 
-from lightcl_jax.accounting.xla import compiled_cost
+from lightcl_jax.compiler import compiled_cost
 
 _PEAK = re.compile(r"^\s*Live ranges at (\d+) \(peak\):\s*$")
 _LIVE = re.compile(r"^\s+(\S+?)\{[\d,]*\}: (\d+) bytes")

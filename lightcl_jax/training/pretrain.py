@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from lightcl_jax import compiler
-from lightcl_jax.accounting.process import peak_rss_mb
+from lightcl_jax.process import peak_rss_mb
 from lightcl_jax.data.pipeline import eval_batches, part_of, prefetch
 from lightcl_jax.data.sources import RecordImages, update_digest
 from lightcl_jax.data.streams import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD

@@ -1,7 +1,7 @@
 """A run's compiled programs: one train step per phase, one eval step, and their counts.
 
 `Programs` compiles each phase's step the first time that phase trains
-(`lightcl_jax.accounting.xla.CompiledStep`), remembers which tasks each phase
+(`lightcl_jax.compiler.CompiledStep`), remembers which tasks each phase
 trained, and carries the steps' call counts and XLA figures through a
 checkpoint, so that a resumed run reports the whole run's costs.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lightcl_jax.accounting.xla import CompiledStep, run_resources
+from lightcl_jax.compiler import CompiledStep, run_resources
 from lightcl_jax.config import Config
 from lightcl_jax.metrics.continual import EvalMetric
 from lightcl_jax.training.placement import Placement

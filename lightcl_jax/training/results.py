@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lightcl_jax.accounting.process import peak_rss_mb
+from lightcl_jax.process import peak_rss_mb
 from lightcl_jax.training.checkpoint import LEGACY_METRICS
 from lightcl_jax.training.lanes import seed_statistics
 from lightcl_jax.training.programs import Programs

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightcl_jax import compiler
-from lightcl_jax.accounting.process import release_free_memory
+from lightcl_jax.process import release_free_memory
 from lightcl_jax.model.resnet import ResNet18, fresh_head
 from lightcl_jax.training.sparsity import (apply_masks, channel_prune_masks, compact_variables,
                                            expand_variables, pruning_from_masks)
