@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from lightcl_jax.model.resnet import ResNet18
     from lightcl_jax.training.epochs import DivergenceError
     from lightcl_jax.training.loop import train_and_evaluate
-    from lightcl_jax.training.probe import probe_freeze
+    from lightcl_jax.training.loop import probe_freeze
 
     try:
         stream = make_stream(config.dataset, data_dir=config.data_dir,

@@ -4,7 +4,7 @@
                                            [--json PATH]
 
 The experiment scripts run themselves again with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`lightcl_jax.accounting.process.
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`lightcl_jax.process.
 run_with_huge_pages`), a setting glibc reads only when a process starts. So
 this compares processes: ``--pairs`` pairs, each a process without the tunable
 then one with it, each timing ``--steps`` steps (after three untimed ones) of
@@ -31,7 +31,7 @@ import sys
 import time
 
 from experiments.common import Parser, write_json_atomic
-from lightcl_jax.accounting.process import (HUGE_PAGES_SWITCH, HUGE_PAGES_TUNABLE,
+from lightcl_jax.process import (HUGE_PAGES_SWITCH, HUGE_PAGES_TUNABLE,
                                             limit_malloc_arenas)
 
 KINDS = ("jax full", "jax lightcl", "torch full", "torch lightcl")

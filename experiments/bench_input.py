@@ -112,9 +112,9 @@ def measure(stream, config, steps: int, parser) -> dict[str, float]:
     from lightcl_jax.model.resnet import ResNet18
     from lightcl_jax.strategies import strategy_of
     from lightcl_jax.training.epochs import PREFETCH
-    from lightcl_jax.training.parallel import data_parallel
+    from lightcl_jax.training.placement import data_parallel
     from lightcl_jax.training.state import create_train_state
-    from lightcl_jax.training.steps import phase_step
+    from lightcl_jax.training.step import phase_step
 
     task = stream.tasks[0]
     parallel = data_parallel(None, {"--batch-size": config.batch_size})

@@ -11,11 +11,11 @@ set size, MiB), one after the other:
 * a LightCL run (`train_and_evaluate`, no checkpoints) three ways, with
   each run's accuracy and wall time: as the library ran before either cut
   (glibc's malloc arenas as they are, freed heap pages kept); with the
-  arenas capped at 2 (`lightcl_jax.accounting.process.limit_malloc_arenas`,
+  arenas capped at 2 (`lightcl_jax.process.limit_malloc_arenas`,
   as the experiment scripts do before JAX starts); and, as every run now
   goes, capped and with the compiler's freed memory handed back after the
   initialisation and each compilation
-  (`lightcl_jax.accounting.process.release_free_memory`).
+  (`lightcl_jax.process.release_free_memory`).
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ RUN = """
 import json, sys
 mode = sys.argv[1]
 if mode != "neither":
-    from lightcl_jax.accounting.process import limit_malloc_arenas
+    from lightcl_jax.process import limit_malloc_arenas
     assert limit_malloc_arenas(2)
 if mode != "capped, released":  # the library releases; undo it for the comparison
-    import lightcl_jax.accounting.xla, lightcl_jax.training.state
-    for module in (lightcl_jax.accounting.xla, lightcl_jax.training.state):
+    import lightcl_jax.compiler, lightcl_jax.training.state
+    for module in (lightcl_jax.compiler, lightcl_jax.training.state):
         module.release_free_memory = lambda: False
 from lightcl_jax.config import Config
 from lightcl_jax.training.loop import train_and_evaluate
@@ -97,6 +97,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from lightcl_jax.accounting.process import run_with_huge_pages
+    from lightcl_jax.process import run_with_huge_pages
     run_with_huge_pages()  # as experiments.run: fewer page faults in the steps
     sys.exit(main())

@@ -24,12 +24,12 @@ import numpy as np
 
 from lightcl_jax import compiler
 from lightcl_jax.accounting import compiled_train_step_cost
-from lightcl_jax.accounting.xla import CompiledStep
+from lightcl_jax.compiler import CompiledStep
 from lightcl_jax.config import XLA_SCHEDULERS, Config
 from lightcl_jax.strategies import strategy_of
-from lightcl_jax.training.forward import BatchStatsChain, jitted_eval_forward, jitted_forward
+from lightcl_jax.training.step import BatchStatsChain, jitted_eval_forward, jitted_forward
 from lightcl_jax.training.state import create_lane_states, run_model
-from lightcl_jax.training.steps import memory_at_task_start, memory_scheduled, phase_step
+from lightcl_jax.training.step import memory_at_task_start, memory_scheduled, phase_step
 
 
 def prepared_step(config: Config, image_shape, num_classes: int, classes_per_task: int,
@@ -146,6 +146,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from lightcl_jax.accounting.process import run_with_huge_pages
+    from lightcl_jax.process import run_with_huge_pages
     run_with_huge_pages()  # as experiments.run: fewer page faults in the steps
     sys.exit(main())

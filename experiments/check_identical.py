@@ -43,7 +43,7 @@ def run_once(code: str, flags: list[str], workdir: str) -> tuple[float, dict]:
     environment this checkout's scripts run in (glibc's huge pages where they run
     themselves again with them: an older checkout's run does not), so that the times
     compare the code."""
-    from lightcl_jax.accounting.process import huge_pages_here
+    from lightcl_jax.process import huge_pages_here
     env = dict(huge_pages_here() or os.environ, PYTHONPATH=code)
     if "--devices" in flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
@@ -62,9 +62,9 @@ def run_once(code: str, flags: list[str], workdir: str) -> tuple[float, dict]:
 def differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """The entries of the old results dict that the new one lacks or holds another value
     of (``resources`` entry by entry), but for what was measured
-    (`lightcl_jax.training.results.without_measurements`: wall time, peak RSS) and the
+    (`lightcl_jax.training.run.without_measurements`: wall time, peak RSS) and the
     top-level entries ``ignore`` names."""
-    from lightcl_jax.training.results import without_measurements
+    from lightcl_jax.training.run import without_measurements
     old, new = without_measurements(old), without_measurements(new)
     out = []
     for key in sorted(set(old) - set(ignore)):

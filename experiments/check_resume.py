@@ -29,7 +29,7 @@ IGNORED = ("wall_time_s", "resumed_at_steps", "resources.peak_rss_mb")
 
 def _differences(want: dict, got: dict) -> list[str]:
     """The entries that differ, but for `IGNORED` (the measured ones and the resume steps)."""
-    from lightcl_jax.training.results import without_measurements
+    from lightcl_jax.training.run import without_measurements
     want, got = without_measurements(want), without_measurements(got)
     return sorted(k for k in set(want) | set(got)
                   if k != "resumed_at_steps" and want.get(k) != got.get(k))

@@ -6,7 +6,7 @@
 Runs every strategy (default: all registered; a class of your own by import path,
 ``path/to/file.py:Name``) for seeds --seed .. --seed+N-1
 on the same stream, model and settings. Each strategy's seeds train together
-in one compiled program (`lightcl_jax.training.lanes`; ``--one-by-one``
+in one compiled program (`lightcl_jax.training.placement`; ``--one-by-one``
 trains them one after another instead). ``--config`` takes a paper
 configuration (or a ``.py`` file with FLAGS, as ``experiments.run``): its
 values are the defaults of every strategy (its ``strategy`` excepted), and
@@ -184,7 +184,7 @@ def summarize(name: str, runs: list[dict], cost: dict, buffer: int | None,
     """A table row: ``runs`` are the seeds' results, ``wall_time_s`` that of all of them.
     Every metric the runs report besides those of `COLUMNS` (`TABULATED`) joins it as
     ``<key>`` (the mean over seeds) and ``<key>_std``."""
-    from lightcl_jax.training.results import scalar_metric_keys
+    from lightcl_jax.training.run import scalar_metric_keys
     cil = np.array([r["avg_cil"] for r in runs])
     til = np.array([r["avg_til"] for r in runs])
     others = {}
@@ -254,7 +254,7 @@ def train_seeds(config: Config, stream, variables, seeds: int, args) -> tuple[li
       DivergenceError: a seed diverged.
     """
     from lightcl_jax.training.loop import train_and_evaluate
-    from lightcl_jax.training.setup import setup_run
+    from lightcl_jax.training.run import setup_run
 
     progress = Bars(not args.no_progress)
     if not args.one_by_one:
@@ -369,6 +369,6 @@ def write_outputs(workdir, stream, c: Config, rows, all_runs, seeds: int, args) 
 
 
 if __name__ == "__main__":
-    from lightcl_jax.accounting.process import run_with_huge_pages
+    from lightcl_jax.process import run_with_huge_pages
     run_with_huge_pages()  # as experiments.run: fewer page faults in the steps
     sys.exit(main())

@@ -8,7 +8,7 @@ when ``--distributed`` is given, and otherwise the run is one process. CPU
 hosts exchange their collectives over gloo (set before the runtime starts;
 GPU and TPU backends have their own). Every process then sees every
 process's devices: the batch is split over all of them, each process reading
-only its part of it (`lightcl_jax.training.parallel.DataParallel`). When
+only its part of it (`lightcl_jax.training.placement.DataParallel`). When
 another process dies, the next collective fails and `exit_lost_process` ends
 this one with one line.
 

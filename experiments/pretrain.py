@@ -24,7 +24,7 @@ import sys
 
 from experiments import distributed
 from experiments.common import Bars, Parser, write_json_atomic
-from lightcl_jax.accounting.process import limit_malloc_arenas, run_with_huge_pages
+from lightcl_jax.process import limit_malloc_arenas, run_with_huge_pages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         data, finished, lock = _prepare_workdir(config, args, workdir)
     except (ValueError, OSError) as err:
         parser.error(str(err))
-    from lightcl_jax.training.preemption import handle_signals
+    from lightcl_jax.training.workdir import handle_signals
     with lock, handle_signals():  # SIGTERM, SIGINT: checkpoint after the step, then stop
         return _pretrain_in_workdir(parser, args, config, data, finished, workdir)
 
@@ -96,7 +96,7 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
     from lightcl_jax.model.backbone import BackboneError, save_backbone
     from lightcl_jax.training.checkpoint import RunCheckpoints
     from lightcl_jax.training.epochs import DivergenceError
-    from lightcl_jax.training.preemption import Preempted
+    from lightcl_jax.training.workdir import Preempted
     from lightcl_jax.training.pretrain import pretrain
     from lightcl_jax.training.progress import Progress
 
@@ -167,9 +167,9 @@ def _prepare_workdir(config, args, workdir: str):
         or one a live process trains in (`WorkdirInUse`).
     """
     from lightcl_jax.model.backbone import META_FILE
-    from lightcl_jax.training.parallel import data_parallel
+    from lightcl_jax.training.placement import data_parallel
     from lightcl_jax.training.pretrain import load_tfds_data
-    from lightcl_jax.training.workdir_lock import lock_workdir
+    from lightcl_jax.training.workdir import lock_workdir
 
     results_path = os.path.join(workdir, "pretrain.json")
     backbone_dir = os.path.join(workdir, "backbone")

@@ -148,6 +148,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from lightcl_jax.accounting.process import run_with_huge_pages
+    from lightcl_jax.process import run_with_huge_pages
     run_with_huge_pages()  # as experiments.run
     sys.exit(main())

@@ -23,7 +23,7 @@ from experiments.common import (STRATEGY_ARG_HELP, Bars, Parser, metrics_help, p
                                 parse_metrics, strategies_help, strategy_arguments,
                                 write_json_atomic)
 from experiments.figures import accuracy_figure, save_figure
-from lightcl_jax.accounting.process import limit_malloc_arenas, run_with_huge_pages
+from lightcl_jax.process import limit_malloc_arenas, run_with_huge_pages
 from lightcl_jax.config import (DEFAULT_METRICS, FROZEN_BN_MODES, LAST_BATCH_MODES,
                                 SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config)
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
@@ -160,7 +160,7 @@ def format_table(results: dict) -> str:
     text (per seed and mean +/- std for several seeds)."""
     if "seeds" in results:
         return _format_seeds(results)
-    from lightcl_jax.training.results import metric_names
+    from lightcl_jax.training.run import metric_names
     n = results["num_tasks"]
     names = metric_names(results)
     lines = [f"{results['strategy']} on {results['dataset']} ({n} tasks, seed {results['seed']}, "
@@ -200,7 +200,7 @@ def _time_and_memory(results: dict) -> str:
 
 def _format_seeds(results: dict) -> str:
     """A row per summary and evaluation metric: each seed's value and the mean +/- std."""
-    from lightcl_jax.training.results import scalar_metric_keys
+    from lightcl_jax.training.run import scalar_metric_keys
     runs = results["seeds"]
     lines = [f"{results['strategy']} on {results['dataset']} ({results['num_tasks']} tasks, "
              f"seeds {runs[0]['seed']}..{runs[-1]['seed']} trained together, eval split "
@@ -301,8 +301,8 @@ def main(argv=None) -> int:
         parser.error(problem)
 
     # JAX loads only now that the flags are known to be good: a bad flag fails fast.
-    from lightcl_jax.training.preemption import handle_signals
-    from lightcl_jax.training.workdir_lock import lock_workdir
+    from lightcl_jax.training.workdir import handle_signals
+    from lightcl_jax.training.workdir import lock_workdir
 
     fresh = not os.path.exists(workdir)
     try:
@@ -334,7 +334,7 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
     from lightcl_jax.training.checkpoint import RunCheckpoints
     from lightcl_jax.training.epochs import DivergenceError
     from lightcl_jax.training.loop import train_and_evaluate
-    from lightcl_jax.training.preemption import Preempted
+    from lightcl_jax.training.workdir import Preempted
     from lightcl_jax.training.progress import Fanout, MetricsLog, Progress, TensorBoardLog
 
     config = run.config
@@ -411,13 +411,13 @@ def _kept(checkpoints) -> str:
 
 
 def prepare_run(config: Config, args: argparse.Namespace):
-    """(`lightcl_jax.training.setup.Run`, the backbone's meta or None) of the flags.
+    """(`lightcl_jax.training.run.Run`, the backbone's meta or None) of the flags.
 
     Raises:
       ValueError: a bad backbone, data, device count, or a backbone that does not fit.
     """
     from lightcl_jax.model.backbone import load_backbone
-    from lightcl_jax.training.setup import setup_run
+    from lightcl_jax.training.run import setup_run
 
     init_variables = backbone = None
     if args.init_from is not None:

@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 from experiments.common import Parser, write_json_atomic
-from lightcl_jax.accounting.process import huge_pages_here
+from lightcl_jax.process import huge_pages_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "experiments", "side_by_side", "run_reference.py")

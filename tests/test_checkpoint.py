@@ -29,7 +29,7 @@ from lightcl_jax.training.checkpoint import (CheckpointError, Position, RunCheck
 from lightcl_jax.training.epochs import DivergenceError
 from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.progress import Progress
-from lightcl_jax.training.results import without_measurements
+from lightcl_jax.training.run import without_measurements
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The digits tasks have 325, 325, 327, 324 and 317 training samples: at batch 32 and 1 epoch,
@@ -111,7 +111,7 @@ def resume_old_fixture(name, tmp_path, config, stream, clean, *, seeds=1, bounda
     That code held the strategy's hyperparameters as config fields and computed the
     metrics of `LEGACY_METRICS`: the identity it wrote reads as this code's
     (`upgrade_identity`), and it resumes with those metrics."""
-    from lightcl_jax.training.checkpoint import LEGACY_METRICS, upgrade_identity
+    from lightcl_jax.training.run import LEGACY_METRICS, upgrade_identity
     directory = tmp_path / f"old-{name}"
     shutil.copytree(os.path.join(FIXTURES, name, "checkpoints"), directory)
     if boundary:
@@ -504,7 +504,7 @@ def test_sigterm_mid_run_checkpoints_exits_143_and_the_rerun_gives_the_clean_res
 
 
 def test_signals_only_set_a_flag_inside_handle_signals():
-    from lightcl_jax.training import preemption
+    from lightcl_jax.training import workdir as preemption
     before = signal.getsignal(signal.SIGINT)
     with preemption.handle_signals():
         os.kill(os.getpid(), signal.SIGINT)   # no KeyboardInterrupt here

@@ -12,7 +12,7 @@ import pytest
 
 from experiments import run
 from lightcl_jax.data.streams import make_stream
-from lightcl_jax.training.workdir_lock import WorkdirInUse, lock_workdir
+from lightcl_jax.training.workdir import WorkdirInUse, lock_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

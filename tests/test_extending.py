@@ -21,7 +21,8 @@ from lightcl_jax.registry import EVAL_METRICS, STRATEGIES, SUMMARIES, load_path
 from lightcl_jax.strategies import (LightCL, OnlineEWC, Strategy, get_strategy, hyperparameter,
                                     register_strategy)
 from lightcl_jax.strategies.hyperparameters import describe, parse_value
-from lightcl_jax.training.checkpoint import RunCheckpoints, upgrade_identity
+from lightcl_jax.training.checkpoint import RunCheckpoints
+from lightcl_jax.training.run import upgrade_identity
 from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.progress import Progress
 from test_checkpoint import _SnapshotAfter, _same
@@ -100,7 +101,7 @@ def test_config_holds_no_strategy_field():
 def test_the_identity_holds_every_hyperparameter_and_a_changed_one_differs():
     """(The CLI test below has a workdir refuse a changed hyperparameter.)"""
     from lightcl_jax.training.checkpoint import identity_differences
-    from lightcl_jax.training.resume import run_identity
+    from lightcl_jax.training.run import run_identity
     stream = _tiny_stream(num_tasks=1)
     ewc = with_strategy(TINY, "ewc")
     # Given at its default or not given: the same run.
@@ -156,7 +157,7 @@ def test_a_stream_of_your_own_runs_with_a_config_that_names_it_or_none():
         Config(dataset="toy").resolved()
     with pytest.raises(ValueError, match="pass its stream"):
         train_and_evaluate(Config(dataset="toy", epochs=1, nf=2))
-    from lightcl_jax.training.setup import setup_run
+    from lightcl_jax.training.run import setup_run
     assert setup_run(Config(strategy="finetune", dataset="toy", epochs=1, nf=2, batch_size=8),
                      stream).config.nf == 2
     results = train_and_evaluate(Config(strategy="finetune", dataset=None, epochs=1, nf=2,

@@ -6,7 +6,7 @@ import pytest
 
 from lightcl_jax.model.layers import FREEZE_POINTS, frozen_groups
 from lightcl_jax.model.resnet import ResNet18
-from lightcl_jax.training.freezing import FROZEN, TRAINABLE, freeze_labels, masked_optimizer
+from lightcl_jax.training.step import FROZEN, TRAINABLE, freeze_labels, masked_optimizer
 
 
 @pytest.fixture(scope="module")

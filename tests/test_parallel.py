@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from lightcl_jax.training.parallel import data_parallel
+from lightcl_jax.training.placement import data_parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +55,7 @@ for devices in (4, 1):
 print(json.dumps({"max_param_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(
                       jax.tree_util.tree_leaves(p4), jax.tree_util.tree_leaves(p1))),
                   "acc_til": [[e["acc_til"] for e in r["seeds"]] for r in (r4, r1)]}))
-from lightcl_jax.training.parallel import data_parallel
+from lightcl_jax.training.placement import data_parallel
 refusals = []
 try:
     data_parallel(4, {"batch_size": 30})

@@ -21,7 +21,7 @@ from experiments import pretrain as pretrain_cli
 from experiments import run as run_cli
 from lightcl_jax.model.backbone import load_backbone, save_backbone
 from lightcl_jax.model.torch_import import convert_state_dict
-from lightcl_jax.training import preemption
+from lightcl_jax.training import workdir as preemption
 from lightcl_jax.training.checkpoint import RunCheckpoints
 from lightcl_jax.training.progress import Progress
 from lightcl_jax.training.pretrain import (PretrainConfig, epoch_order, load_tfds_data,

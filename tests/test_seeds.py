@@ -22,10 +22,10 @@ import pytest
 
 from experiments import run
 from lightcl_jax.model.resnet import ResNet18
-from lightcl_jax.training import probe
+from lightcl_jax.training import loop as probe
 from lightcl_jax.training.checkpoint import RunCheckpoints
 from lightcl_jax.training.epochs import DivergenceError, check_finite
-from lightcl_jax.training.lanes import Lanes
+from lightcl_jax.training.placement import Lanes
 from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.state import create_train_state
 from test_checkpoint import _SnapshotAfter, _same, resume_old_fixture
@@ -225,7 +225,7 @@ def test_freeze_auto_probes_every_seed_with_one_compiled_step(monkeypatch):
 def test_seed_counts_the_memory_cannot_hold_are_refused():
     """Before anything is allocated: seeds past JAX's 32-bit keys, and more seeds than the
     machine's memory holds three copies of the weights of (counted here from a real init)."""
-    from lightcl_jax.training.setup import setup_run
+    from lightcl_jax.training.run import setup_run
     stream = _tiny_stream()
     config = dataclasses.replace(TINY, seed=2**32 - 2)
     with pytest.raises(ValueError, match=r"seeds 4294967294..4294967296 go past 4294967295"):

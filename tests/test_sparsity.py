@@ -13,7 +13,7 @@ from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import LightCL
 from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.state import create_train_state
-from lightcl_jax.training.sparsity import (REFERENCE_SPARSITY, apply_masks, channel_prune_masks,
+from lightcl_jax.training.state import (REFERENCE_SPARSITY, apply_masks, channel_prune_masks,
                                            keep_pruned, kept_output_channels, sparsity_report)
 
 TINY = Config(strategy="lightcl", dataset="digits", epochs=1, nf=10, batch_size=16,
@@ -140,7 +140,7 @@ def _two_task_stream():
 
 def test_compact_execution_equals_the_masked_one_with_narrower_layers():
     from lightcl_jax.accounting import compiled_train_step_cost
-    from lightcl_jax.training.sparsity import expand_variables, pruning_from_masks
+    from lightcl_jax.training.state import expand_variables, pruning_from_masks
     stream = _two_task_stream()
     # lr 1e-3: at 0.01 a tiny run magnifies float-order differences (see test_seeds).
     config = dataclasses.replace(TINY, epochs=2, lr=1e-3)
@@ -172,7 +172,7 @@ def test_compact_execution_equals_the_masked_one_with_narrower_layers():
 
 
 def test_compact_seeds_must_prune_alike_and_masked_runs_keep_their_identity():
-    from lightcl_jax.training.resume import run_identity
+    from lightcl_jax.training.run import run_identity
     stream = _two_task_stream()
     compact = dataclasses.replace(TINY, sparse_execution="compact")
     # Without a backbone each seed starts (and prunes) from its own random weights.

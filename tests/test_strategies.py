@@ -63,7 +63,7 @@ def test_ewc_penalty_and_online_accumulation():
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
     # end_task: F = gamma * F_old + F_new, anchor = current params.
     from lightcl_jax.model.resnet import ResNet18
-    from lightcl_jax.training.forward import make_eval_forward
+    from lightcl_jax.training.step import make_eval_forward
     model = ResNet18(num_classes=4, nf=4)
     v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
     x = jnp.asarray(rng.normal(size=(6, 8, 8, 1)).astype(np.float32))
@@ -227,9 +227,9 @@ def test_agem_step_applies_the_projected_gradient():
     import optax
     from lightcl_jax.model.resnet import ResNet18
     from lightcl_jax.strategies.agem import AGEM
-    from lightcl_jax.training.forward import BatchStatsChain, make_forward
+    from lightcl_jax.training.step import BatchStatsChain, make_forward
     from lightcl_jax.training.state import create_train_state
-    from lightcl_jax.training.steps import Phase, make_train_step
+    from lightcl_jax.training.step import Phase, make_train_step
     config = with_strategy(TINY, "agem", buffer_size=6).resolved()
     model = ResNet18(num_classes=4, nf=4)
     state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0))
@@ -272,7 +272,7 @@ def test_agem_memory_holds_each_finished_tasks_share():
     stream = _tiny_stream(num_tasks=3)
     agem, memory = AGEM(buffer_size=7), None
     from lightcl_jax.model.resnet import ResNet18
-    from lightcl_jax.training.forward import make_eval_forward
+    from lightcl_jax.training.step import make_eval_forward
     from lightcl_jax.training.state import create_train_state
     model = ResNet18(num_classes=6, nf=4)
     state = create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0))

@@ -14,11 +14,11 @@ from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.strategies import LightCL
 from lightcl_jax.model.layers import frozen_groups
 from lightcl_jax.training.epochs import DivergenceError
-from lightcl_jax.training.forward import BatchStatsChain, jitted_forward
-from lightcl_jax.training.freezing import masked_optimizer
+from lightcl_jax.training.step import BatchStatsChain, jitted_forward
+from lightcl_jax.training.step import masked_optimizer
 from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.state import create_train_state
-from lightcl_jax.training.steps import Phase, make_train_step, phase_for_task, phase_step
+from lightcl_jax.training.step import Phase, make_train_step, phase_for_task, phase_step
 
 TINY = Config(strategy="lightcl", strategy_args={"buffer_size": 8}, dataset="digits", epochs=1,
               nf=4, batch_size=16)
@@ -311,10 +311,10 @@ def test_progress_gets_the_mean_loss_terms_of_each_whole_epoch(monkeypatch):
 def test_evaluate_gives_each_seeds_accuracy_on_each_task():
     """Against argmax of each seed's logits in NumPy; batches of 12 pad the 16 samples."""
     from lightcl_jax.registry import EVAL_METRICS
-    from lightcl_jax.training.evaluation import evaluate
+    from lightcl_jax.training.epochs import evaluate
     from lightcl_jax.training.placement import Placement
     from lightcl_jax.training.state import create_lane_states
-    from lightcl_jax.training.steps import make_eval_step
+    from lightcl_jax.training.step import make_eval_step
 
     stream = _tiny_stream(num_tasks=2)
     model = ResNet18(num_classes=4, nf=4)
@@ -342,7 +342,7 @@ def test_evaluate_gives_each_seeds_accuracy_on_each_task():
 
 def test_the_xla_scheduler_changes_memory_not_results():
     from lightcl_jax.accounting import compiled_train_step_cost
-    from lightcl_jax.training.resume import run_identity
+    from lightcl_jax.training.run import run_identity
     stream = _tiny_stream(num_tasks=2)
     runs = {name: train_and_evaluate(dataclasses.replace(TINY, xla_scheduler=name), stream)
             for name in ("memory", "default")}

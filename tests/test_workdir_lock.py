@@ -1,4 +1,4 @@
-"""One run per workdir (`lightcl_jax.training.workdir_lock`): a live run's workdir is refused
+"""One run per workdir (`lightcl_jax.training.workdir`): a live run's workdir is refused
 to a second process, naming it; a lock left by a killed process blocks nothing."""
 
 import os
@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from experiments import run
-from lightcl_jax.training.workdir_lock import WorkdirInUse, lock_workdir
+from lightcl_jax.training.workdir import WorkdirInUse, lock_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOLDER = ("import sys, time; from lightcl_jax.training.workdir_lock import lock_workdir; "
+HOLDER = ("import sys, time; from lightcl_jax.training.workdir import lock_workdir; "
           "lock = lock_workdir(sys.argv[1]); print('held', flush=True); time.sleep(120)")
 
 

@@ -195,11 +195,11 @@ def lockstep(checkout: str, config, stream, report=print) -> dict:
     boundary; per task the worst distances after one of them (see the module doc)."""
     import jax
 
-    from lightcl_jax.training.boundaries import run_hook
+    from lightcl_jax.training.loop import run_hook
     from lightcl_jax.training.epochs import TaskBatches
-    from lightcl_jax.training.setup import setup_run
+    from lightcl_jax.training.run import setup_run
     from lightcl_jax.training.state import create_lane_states
-    from lightcl_jax.training.steps import phase_step
+    from lightcl_jax.training.step import phase_step
 
     run = setup_run(config, stream)
     (state,), _ = create_lane_states(run.model, run.stream.image_shape, [config.seed])

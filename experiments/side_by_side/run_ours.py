@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from lightcl_jax.accounting.process import limit_malloc_arenas, run_with_huge_pages
+from lightcl_jax.process import limit_malloc_arenas, run_with_huge_pages
 from lightcl_jax.training.progress import Progress
 
 START = time.perf_counter()

@@ -24,7 +24,7 @@ from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.metrics.continual import split_metrics
 from lightcl_jax.strategies import get_strategy, strategy_of
 from lightcl_jax.training.state import create_lane_states, create_train_state, run_model
-from lightcl_jax.training.steps import abstract_memory, make_eval_step, memory_scheduled, phase_step
+from lightcl_jax.training.step import abstract_memory, make_eval_step, memory_scheduled, phase_step
 
 
 def lowered_train_step(config: Config, image_shape: tuple[int, int, int], num_classes: int,

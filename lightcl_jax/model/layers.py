@@ -1,7 +1,7 @@
 """The ResNet-18's layer groups, blocks, feature taps and freeze points, in plain Python.
 
 Every part of the library that names layers reads the names here: the model
-(`lightcl_jax.model.resnet`), freezing (`lightcl_jax.training.freezing`), the
+(`lightcl_jax.model.resnet`), freezing (`lightcl_jax.training.step`), the
 LP/MS metrics and their freeze rule, the sparse variant, the paper's
 accounting (`lightcl_jax.accounting.theory`) and the configuration's
 validation. It imports nothing, so the configuration and the CLI can check a

@@ -26,7 +26,7 @@ A forward pass can start or stop at a layer group (``start``/``stop``): a
 frozen prefix's output on fixed inputs can be computed once and reused, which
 is how LightCL avoids passing its buffer through the frozen layers every step.
 
-With ``pruning`` (`lightcl_jax.training.sparsity.pruning_from_masks`), the
+With ``pruning`` (`lightcl_jax.training.state.pruning_from_masks`), the
 model is the channel-pruned network run compactly: each conv reads only its
 kept input channels and computes only its kept output channels (narrower
 dense convolutions, narrower parameters and BatchNorm statistics); a block's
@@ -182,7 +182,7 @@ class ResNet(nn.Module):
         run compactly: ``((path, kept_in, kept_out), ...)`` for the convs
         (``stem_conv``, ``stage1_block1/conv1``, ...) and the head (``head``,
         its kept input features), indices into the full widths, None for all
-        (`lightcl_jax.training.sparsity.pruning_from_masks`). Parameters and
+        (`lightcl_jax.training.state.pruning_from_masks`). Parameters and
         statistics then have the kept widths (`compact_variables`).
     """
 

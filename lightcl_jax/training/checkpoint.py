@@ -1,4 +1,4 @@
-"""Checkpoints of a whole run with orbax: save, find the latest, restore, refuse misfits.
+"""[checkpoint] Checkpoints of a whole run with orbax: save, find the latest, restore, refuse misfits.
 
 A run's checkpoint is two orbax items:
 
@@ -21,16 +21,37 @@ checkpoint per finished task, ``steps/`` the latest mid-task one (every
 renames it when complete, so a crash during a write leaves the earlier
 checkpoints as they were. Saves are synchronous: the next train step donates
 the arrays being saved.
+
+[resume] Resuming: a run's identity, its newest checkpoint, and saving where it stands.
+
+A checkpoint resumes only the run it belongs to: `run_identity` (settings,
+data, backbone, devices, seeds) must match. `find_resume_point` reads the
+newest checkpoint's JSON part and checks that; `Saver` writes checkpoints and
+does nothing when a run has none. What a run's checkpoint holds is
+`payload`'s arrays and the meta the loop gives `Saver.save`
+(`lightcl_jax.training.checkpoint` has the layout). Pre-training
+(`lightcl_jax.training.pretrain`) resumes through the same functions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from lightcl_jax.config import Config
+from lightcl_jax.data.streams import TaskStream
+from lightcl_jax.strategies import Strategy
+from lightcl_jax.training.run import RunRecord, identity_differences
+from lightcl_jax.training.state import TrainState
+from lightcl_jax.training.step import abstract_memory, phase_for_task, phase_optimizer
+
+# --- checkpoint ---
 
 # Version of the layout above; a checkpoint of another version is refused.
 FORMAT = 1
@@ -248,53 +269,147 @@ def _describe(shape_dtype) -> str:
     return f"{dtype}{list(shape)}"
 
 
-# Before strategies owned their hyperparameters, the config held them: old field ->
-# {strategy: hyperparameter}. `upgrade_identity` reads older runs' identities with it.
-LEGACY_STRATEGY_FIELDS = {
-    "beta": {"lightcl": "beta"}, "ratio": {"lightcl": "ratio"},
-    "buffer_size": {"lightcl": "buffer_size", "er": "buffer_size", "derpp": "buffer_size",
-                    "agem": "buffer_size"},
-    "derpp_alpha": {"derpp": "alpha"}, "derpp_beta": {"derpp": "beta"},
-    "ewc_lambda": {"ewc": "lam"}, "ewc_gamma": {"ewc": "gamma"},
-    "lwf_alpha": {"lwf": "alpha"}, "lwf_temperature": {"lwf": "temperature"},
-}
-# What runs computed before the metrics were a setting.
-LEGACY_METRICS = ("avg", "forgetting", "bwt")
 
 
-def upgrade_identity(identity: dict) -> dict:
-    """A run identity as this version writes it, from one an older version wrote (the
-    same dict when it is current): a config that held the strategies' hyperparameters
-    as fields (`LEGACY_STRATEGY_FIELDS`) gets its strategy's as ``strategy_args`` and the
-    metrics those runs computed (`LEGACY_METRICS`)."""
-    config = identity.get("config") if isinstance(identity, dict) else None
-    if not isinstance(config, dict) or "strategy_args" in config or "beta" not in config:
-        return identity
-    config = dict(config)
-    strategy, args = config.get("strategy"), {}
-    for field, owners in LEGACY_STRATEGY_FIELDS.items():
-        value = config.pop(field, None)
-        if strategy in owners:
-            args[owners[strategy]] = value
-    config["strategy_args"] = args
-    config["metrics"] = list(LEGACY_METRICS)
-    return {**identity, "config": config}
 
 
-def identity_differences(stored: dict, current: dict) -> str:
-    """'' when two run identities agree, else the differing entries, one clause each.
 
-    ``stored`` may be an older version's (`upgrade_identity` reads it).
+
+# --- resume ---
+
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """The newest checkpoint of a run."""
+
+    kind: str           # "tasks" (a task's end) or "steps" (mid-task)
+    step: int           # the run's train steps at the checkpoint
+    meta: dict          # its JSON part
+    path: str           # its directory
+
+    @property
+    def position(self) -> Position:
+        return Position(**self.meta["position"])
+
+    @property
+    def first_task(self) -> int:
+        """The first task the resumed run trains (or finishes)."""
+        position = self.position
+        return position.task + 1 if position.task_done else position.task
+
+    def within(self, task_index: int) -> bool:
+        """Whether the checkpoint was taken inside ``task_index`` (it resumes mid-task)."""
+        return not self.position.task_done and self.position.task == task_index
+
+
+def find_resume_point(checkpoints: RunCheckpoints | None, identity: dict) -> ResumePoint | None:
+    """The newest checkpoint of this run, or None when there is none (or no ``checkpoints``).
+
+    Raises:
+      CheckpointError: the newest checkpoint is unreadable, or of another run.
     """
-    stored = upgrade_identity(stored)
-    out = []
-    for section in sorted(set(stored) | set(current)):
-        a, b = stored.get(section, "absent"), current.get(section, "absent")
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                if a.get(key, "absent") != b.get(key, "absent"):
-                    out.append(f"{key} {a.get(key, 'absent')!r} there, "
-                               f"{b.get(key, 'absent')!r} here")
-        elif a != b:
-            out.append(f"{section} {a!r} there, {b!r} here")
-    return "; ".join(out)
+    latest = None if checkpoints is None else checkpoints.latest()
+    if latest is None:
+        return None
+    meta = checkpoints.read_meta(*latest)
+    checkpoints.check_identity(meta, identity, *latest)
+    return ResumePoint(*latest, meta, checkpoints.path(*latest))
+
+
+def payload(state: TrainState, memory, before_task) -> dict:
+    """The arrays a run's checkpoint holds: train state, strategy memory, the model
+    before the current task (layer metrics compare with it; None otherwise)."""
+    return {"state": state, "memory": memory, "before_task": before_task}
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
+
+
+def payload_template(model, strategy: Strategy, config: Config, stream: TaskStream, state,
+                     position: Position, pretrained: bool, masks) -> dict:
+    """The structure of what a checkpoint at ``position`` holds (see `payload`), for one lane.
+
+    ``state`` is any train state of the run's model (its shapes are what count).
+    """
+    t = position.task
+    phase = phase_for_task(strategy, config, t, pretrained)
+    tx = phase_optimizer(config, state.params, phase.frozen, masks)
+    params, batch_stats = _abstract(state.params), _abstract(state.batch_stats)
+    memory = abstract_memory(model, strategy, config, phase, t, params, batch_stats,
+                             stream.image_shape, stream.classes_per_task,
+                             task_ended=position.task_done)
+    before = None
+    if config.layer_metrics is not None and t >= 1 and not position.task_done:
+        before = {"params": params, "batch_stats": batch_stats}
+    return payload(TrainState(params=params, batch_stats=batch_stats,
+                              opt_state=jax.eval_shape(tx.init, params),
+                              step=jax.ShapeDtypeStruct((), jnp.int32)), memory, before)
+
+
+@dataclasses.dataclass(frozen=True)
+class Clock:
+    """Wall time of a run over every process that ran it."""
+
+    start: float                 # time.perf_counter() when this process began
+    before_s: float = 0.0        # seconds the interrupted processes spent
+    resumed_at: tuple = ()       # the global steps the run was resumed from
+
+    def elapsed(self) -> float:
+        return self.before_s + time.perf_counter() - self.start
+
+
+class Saver:
+    """Saves a run's checkpoints: ``checkpoints`` may be None, and then nothing is saved.
+
+    Args:
+      checkpoints: where to save (and how often within a task: ``every``).
+      identity: the run's identity, stored in every checkpoint.
+    """
+
+    def __init__(self, checkpoints: RunCheckpoints | None, identity: dict):
+        self.checkpoints, self.identity = checkpoints, identity
+
+    @property
+    def every(self) -> int:
+        """Train steps between mid-task checkpoints (0: none)."""
+        return 0 if self.checkpoints is None else self.checkpoints.every
+
+    def save(self, position: Position, arrays, meta: dict) -> None:
+        """Saves ``arrays`` with ``meta``, the identity and the position (nothing
+        without checkpoints)."""
+        if self.checkpoints is None:
+            return
+        self.checkpoints.save(arrays, {"identity": self.identity,
+                                       "position": dataclasses.asdict(position), **meta},
+                              task_done=position.task_done)
+
+
+def restore_run(run, point: ResumePoint, checkpoints: RunCheckpoints, lane_state, masks: list,
+                programs) -> tuple[dict, RunRecord]:
+    """A run's arrays and record as its checkpoint at ``point`` holds them.
+
+    Args:
+      run: the `lightcl_jax.training.run.Run`.
+      point: the checkpoint (`find_resume_point`).
+      checkpoints: where it is.
+      lane_state: a train state of one lane (its shapes are what count).
+      masks: each lane's sparse masks (None each without ``--sparse``).
+      programs: the run's `lightcl_jax.training.step.Programs`; takes the
+        checkpoint's step counts and figures.
+
+    Returns:
+      (`payload`'s arrays, lane-stacked; the `RunRecord` so far).
+
+    Raises:
+      CheckpointError: the arrays do not fit this run, or cannot be read.
+    """
+    record = RunRecord.from_meta(point.meta["results"], run.placement.lanes)
+    programs.restore(point.meta)
+    config = record.configs(run.lane_configs)[0]
+    template = payload_template(run.model, run.strategy, config, run.stream, lane_state,
+                                point.position, run.pretrained, masks[0])
+    return checkpoints.restore(point.kind, point.step, run.placement.abstract(template)), record

@@ -1,4 +1,4 @@
-"""The continual-learning loop: task after task, train, evaluate, record, save.
+"""[loop] The continual-learning loop: task after task, train, evaluate, record, save.
 
 `train_and_evaluate` reads top to bottom; each step it takes lives in a
 module named for it:
@@ -14,6 +14,22 @@ module named for it:
     evaluation   accuracy on the tasks seen so far, LP/MS per layer
     record       the accuracy matrices, phases, freeze choice and layer metrics so far
     results      the results dict
+
+[boundaries] Task boundaries: the strategy's `begin_task` and `end_task` hooks, run on the host.
+
+Between the compiled steps of two tasks, each lane's hook runs on its own
+state and memory with its own config (its seed): LightCL stores its buffer
+and reference features, scores vital channels; EWC computes its Fisher;
+replay strategies make their buffers. As in the reference, the hooks'
+train-mode forwards fold their batch statistics into BatchNorm's running
+ones, which the hooks hand back through a `BatchStatsChain`.
+
+[probe] ``--freeze auto``: choose the freeze point from LP and MS measured by a one-epoch probe.
+
+Before the first task a strategy freezes in, a throwaway copy of each lane's
+model trains every layer on that task for one epoch; the deepest prefix of
+layer groups whose LP and MS stay above the threshold is frozen
+(`lightcl_jax.metrics.generalizability.choose_freeze`).
 """
 
 from __future__ import annotations
@@ -23,24 +39,49 @@ import functools
 import time
 from typing import Callable
 
-from lightcl_jax.config import Config
-from lightcl_jax.data.streams import TaskStream
-from lightcl_jax.training.boundaries import begin_task, end_task
-from lightcl_jax.training.checkpoint import Position, RunCheckpoints
-from lightcl_jax.training.epochs import TaskBatches, train_epochs
-from lightcl_jax.training.evaluation import evaluate, layer_metrics
-from lightcl_jax.training.preemption import Preempted, requested
-from lightcl_jax.training.probe import freeze_auto, needs_probe
-from lightcl_jax.training.programs import Programs
-from lightcl_jax.training.progress import Progress
-from lightcl_jax.training.record import RunRecord
-from lightcl_jax.training.resume import (Clock, Saver, find_resume_point, payload,
-                                         restore_run)
-from lightcl_jax.training.results import assemble_results, task_record
-from lightcl_jax.training.setup import Run, setup_run
-from lightcl_jax.training.state import TrainState, copy_variables, create_lane_states
-from lightcl_jax.training.steps import phase_step
+import jax
+import jax.numpy as jnp
+import numpy as np
 
+from lightcl_jax import compiler
+from lightcl_jax.config import Config
+from lightcl_jax.data.pipeline import epoch_batches
+from lightcl_jax.data.streams import TaskStream
+from lightcl_jax.metrics.generalizability import choose_freeze, generalizability
+from lightcl_jax.strategies import Strategy
+from lightcl_jax.training.checkpoint import (
+    Clock,
+    Position,
+    RunCheckpoints,
+    Saver,
+    find_resume_point,
+    payload,
+    restore_run,
+)
+from lightcl_jax.training.epochs import (
+    TaskBatches,
+    check_finite,
+    evaluate,
+    layer_metrics,
+    probe_set,
+    train_epochs,
+)
+from lightcl_jax.training.placement import Placement
+from lightcl_jax.training.progress import Progress
+from lightcl_jax.training.run import Run, RunRecord, assemble_results, setup_run, task_record
+from lightcl_jax.training.state import TrainState, copy_variables, create_lane_states, train_state
+from lightcl_jax.training.step import (
+    BatchStatsChain,
+    Phase,
+    Programs,
+    jitted_forward,
+    make_train_step,
+    phase_optimizer,
+    phase_step,
+)
+from lightcl_jax.training.workdir import Preempted, requested
+
+# --- loop ---
 
 def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *,
                        init_variables: dict | None = None, devices: int | None = None,
@@ -60,7 +101,7 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
       on_task_end: ``on_task_end(task_index, state)`` after each task trained here.
 
     Returns:
-      The results (listed by `lightcl_jax.training.results.assemble_results`).
+      The results (listed by `lightcl_jax.training.run.assemble_results`).
 
     Raises:
       ValueError (CheckpointError too): bad settings, data or checkpoint, or seeds whose
@@ -160,7 +201,7 @@ def _measures_layers(run: Run, task_index: int) -> bool:
 
 
 class _Checkpointer:
-    """Saves where a run stands (`lightcl_jax.training.resume.Saver`: nothing without
+    """Saves where a run stands (`lightcl_jax.training.checkpoint.Saver`: nothing without
     checkpoints): the arrays, and the record, compiled-step counts and time so far."""
 
     def __init__(self, saver: Saver, lanes, record: RunRecord, programs: Programs,
@@ -177,3 +218,154 @@ class _Checkpointer:
             "elapsed_s": self.clock.elapsed(),
             "resumed_at_steps": list(self.clock.resumed_at),
         })
+
+
+# --- boundaries ---
+
+def run_hook(hook: Callable, run, state, memory, batch, *, task_index: int,
+             configs: list[Config], fixed_bn: tuple[str, ...]):
+    """``hook`` (a strategy's `begin_task` or `end_task`) on every lane.
+
+    Args:
+      hook: the bound strategy method.
+      run: the `lightcl_jax.training.run.Run`.
+      state, memory: the (lane-stacked) train state and strategy memory.
+      batch: a (lane-stacked) training batch ``(x, y)`` of the task.
+      task_index: the task.
+      configs: each lane's config.
+      fixed_bn: layer groups whose BatchNorm statistics stay fixed.
+
+    Returns:
+      (state with the hook's BatchNorm updates, the hook's memory).
+    """
+    def per_lane(lane, lane_state, lane_memory, lane_batch):
+        chain = BatchStatsChain(lane_state.batch_stats)
+        lane_memory = hook(lane_memory, config=configs[lane], task_index=task_index,
+                           batch=lane_batch, forward=jitted_forward(run.model, chain, fixed_bn),
+                           eval_forward=run.eval_forward, params=lane_state.params,
+                           batch_stats=lane_state.batch_stats,
+                           classes_per_task=run.stream.classes_per_task)
+        return lane_state.replace(batch_stats=chain.latest), lane_memory
+
+    lanes = run.placement.lanes
+    states, memories = zip(*run.placement.map_lanes(per_lane, state, memory, batch, join=False))
+    return lanes.join(states), lanes.join(memories)
+
+
+def begin_task(run, state, memory, batches, *, task_index: int, phase: Phase,
+               configs: list[Config], masks: list):
+    """A task begins: each lane's optimizer state for the phase, then `begin_task`
+    on a fresh training batch (as the reference's ``next(iter(loader))``).
+
+    Returns:
+      (state, memory).
+    """
+    # SGD keeps no state, but the masked optimizer's structure follows the phase
+    # (and with --sparse it holds the lane's masks).
+    def init(lane, lane_state):
+        tx = phase_optimizer(configs[lane], lane_state.params, phase.frozen, masks[lane])
+        return tx.init(lane_state.params)
+    state = state.replace(opt_state=run.placement.map_lanes(init, state))
+    return run_hook(run.strategy.begin_task, run, state, memory, batches.one(),
+                    task_index=task_index, configs=configs, fixed_bn=phase.fixed_bn)
+
+
+def end_task(run, state, memory, batches, *, task_index: int, phase: Phase,
+             configs: list[Config]):
+    """A task's training ended: `end_task` on a fresh training batch. Returns (state, memory)."""
+    return run_hook(run.strategy.end_task, run, state, memory, batches.one(),
+                    task_index=task_index, configs=configs, fixed_bn=phase.fixed_bn)
+
+
+# --- probe ---
+
+# The probe trains every layer, without the strategy's memory.
+PROBE_PHASE = Phase(frozen=(), fixed_bn=(), uses_memory=False)
+
+
+def make_probe_step(model, tx, config, classes_per_task: int):
+    """The probe's jitted train step (state donated).
+
+    One step serves every seed: its optimizer's update reads the sparse masks
+    from the optimizer state, which each seed initialises with its own.
+    """
+    return compiler.jit(make_train_step(model, tx, Strategy(), config, PROBE_PHASE,
+                                        classes_per_task), donate_argnums=(0,))
+
+
+def probe_freeze(model, state: TrainState, stream: TaskStream, task_index: int, config: Config,
+                 *, augment: bool, masks=None, step=None) -> tuple[str, dict]:
+    """What ``--freeze auto`` freezes, decided before training task ``task_index``.
+
+    A throwaway copy of the model trains every layer on task ``task_index``
+    for one epoch (same SGD, batch size and augmentation, its own seeded
+    order). LP is measured on up to `PROBE_SIZE` training samples of that task,
+    MS on up to `PROBE_SIZE` training samples of the earlier tasks (none when
+    a pre-trained run decides at task 0: MS is then not measured), with
+    ``config.similarity``, between the model before and after the probe.
+    `choose_freeze` with ``config.freeze_threshold`` picks the freeze point.
+    Evaluation data is never used. The model itself is not changed.
+
+    Args:
+      step: the probe's compiled step (`make_probe_step`) when several models
+        share one; None builds it.
+
+    Returns:
+      (freeze point name, {layer: {"lp": float, "ms": float | None}}).
+    """
+    task = stream.tasks[task_index]
+    tx = phase_optimizer(config, state.params, (), masks)
+    if step is None:
+        step = make_probe_step(model, tx, config, stream.classes_per_task)
+    before = copy_variables(state)
+    probe = jax.tree_util.tree_map(jnp.copy, train_state(before["params"], before["batch_stats"],
+                                                         tx.init(before["params"])))
+    rng = np.random.default_rng([config.seed, task_index, 1])
+    offset = jnp.asarray(task.class_offset, jnp.int32)
+    for x, y in epoch_batches(task.x_train, task.y_train, config.batch_size, rng,
+                              augment=augment, fill=stream.pad_value):
+        probe, _, metrics = step(probe, None, x, y, offset)
+    check_finite([metrics], 0, task_index)
+    after = {"params": probe.params, "batch_stats": probe.batch_stats}
+    x_old = probe_set([t.x_train for t in stream.tasks[:task_index]])
+    metrics = generalizability(model, before, after, x_old, probe_set([task.x_train]),
+                               config.similarity)
+    return choose_freeze(metrics, config.freeze_threshold), metrics
+
+
+def needs_probe(strategy: Strategy, config: Config, task_index: int, pretrained: bool,
+                record: RunRecord) -> bool:
+    """Whether ``--freeze auto`` decides now: nothing chosen yet, and the strategy
+    would freeze something in this task."""
+    return (config.freeze == "auto" and record.chosen_freeze is None and bool(
+        strategy.frozen_groups(dataclasses.replace(config, freeze="all-but-head"), task_index,
+                               pretrained)))
+
+
+def freeze_auto(model, placement: Placement, state: TrainState, stream: TaskStream,
+                task_index: int, configs: list[Config], masks: list, *, augment: bool
+                ) -> list[dict]:
+    """Every lane's `probe_freeze` record: ``{"task", "chosen", "threshold", "similarity",
+    "metrics"}``. The probe step compiles once for all lanes.
+
+    Raises:
+      ValueError: the lanes chose different freeze points (they share one
+        compiled train step, so they must freeze the same layers).
+    """
+    first = placement.lanes.split(state)[0]
+    step = make_probe_step(model, phase_optimizer(configs[0], first.params, (), masks[0]),
+                           placement.step_config(configs[0]), stream.classes_per_task)
+
+    def probe(lane, lane_state):
+        config = configs[lane]
+        chosen, metrics = probe_freeze(model, lane_state, stream, task_index, config,
+                                       augment=augment, masks=masks[lane], step=step)
+        return {"task": task_index, "chosen": chosen, "threshold": config.freeze_threshold,
+                "similarity": config.similarity, "metrics": metrics}
+    choices = placement.map_lanes(probe, state, join=False)
+    if len({c["chosen"] for c in choices}) > 1:
+        each = ", ".join(f"seed {s}: {c['chosen']}" for s, c in zip(placement.lanes.seeds, choices))
+        raise ValueError(f"--freeze auto chose different freeze points for the seeds trained "
+                         f"together ({each}); seeds share one compiled step, so run them "
+                         "separately or give --freeze explicitly")
+    return choices

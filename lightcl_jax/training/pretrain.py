@@ -29,19 +29,18 @@ import numpy as np
 import optax
 
 from lightcl_jax import compiler
-from lightcl_jax.process import peak_rss_mb
 from lightcl_jax.data.pipeline import eval_batches, part_of, prefetch
 from lightcl_jax.data.sources import RecordImages, update_digest
 from lightcl_jax.data.streams import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from lightcl_jax.model.resnet import ResNet18
-from lightcl_jax.training.checkpoint import Position
+from lightcl_jax.process import peak_rss_mb
+from lightcl_jax.training.checkpoint import Clock, Position, Saver, find_resume_point
 from lightcl_jax.training.epochs import DivergenceError
-from lightcl_jax.training.forward import jitted_eval_forward
-from lightcl_jax.training.parallel import data_parallel
-from lightcl_jax.training.preemption import Preempted, requested
+from lightcl_jax.training.placement import data_parallel
 from lightcl_jax.training.progress import Progress
-from lightcl_jax.training.resume import Clock, Saver, find_resume_point
 from lightcl_jax.training.state import TrainState, random_variables, train_state
+from lightcl_jax.training.step import jitted_eval_forward
+from lightcl_jax.training.workdir import Preempted, requested
 
 # Per-channel statistics of images scaled to [0, 1]; other datasets get theirs
 # estimated from their first `STATISTICS_SAMPLES` training records.
@@ -273,7 +272,7 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
       checkpoints: a `lightcl_jax.training.checkpoint.RunCheckpoints`: saves
         every ``checkpoints.every`` steps and after every epoch, and resumes
         from the newest checkpoint of this run when there is one
-        (`lightcl_jax.training.resume`, as a continual-learning run does).
+        (`lightcl_jax.training.checkpoint`, as a continual-learning run does).
       progress: receives epochs and steps (`lightcl_jax.training.progress`).
       devices: devices to split each batch over (None: all visible).
       log_every: steps between loss reports to ``progress``.

@@ -44,7 +44,7 @@ class Progress:
         on each task seen so far) with their means ``til`` and ``cil``, each
         evaluation metric's ``eval_<name>_row`` and ``avg_eval_<name>``, and each
         summary of the matrices so far, ``<name>_til`` and ``<name>_cil``
-        (`lightcl_jax.training.results.task_record`).
+        (`lightcl_jax.training.run.task_record`).
         """
 
 
