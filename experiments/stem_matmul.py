@@ -1,6 +1,6 @@
 """The stem's 3x3 convolution of 3 channels as one matmul of its patches: a lead that did
 not pay in the model (its rounding depends on the program around it), timed by
-`experiments.bench_conv` (BUILD.md "Speed")."""
+`benchmarks.bench_conv` (BUILD.md "Speed")."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def stem_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=No
                               rhs_dilation=None, dimension_numbers=None,
                               feature_group_count=1, precision=None):
     """`jax.lax.conv_general_dilated` for the stem (``nn.Conv(conv_general_dilated=...)``):
-    a lead `experiments.bench_conv` times, **not used by the model** (BUILD.md "Speed").
+    a lead `benchmarks.bench_conv` times, **not used by the model** (BUILD.md "Speed").
 
     Its rounding depends on the program around it: in the model, a run resumed from
     a checkpoint that a differently wrapped step wrote no longer matched the

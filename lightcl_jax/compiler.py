@@ -6,7 +6,7 @@ ResNet-18's 64-channel 32x32 convolutions on one core (1.0 core busy, 27 ms
 a forward) where XLA's Eigen convolutions use both (2.0 cores, 15-24 ms).
 With YNNPACK kept for dots only, LightCL's frozen-phase step ran 8% faster
 and the full-network step as fast as with XLA's defaults
-(`experiments.bench_vs_torch`, which times both; BUILD.md "Speed").
+(`benchmarks.bench_vs_torch`, which times both; BUILD.md "Speed").
 The option names XLA:CPU's settings; other backends ignore ``xla_cpu_*``
 options, so the same code compiles everywhere. JAX takes compiler options
 on top-level programs only: the train, eval, probe and pre-training steps

@@ -158,7 +158,7 @@ def test_release_free_memory_hands_freed_heap_pages_back():
 
 
 def test_bench_rss_refuses_a_bad_setting_before_running_anything(capsys):
-    from experiments import bench_rss
+    from benchmarks import bench_rss
     with pytest.raises(SystemExit) as exit_info:
         bench_rss.main(["--nf", "0"])
     assert exit_info.value.code == 2 and "nf must be an integer in [1, 4096]" in capsys.readouterr().err

@@ -1,11 +1,11 @@
-"""experiments.bench_conv: the flat-matmul weight gradient against NumPy, the shapes, the CLI."""
+"""benchmarks.bench_conv: the flat-matmul weight gradient against NumPy, the shapes, the CLI."""
 
 import json
 
 import numpy as np
 import pytest
 
-from experiments import bench_conv
+from benchmarks import bench_conv
 
 
 def _numpy_weight_gradient(x, g):

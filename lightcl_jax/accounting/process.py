@@ -30,7 +30,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     glibc gives threads their own arenas (up to 8 per core), and memory freed in
     one stays with it; JAX's and XLA's threads then hold more resident memory
     than they use. Capped at 2 before JAX started, a Split Digits 32x32 (nf 64)
-    LightCL run peaked 48 MB lower here with the same results (`experiments.bench_rss`;
+    LightCL run peaked 48 MB lower here with the same results (`benchmarks.bench_rss`;
     BUILD.md, "Memory a process holds"). The experiment scripts call it first; call it
     before importing JAX (after `run_with_huge_pages`). Returns whether it applied (False where the C library is not
     glibc: it changes nothing there).
@@ -46,7 +46,7 @@ def release_free_memory() -> bool:
     keeps the freed pages, and a step's large buffers, which glibc maps
     afresh, then come on top of them. Released after the initialisation
     and after each step's compilation, a Split Digits 32x32 (nf 64) LightCL
-    run peaked at 665 MB instead of 779 (`experiments.bench_rss`). Costs a
+    run peaked at 665 MB instead of 779 (`benchmarks.bench_rss`). Costs a
     few milliseconds; changes no result. Returns whether it applied (False
     where the C library is not glibc).
     """

@@ -1,6 +1,6 @@
 """ResNet-18's 3x3 convolutions one by one: XLA's, as the library compiles them, and PyTorch's.
 
-    python -m experiments.bench_conv [--rounds 10] [--batch-size 32] [--nf 64] [--json PATH]
+    python -m benchmarks.bench_conv [--rounds 10] [--batch-size 32] [--nf 64] [--json PATH]
 
 At each 3x3 convolution shape of ResNet-18 on 32x32 inputs (nf 64: the
 32x32x3 stem, then 32x32x64 to 4x4x512, the three stride-2 ones included),
@@ -37,7 +37,7 @@ PAUSE_S = 0.2   # lets spinning worker threads of the framework just timed go id
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_conv",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_conv",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)

@@ -1,6 +1,6 @@
 """What a lightcl_jax process holds: peak resident memory of imports and of whole runs.
 
-    python -m experiments.bench_rss [--dataset digits32] [--nf 64] [--epochs 2] [--json PATH]
+    python -m benchmarks.bench_rss [--dataset digits32] [--nf 64] [--epochs 2] [--json PATH]
 
 Each figure comes from a fresh Python process (``getrusage``'s peak resident
 set size, MiB), one after the other:
@@ -69,7 +69,7 @@ def _child(code: str, *args: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="python -m experiments.bench_rss", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m benchmarks.bench_rss", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="digits32")
     p.add_argument("--nf", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)

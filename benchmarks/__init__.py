@@ -1,0 +1,1 @@
+"""Benchmarks, probes and checks of lightcl_jax: ``python -m benchmarks.NAME``."""
