@@ -45,13 +45,13 @@ def lightcl_terms(config, theory: dict) -> dict:
     """LightCL's step bytes as XLA holds them at the step's peak, term by term (MiB).
 
     The step is compiled once more with XLA's dump on and its live set at the
-    peak read value by value (`lightcl_jax.accounting.live`); each value goes
+    peak read value by value (`benchmarks.live`); each value goes
     to a term of the theoretical count or to what the theory does not count.
     Beside it, `theoretical_cost`'s terms. ``largest`` lists the live values of
     1 MiB or more, for a reader who wants to check the sorting.
     """
     from lightcl_jax.accounting.compiled import lowered_train_step
-    from lightcl_jax.accounting.live import peak_live_set, train_step_terms, value_terms
+    from benchmarks.live import peak_live_set, train_step_terms, value_terms
 
     shape = (SETTING["image_size"], SETTING["image_size"], SETTING["channels"])
     lowered, _ = lowered_train_step(config, shape, SETTING["num_classes"],
