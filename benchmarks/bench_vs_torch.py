@@ -249,7 +249,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from lightcl_jax.accounting.process import run_with_huge_pages
-    run_with_huge_pages()  # as experiments.run: fewer page faults in the steps
+if __name__ == "__main__":  # benchmarks/__init__.py has set up the process
     sys.exit(main())

@@ -368,7 +368,5 @@ def write_outputs(workdir, stream, c: Config, rows, all_runs, seeds: int, args) 
           f"{os.path.join(workdir, 'table.json')}, {curve}, {costs}")
 
 
-if __name__ == "__main__":
-    from lightcl_jax.accounting.process import run_with_huge_pages
-    run_with_huge_pages()  # as experiments.run: fewer page faults in the steps
+if __name__ == "__main__":  # experiments/__init__.py has set up the process
     sys.exit(main())

@@ -24,7 +24,6 @@ import sys
 
 from experiments import distributed
 from experiments.common import Bars, Parser, write_json_atomic
-from lightcl_jax.accounting.process import limit_malloc_arenas, run_with_huge_pages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +219,5 @@ def _finished(config, args, workdir: str, data, num_devices: int) -> bool:
     return True
 
 
-if __name__ == "__main__":
-    run_with_huge_pages()  # again, with malloc asking for huge pages: fewer page faults
-    limit_malloc_arenas()  # before JAX starts its threads: 50 MB less resident here
+if __name__ == "__main__":  # experiments/__init__.py has set up the process
     sys.exit(main())

@@ -23,7 +23,6 @@ from experiments.common import (STRATEGY_ARG_HELP, Bars, Parser, metrics_help, p
                                 parse_metrics, strategies_help, strategy_arguments,
                                 write_json_atomic)
 from experiments.figures import accuracy_figure, save_figure
-from lightcl_jax.accounting.process import limit_malloc_arenas, run_with_huge_pages
 from lightcl_jax.config import (DEFAULT_METRICS, FROZEN_BN_MODES, LAST_BATCH_MODES,
                                 SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config)
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
@@ -467,7 +466,5 @@ def discard_run(results_path: str, checkpoint_dir: str) -> None:
         shutil.rmtree(checkpoint_dir)
 
 
-if __name__ == "__main__":
-    run_with_huge_pages()  # again, with malloc asking for huge pages: fewer page faults
-    limit_malloc_arenas()  # before JAX starts its threads: 50 MB less resident here
+if __name__ == "__main__":  # experiments/__init__.py has set up the process
     sys.exit(main())

@@ -16,7 +16,6 @@ import json
 import sys
 import time
 
-from lightcl_jax.accounting.process import limit_malloc_arenas, run_with_huge_pages
 from lightcl_jax.training.progress import Progress
 
 START = time.perf_counter()
@@ -61,7 +60,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    run_with_huge_pages()  # again, with malloc asking for huge pages: fewer page faults
-    limit_malloc_arenas()  # before JAX starts its threads: 50 MB less resident here
+if __name__ == "__main__":  # benchmarks/__init__.py has set up the process
     sys.exit(main())
