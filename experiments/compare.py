@@ -13,7 +13,7 @@ values are the defaults of every strategy (its ``strategy`` excepted), and
 flags given here win. ``--strategy-arg NAME=VALUE`` sets a hyperparameter of every
 strategy that has it (``buffer_size=15``), ``STRATEGY.NAME=VALUE`` of one
 (``ewc.lam=100``); ``--init-from`` starts every strategy from the same
-pre-trained backbone, as Table 1 did. Writes into the workdir:
+pre-trained backbone, as Table 1 did. Prints the table and writes into the workdir:
   * ``table.md``, ``table.csv`` and ``table.json``: one row per strategy (named as
     --strategies names it): CIL and TIL final average accuracy as mean +/- std over
     seeds, CIL and TIL forgetting (mean), every other metric the runs report

@@ -11,6 +11,8 @@ Writes, under ``--workdir`` (default ``runs/pretrain-<dataset>``):
 the same command resumes from the newest), ``pretrain.json`` (per-epoch loss
 and accuracies, normalisation, wall time) and ``backbone/``, which
 ``python -m experiments.run --init-from <workdir>/backbone`` starts from.
+Prints each epoch's loss and accuracies, the peak resident memory and where the
+backbone went.
 Exit codes: 0 done, 2 bad flag value, data, checkpoint or workdir, 1 diverged.
 """
 
