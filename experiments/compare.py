@@ -13,7 +13,7 @@ values are the defaults of every strategy (its ``strategy`` excepted), and
 flags given here win. ``--strategy-arg NAME=VALUE`` sets a hyperparameter of every
 strategy that has it (``buffer_size=15``), ``STRATEGY.NAME=VALUE`` of one
 (``ewc.lam=100``); ``--init-from`` starts every strategy from the same
-pre-trained backbone, as Table 1 did. Writes into the workdir:
+pre-trained backbone, as Table 1 did. Prints the table and writes into the workdir:
   * ``table.md``, ``table.csv`` and ``table.json``: one row per strategy (named as
     --strategies names it): CIL and TIL final average accuracy as mean +/- std over
     seeds, CIL and TIL forgetting (mean), every other metric the runs report
@@ -368,7 +368,5 @@ def write_outputs(workdir, stream, c: Config, rows, all_runs, seeds: int, args) 
           f"{os.path.join(workdir, 'table.json')}, {curve}, {costs}")
 
 
-if __name__ == "__main__":
-    from lightcl_jax.process import run_with_huge_pages
-    run_with_huge_pages()  # as experiments.run: fewer page faults in the steps
+if __name__ == "__main__":  # experiments/__init__.py has set up the process
     sys.exit(main())

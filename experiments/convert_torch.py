@@ -7,8 +7,8 @@ an optional extra) or an ``.npz`` of the same tensor names. The reference's
 ``_features.*`` and ``classifier.*`` aliases are accepted and checked against
 the tensors they repeat. OUT_DIR becomes a backbone directory
 (`lightcl_jax.model.backbone`) that ``python -m experiments.run --init-from
-OUT_DIR`` starts from (with a fresh head). Exit codes: 0 done, 2 bad input
-(the message names it; nothing is written).
+OUT_DIR`` starts from (with a fresh head). Prints what it converted and that
+command. Exit codes: 0 done, 2 bad input (the message names it; nothing is written).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ phase a device runs for most of a run, and prints the configurations whose
 XLA step bytes (arguments + temporaries + outputs not aliased) fit the
 budget, the deepest trainable first, with their FLOPs per step and
 `theoretical_cost`'s memory beside them; then those that do not fit.
+``--json PATH`` also writes every row there.
 `lightcl_jax.accounting.compiled.memory_plan` is the library function.
 The step bytes are what the compiled step holds; a process needs more
 (the Python interpreter, JAX, compiled code: see a run's ``peak_rss_mb``).

@@ -11,6 +11,8 @@ Writes, under ``--workdir`` (default ``runs/pretrain-<dataset>``):
 the same command resumes from the newest), ``pretrain.json`` (per-epoch loss
 and accuracies, normalisation, wall time) and ``backbone/``, which
 ``python -m experiments.run --init-from <workdir>/backbone`` starts from.
+Prints each epoch's loss and accuracies, the peak resident memory and where the
+backbone went.
 Exit codes: 0 done, 2 bad flag value, data, checkpoint or workdir, 1 diverged.
 """
 
@@ -24,7 +26,6 @@ import sys
 
 from experiments import distributed
 from experiments.common import Bars, Parser, write_json_atomic
-from lightcl_jax.process import limit_malloc_arenas, run_with_huge_pages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +221,5 @@ def _finished(config, args, workdir: str, data, num_devices: int) -> bool:
     return True
 
 
-if __name__ == "__main__":
-    run_with_huge_pages()  # again, with malloc asking for huge pages: fewer page faults
-    limit_malloc_arenas()  # before JAX starts its threads: 50 MB less resident here
+if __name__ == "__main__":  # experiments/__init__.py has set up the process
     sys.exit(main())

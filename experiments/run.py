@@ -2,6 +2,8 @@
 
 With no flags: LightCL on the embedded digits stream (5 tasks x 2 classes),
 results in ``runs/digits-lightcl-seed0/results.json``. ``--help`` lists every flag.
+Prints the TIL and CIL accuracy matrices and every summary metric, and writes
+``results.json`` and ``accuracy.png`` (the matrices drawn) into the workdir.
 Checkpoints go to ``<workdir>/checkpoints`` after every task and every
 ``--ckpt-every`` steps; rerunning the same command resumes from the newest.
 Exit codes: 0 done, 2 bad flag value, data, checkpoint or workdir, 1 training
@@ -23,7 +25,6 @@ from experiments.common import (STRATEGY_ARG_HELP, Bars, Parser, metrics_help, p
                                 parse_metrics, strategies_help, strategy_arguments,
                                 write_json_atomic)
 from experiments.figures import accuracy_figure, save_figure
-from lightcl_jax.process import limit_malloc_arenas, run_with_huge_pages
 from lightcl_jax.config import (DEFAULT_METRICS, FROZEN_BN_MODES, LAST_BATCH_MODES,
                                 SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config)
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
@@ -467,7 +468,5 @@ def discard_run(results_path: str, checkpoint_dir: str) -> None:
         shutil.rmtree(checkpoint_dir)
 
 
-if __name__ == "__main__":
-    run_with_huge_pages()  # again, with malloc asking for huge pages: fewer page faults
-    limit_malloc_arenas()  # before JAX starts its threads: 50 MB less resident here
+if __name__ == "__main__":  # experiments/__init__.py has set up the process
     sys.exit(main())

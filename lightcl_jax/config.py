@@ -47,7 +47,7 @@ FLOAT_FIELDS = ("lr", "freeze_threshold")
 # Settings that depend on the built-in dataset when not given: (epochs, nf). A stream of a
 # user's own has no defaults: its config sets both.
 # digits32 (the default) and digits: small enough that a run finishes in about a minute
-# on 2 CPU cores. experiments.vs_reference sets the reference's nf 64 and 50 epochs itself.
+# on 2 CPU cores. benchmarks.vs_reference sets the reference's nf 64 and 50 epochs itself.
 DATASET_DEFAULTS = {
     "digits": {"epochs": 10, "nf": 16},
     "digits32": {"epochs": 10, "nf": 16},

@@ -30,9 +30,10 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     glibc gives threads their own arenas (up to 8 per core), and memory freed in
     one stays with it; JAX's and XLA's threads then hold more resident memory
     than they use. Capped at 2 before JAX started, a Split Digits 32x32 (nf 64)
-    LightCL run peaked 48 MB lower here with the same results (`experiments.bench_rss`;
-    BUILD.md, "Memory a process holds"). The experiment scripts call it first; call it
-    before importing JAX (after `run_with_huge_pages`). Returns whether it applied (False where the C library is not
+    LightCL run peaked 48 MB lower here with the same results (`benchmarks.bench_rss`;
+    BUILD.md, "Memory a process holds"). `prepare_command_process` calls it for the
+    commands that train; a script of one's own calls it before importing JAX (after
+    `run_with_huge_pages`). Returns whether it applied (False where the C library is not
     glibc: it changes nothing there).
     """
     mallopt = _glibc("mallopt")
@@ -46,7 +47,7 @@ def release_free_memory() -> bool:
     keeps the freed pages, and a step's large buffers, which glibc maps
     afresh, then come on top of them. Released after the initialisation
     and after each step's compilation, a Split Digits 32x32 (nf 64) LightCL
-    run peaked at 665 MB instead of 779 (`experiments.bench_rss`). Costs a
+    run peaked at 665 MB instead of 779 (`benchmarks.bench_rss`). Costs a
     few milliseconds; changes no result. Returns whether it applied (False
     where the C library is not glibc).
     """
@@ -132,20 +133,68 @@ def run_with_huge_pages() -> None:
     ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (read only when a process starts)
     malloc asks for transparent huge pages for what it maps and for its heaps:
     about 900 faults, fewer TLB misses, the same values (BUILD.md "Speed"; it
-    speeds PyTorch's steps as much). The experiment scripts call this first; it
-    returns without doing anything where `huge_pages_here` says it would change
-    nothing (``LIGHTCL_HUGE_PAGES=0`` turns it off), in an interactive session,
-    and where the script is not what the command line ran (``%run`` in IPython,
-    a script read from stdin). The command line is the original one
-    (``sys.orig_argv``), so ``python -m experiments.run ...`` runs as typed, in
-    the same process (same PID), once: the command run again carries a marker.
+    speeds PyTorch's steps as much). `prepare_command_process` does this for the
+    commands of `experiments` and `benchmarks`; a script of one's own calls it
+    first. It returns without doing anything where `huge_pages_here` says it would
+    change nothing (``LIGHTCL_HUGE_PAGES=0`` turns it off), in an interactive
+    session, and where the script is not what the command line ran (``%run`` in
+    IPython, a script read from stdin). The command line is the original one
+    (``sys.orig_argv``), so the command runs as typed, in the same process (same
+    PID), once: the command run again carries a marker.
     """
     env = huge_pages_here()
     if env is None or sys.flags.interactive or not _command_runs_this_script():
         return
+    _run_again(env)
+
+
+def _run_again(env: dict) -> None:
+    """Replaces this process with its own command line (``sys.orig_argv``) in ``env``."""
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def started_command(package: str, argv=None, orig_argv=None) -> str | None:
+    """The module of ``package`` that ``python -m`` is starting (``"run"`` for ``python -m
+    experiments.run``), or None: for a package's ``__init__`` to ask.
+
+    ``python -m package.name ARGS`` imports ``package`` while it locates the module,
+    and meanwhile ``sys.argv`` is ``["-m", *ARGS]`` (the module's path replaces
+    ``"-m"`` just before the module runs) and ``sys.orig_argv`` ends with ``["-m",
+    "package.name", *ARGS]``. Any other import of the package (by a test, a module,
+    a command of another package, ``python -c``) gives None. ``argv`` and
+    ``orig_argv`` default to ``sys``'s.
+    """
+    argv = sys.argv if argv is None else argv
+    orig = getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv
+    n = len(argv)
+    if (not argv or argv[0] != "-m" or len(orig) < n + 2 or orig[len(orig) - n - 1] != "-m"
+            or orig[len(orig) - n + 1:] != argv[1:]):
+        return None
+    module = orig[len(orig) - n]
+    return module[len(package) + 1:] if module.startswith(package + ".") else None
+
+
+def prepare_command_process(package: str, huge_pages=(), capped_arenas=()) -> None:
+    """Sets up the process of the command of ``package`` that ``python -m`` is starting,
+    before the command's module (and JAX) is imported; a package's ``__init__`` calls it.
+
+    Where that command (`started_command`: ``"run"``, ``"side_by_side.run_ours"``) is
+    in ``huge_pages``, it runs again with glibc's malloc asking for huge pages (as
+    `run_with_huge_pages`, on the same conditions); where it is in ``capped_arenas``,
+    malloc's arenas are capped (`limit_malloc_arenas`). Any other import of the
+    package, and any other command, changes nothing.
+    """
+    command = started_command(package)
+    if command is None:
+        return
+    if command in huge_pages:
+        env = huge_pages_here()
+        if env is not None and not sys.flags.interactive:
+            _run_again(env)
+    if command in capped_arenas:
+        limit_malloc_arenas()
 
 
 def _command_runs_this_script() -> bool:

@@ -158,7 +158,7 @@ def test_release_free_memory_hands_freed_heap_pages_back():
 
 
 def test_bench_rss_refuses_a_bad_setting_before_running_anything(capsys):
-    from experiments import bench_rss
+    from benchmarks import bench_rss
     with pytest.raises(SystemExit) as exit_info:
         bench_rss.main(["--nf", "0"])
     assert exit_info.value.code == 2 and "nf must be an integer in [1, 4096]" in capsys.readouterr().err
@@ -222,3 +222,87 @@ def test_run_with_huge_pages_runs_the_command_again_with_the_tunable(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, "x"], env=env, check=True,
                          capture_output=True, text=True).stdout
     assert out.count("start") == 1 and "tunables None" in out
+
+
+def test_started_command_is_the_module_python_m_is_locating():
+    from lightcl_jax.process import started_command
+    py = "/usr/bin/python3"
+    # While `python -m` locates its module (importing the package), argv[0] is "-m".
+    assert started_command("experiments", ["-m", "--seeds", "2"],
+                           [py, "-X", "utf8", "-m", "experiments.run", "--seeds", "2"]) == "run"
+    assert started_command("benchmarks", ["-m"],
+                           [py, "-m", "benchmarks.side_by_side.run_ours"]) == "side_by_side.run_ours"
+    for package, argv, orig in [
+            ("experiments", ["/r/experiments/run.py"], [py, "-m", "experiments.run"]),  # running
+            ("experiments", ["-m"], [py, "-m", "benchmarks.bench_step"]),  # another package's
+            ("experiments", ["-m"], [py, "-m", "experimentsX.run"]),
+            ("experiments", ["-m", "-m", "slow"], [py, "-m", "pytest", "-m", "slow"]),
+            ("experiments", ["/v/bin/pytest", "tests"], [py, "/v/bin/pytest", "tests"]),
+            ("experiments", ["-c", "x"], [py, "-c", "import experiments.run", "x"]),
+            ("experiments", ["-m", "x"], [py, "-m", "experiments.run", "y"]),  # not this argv
+            ("experiments", [], [])]:
+        assert started_command(package, argv, orig) is None, (package, argv, orig)
+
+
+@pytest.mark.parametrize("package, command, expected", [
+    ("experiments", "run", ["again", "arenas"]), ("experiments", "pretrain", ["again", "arenas"]),
+    ("experiments", "compare", ["again"]), ("experiments", "plan_memory", []),
+    ("benchmarks", "bench_step", ["again"]), ("benchmarks", "bench_rss", ["again"]),
+    ("benchmarks", "side_by_side.run_ours", ["again", "arenas"]),
+    ("benchmarks", "bench_huge_pages", []),  # starts its own processes with and without
+    ("benchmarks", None, []), ("experiments", None, [])])  # imported here, by the test
+def test_the_packages_set_up_the_processes_of_their_commands(package, command, expected,
+                                                             monkeypatch):
+    import importlib
+    import sys
+
+    from lightcl_jax.accounting import process
+    module = importlib.import_module(package)  # by the test: nothing to set up
+    done = []
+    monkeypatch.setattr(process, "huge_pages_here", lambda: {"GLIBC_TUNABLES": "x"})
+    monkeypatch.setattr(process, "_run_again", lambda env: done.append("again"))
+    monkeypatch.setattr(process, "limit_malloc_arenas", lambda: done.append("arenas"))
+    if command is not None:  # as while `python -m package.command --flag` locates its module
+        monkeypatch.setattr(sys, "argv", ["-m", "--flag"])
+        monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", f"{package}.{command}",
+                                               "--flag"])
+    importlib.reload(module)
+    assert done == expected
+
+
+def test_a_command_runs_again_with_huge_pages_as_its_package_is_imported(tmp_path):
+    """A package set up as `experiments`, run by a real ``python -m``: its command runs
+    again (same PID, same argv) before its module; an import or another module does not."""
+    import pathlib
+    import subprocess
+    import sys
+
+    from lightcl_jax.process import huge_pages_here
+    root = pathlib.Path(__file__).resolve().parent.parent
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text(
+        "import os\nprint('start', os.getpid(), flush=True)\n"
+        "from lightcl_jax.process import prepare_command_process\n"
+        "prepare_command_process(__name__, huge_pages=('cmd',), capped_arenas=('cmd',))\n")
+    report = ("import os, sys\n"
+              "print('tunables', os.environ.get('GLIBC_TUNABLES'), os.getpid(), sys.argv[1:])\n")
+    (tmp_path / "pkg" / "cmd.py").write_text(report)
+    (tmp_path / "pkg" / "other.py").write_text(report)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "LIGHTCL_HUGE_PAGES", "LIGHTCL_HUGE_PAGES_RAN_AGAIN")}
+    env["PYTHONPATH"] = str(root)
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, check=True,
+                              capture_output=True, text=True).stdout.splitlines()
+
+    out = run("-m", "pkg.cmd", "an argument")
+    starts, last = [line for line in out if line.startswith("start")], out[-1].split()
+    if huge_pages_here(env) is None:
+        assert len(starts) == 1 and last[1] == "None"
+    else:  # ran twice, the second time (same process) with the tunable and the same argv
+        assert len(starts) == 2 and starts[0].split()[1] == starts[1].split()[1] == last[2]
+        assert last[1] == "glibc.malloc.hugetlb=1" and " ".join(last[3:]) == "['an argument']"
+    for args in (["-m", "pkg.other", "x"], ["-c", "import pkg.cmd", "x"]):
+        out = run(*args)
+        assert sum(line.startswith("start") for line in out) == 1 and out[-1].split()[1] == "None"

@@ -1,9 +1,9 @@
-"""experiments.bench_huge_pages: the ratios it reports, one measuring process's figures, its
+"""benchmarks.bench_huge_pages: the ratios it reports, one measuring process's figures, its
 refusals."""
 
 import pytest
 
-from experiments import bench_huge_pages
+from benchmarks import bench_huge_pages
 
 
 def _figures(**walls):

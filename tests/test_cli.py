@@ -129,7 +129,7 @@ def test_every_config_field_is_a_flag_with_the_configs_default():
 @pytest.mark.parametrize("flags", [["--workdir", "w"], ["--ckpt-every", "3"], ["--overwrite"],
                                    ["--seeds", "2"]])
 def test_check_sensitivity_refuses_the_run_flags_it_cannot_honour(flags, capsys):
-    from experiments import check_sensitivity
+    from benchmarks import check_sensitivity
     with pytest.raises(SystemExit) as exit_info:
         check_sensitivity.main(flags)
     err = capsys.readouterr().err
@@ -139,7 +139,7 @@ def test_check_sensitivity_refuses_the_run_flags_it_cannot_honour(flags, capsys)
 
 def test_check_identical_compares_all_but_the_wall_time_and_refuses_a_non_checkout(
         tmp_path, capsys):
-    from experiments import check_identical
+    from benchmarks import check_identical
     assert check_identical.differences({"a": 1, "wall_time_s": 2.0}, {"a": 1, "wall_time_s": 3.0}) \
         == []
     # An old entry changed or gone differs; a new one is listed apart; ignored ones pass.

@@ -296,7 +296,7 @@ def test_validate_stream_refuses_hand_built_streams_with_bad_data():
 
 
 def test_bench_input_prints_every_figure(capsys):
-    from experiments import bench_input
+    from benchmarks import bench_input
     assert bench_input.main(["--steps", "2", "--nf", "2", "--batch-size", "8",
                              "--examples", "200"]) == 0
     out = capsys.readouterr().out

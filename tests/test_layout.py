@@ -23,7 +23,7 @@ LAYERS = (
      "lightcl_jax.process"),
     ("lightcl_jax.compiler", "lightcl_jax.data", "lightcl_jax.model", "lightcl_jax.metrics",
      "lightcl_jax.memory",
-     "lightcl_jax.accounting.theory", "lightcl_jax.compiler", "lightcl_jax.accounting.live"),
+     "lightcl_jax.accounting.theory", "lightcl_jax.compiler"),
     ("lightcl_jax.config",),
     ("lightcl_jax.strategies",),
     ("lightcl_jax.training",),

@@ -1,4 +1,4 @@
-"""XLA's live set at a compiled step's peak, read from its dump (`lightcl_jax.accounting.live`)."""
+"""XLA's live set at a compiled step's peak, read from its dump (`benchmarks.live`)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lightcl_jax.accounting.compiled import lowered_train_step
-from lightcl_jax.accounting.live import parse_dump, peak_live_set, train_step_terms, value_terms
+from benchmarks.live import parse_dump, peak_live_set, train_step_terms, value_terms
 from lightcl_jax.config import Config
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.training.state import create_train_state

@@ -1,4 +1,4 @@
-"""`experiments.side_by_side.lockstep` on a tiny stream, against a stub of the authors'
+"""`benchmarks.side_by_side.lockstep` on a tiny stream, against a stub of the authors'
 `models.py` written here (their names, their forward's outputs; the real checkout is not
 needed). Needs PyTorch, an optional extra: skipped without it."""
 
@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from experiments.side_by_side import lockstep  # noqa: E402
+from benchmarks.side_by_side import lockstep  # noqa: E402
 from lightcl_jax.config import Config  # noqa: E402
 from lightcl_jax.data.streams import split_into_tasks  # noqa: E402
 

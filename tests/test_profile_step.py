@@ -1,8 +1,8 @@
-"""experiments.profile_step: op kinds, the shapes it names, a tiny profile, its refusals."""
+"""benchmarks.profile_step: op kinds, the shapes it names, a tiny profile, its refusals."""
 
 import pytest
 
-from experiments import profile_step
+from benchmarks import profile_step
 
 HLO = """
   %p.1 = f32[2,4,4,3]{3,2,1,0} parameter(0)

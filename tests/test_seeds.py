@@ -157,7 +157,7 @@ def test_lanes_split_join_and_divergence_names_the_seed():
 
 
 def test_bench_seeds_refuses_what_it_sets(capsys):
-    from experiments import bench_seeds
+    from benchmarks import bench_seeds
     for argv, words in ((["--seeds", "1"], "--seeds must be >= 2"),
                         (["--", "--workdir", "x"], "--workdir is set by the benchmark")):
         with pytest.raises(SystemExit) as exit_info:

@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from experiments.torch_reference import (build_lightcl_step, make_resnet18,  # noqa: E402
+from benchmarks.torch_reference import (build_lightcl_step, make_resnet18,  # noqa: E402
                                          vital_channel_count)
 
 TINY = dict(nf=4, image_size=8, batch_size=8, buffer_size=4)
@@ -66,7 +66,7 @@ def test_step_freezes_stem_to_stage3_and_matches_recomputed_loss():
 
 
 def test_torch_device_is_checked_before_anything_is_built():
-    from experiments.torch_reference import torch_device
+    from benchmarks.torch_reference import torch_device
     assert torch_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="unknown PyTorch device 'gpu0'"):
         torch_device("gpu0")
@@ -84,7 +84,7 @@ def test_steps_built_for_a_device_live_there():
 
 
 def test_bench_vs_torch_refuses_a_device_pytorch_cannot_use(capsys):
-    from experiments import bench_vs_torch
+    from benchmarks import bench_vs_torch
     with pytest.raises(SystemExit) as exit_info:
         bench_vs_torch.main(["--torch-device", "tpu9"])
     assert exit_info.value.code == 2
@@ -92,7 +92,7 @@ def test_bench_vs_torch_refuses_a_device_pytorch_cannot_use(capsys):
 
 
 def test_bench_vs_torch_report_names_the_environment_and_the_ratios():
-    from experiments.bench_vs_torch import report
+    from benchmarks.bench_vs_torch import report
     side = {"median_s": 0.5, "flops": 2e9, "gflop_per_s": 4.0}
     out = {"device": "cpu (cpu)", "torch_version": "9.9", "torch_device": "cpu", "threads": 2,
            "steps": {"full": {"jax": side, "torch": {**side, "median_s": 0.25},
@@ -110,7 +110,7 @@ def test_accelerator_check_needs_an_outdir_and_refuses_a_cpu_only_jax(tmp_path):
     import os
     import subprocess
     import sys
-    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "accelerator_check.sh")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accelerator_check.sh")
     usage = subprocess.run(["bash", script], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr
     env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}

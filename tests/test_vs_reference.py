@@ -1,4 +1,4 @@
-"""experiments.vs_reference: the stream exporter and the side-by-side harness.
+"""benchmarks.vs_reference: the stream exporter and the side-by-side harness.
 
 The authors' script is not needed: a stub checkout written here stands in for
 it, with what the harness relies on (a ``LightCL.py`` that imports
@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import vs_reference
+from benchmarks import vs_reference
 from lightcl_jax.config import Config
 from lightcl_jax.data.streams import make_stream, split_into_tasks
 
@@ -137,7 +137,7 @@ def test_the_served_loaders_keep_or_drop_the_last_batch(tmp_path, monkeypatch):
     kept as PyTorch does by default, or dropped under $LIGHTCL_DROP_LAST=1."""
     import importlib.util
     import os
-    path = os.path.join(vs_reference.ROOT, "experiments", "side_by_side", "datasets",
+    path = os.path.join(vs_reference.ROOT, "benchmarks", "side_by_side", "datasets",
                         "seq_cifar10.py")
     spec = importlib.util.spec_from_file_location("served_seq_cifar10", path)
     served = importlib.util.module_from_spec(spec)

@@ -2,7 +2,6 @@
 
 Modules:
   * `lightcl_jax.accounting.theory` -- the paper's Table 1 counts, plain Python.
-  * `lightcl_jax.accounting.live` -- what a compiled step holds at its peak, value by value.
   * `lightcl_jax.accounting.compiled` -- a strategy's step compiled without a run.
 
 XLA's figures for a compiled step (`CompiledStep`, `compiled_cost`, `run_resources`)
@@ -16,7 +15,6 @@ from lightcl_jax._lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "lightcl_jax.accounting.compiled": ("compiled_train_step_cost", "compiled_eval_step_cost",
                                         "lowered_train_step", "memory_plan"),
-    "lightcl_jax.accounting.live": ("PeakLiveSet", "peak_live_set", "train_step_terms"),
     "lightcl_jax.process": ("peak_rss_mb",),
     "lightcl_jax.accounting.theory": ("LIGHTCL_MEM_GAP", "PAPER_SETTINGS", "PAPER_TABLE1",
                                       "kept_channels", "layer_table", "lightcl_memory_gap",

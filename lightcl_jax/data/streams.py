@@ -15,7 +15,7 @@ Sources:
     backbone: the normalised ``digits`` images (the training part's mean and
     standard deviation), each pixel repeated 4 x 4 (nearest-neighbour, 32x32)
     and the grey channel 3 times. The reference's own script runs on it
-    unchanged (`experiments.vs_reference`).
+    unchanged (`benchmarks.vs_reference`).
   * ``cifar10`` -- TFDS ``cifar10`` through `tfds.data_source` (no TensorFlow
     needed), 5 tasks x 2 classes.
   * ``cifar100`` -- TFDS ``cifar100`` fine labels, ``num_tasks`` tasks

@@ -115,7 +115,7 @@ def _widen(h, channels: tuple[int, ...] | None, width: int):
 
     A product with a one-hot matrix (exact: each output is one input times 1, at
     full precision): on XLA:CPU it held less memory and ran faster than a
-    scatter or a gather (`experiments.bench_memory`'s compact row; BUILD.md).
+    scatter or a gather (`benchmarks.bench_memory`'s compact row; BUILD.md).
     """
     if channels is None:
         return h

@@ -147,7 +147,7 @@ def create_lane_states(model, image_shape, seeds, *, init_variables=None, sparse
     full = model.clone(pruning=None)
     states = [create_train_state(full, image_shape, jax.random.PRNGKey(s),
                                  init_variables=init_variables) for s in seeds]
-    release_free_memory()  # the initialisation's compiler memory (accounting.process)
+    release_free_memory()  # the initialisation's compiler memory (lightcl_jax.process)
     if not sparse:
         return states, [None] * len(states)
     masks = [channel_prune_masks(s.params) for s in states]

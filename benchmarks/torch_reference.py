@@ -1,6 +1,6 @@
 """PyTorch reference of one LightCL train step, to time against the JAX step.
 
-    python -m experiments.torch_reference      # nf 64, 32x32x3, batch 32, buffer 15, 2 threads
+    python -m benchmarks.torch_reference      # nf 64, 32x32x3, batch 32, buffer 15, 2 threads
 
 A self-contained CIFAR ResNet-18 (NCHW, float32) and one LightCL step at a task
 ``t >= 1``: stem + stages 1-3 frozen (no gradients, not in the optimizer), stage 4

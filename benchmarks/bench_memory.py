@@ -1,7 +1,7 @@
 """Edge-memory benchmark: what one train step costs, per strategy, at the paper's CIFAR-10 setting.
 
-    python -m experiments.bench_memory --json out.json
-    python -m experiments.bench_memory --no-torch          # without the PyTorch comparison
+    python -m benchmarks.bench_memory --json out.json
+    python -m benchmarks.bench_memory --no-torch          # without the PyTorch comparison
 
 ResNet-18 (nf 64), 32x32x3 inputs, 10 classes in tasks of 2, batch 32, buffer 15,
 pre-trained backbone (LightCL freezes stem + stages 1-3), a step of task 1. Per
@@ -18,7 +18,7 @@ strategy it prints and writes:
 
 then the lightcl / finetune ratios, LightCL's XLA bytes taken apart term by term
 against the theoretical count, and (torch installed: ``pip install -e .[bench]``)
-the same LightCL step written in PyTorch (`experiments.torch_reference`), timed in
+the same LightCL step written in PyTorch (`benchmarks.torch_reference`), timed in
 the same run with the same number of threads. Time it on a quiet machine: with
 every core busy, anything else running slows both steps several times over.
 """
@@ -45,13 +45,13 @@ def lightcl_terms(config, theory: dict) -> dict:
     """LightCL's step bytes as XLA holds them at the step's peak, term by term (MiB).
 
     The step is compiled once more with XLA's dump on and its live set at the
-    peak read value by value (`lightcl_jax.accounting.live`); each value goes
+    peak read value by value (`benchmarks.live`); each value goes
     to a term of the theoretical count or to what the theory does not count.
     Beside it, `theoretical_cost`'s terms. ``largest`` lists the live values of
     1 MiB or more, for a reader who wants to check the sorting.
     """
     from lightcl_jax.accounting.compiled import lowered_train_step
-    from lightcl_jax.accounting.live import peak_live_set, train_step_terms, value_terms
+    from benchmarks.live import peak_live_set, train_step_terms, value_terms
 
     shape = (SETTING["image_size"], SETTING["image_size"], SETTING["channels"])
     lowered, _ = lowered_train_step(config, shape, SETTING["num_classes"],
@@ -84,7 +84,7 @@ def run_flops(task0_step_flops: float, later_step_flops: float) -> float:
 def measure(steps: int, warmup: int, rows: list[str], torch_threads: int | None) -> dict:
     import jax
 
-    from experiments.bench_step import time_steps
+    from benchmarks.bench_step import time_steps
     from lightcl_jax.accounting import PAPER_SETTINGS, PAPER_TABLE1, theoretical_cost
     from lightcl_jax.accounting.compiled import compiled_train_step_cost
     from lightcl_jax.config import Config
@@ -136,7 +136,7 @@ def measure(steps: int, warmup: int, rows: list[str], torch_threads: int | None)
             "step_time_s": a["step_time_s"] / b["step_time_s"],
         }
     if torch_threads is not None and "lightcl" in rows_:
-        from experiments.torch_reference import time_lightcl_step
+        from benchmarks.torch_reference import time_lightcl_step
         print("  lightcl in PyTorch: timing ...", file=sys.stderr, flush=True)
         try:
             torch = time_lightcl_step(steps=steps, warmup=warmup, threads=torch_threads,
@@ -200,7 +200,7 @@ def report(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_memory",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_memory",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.add_argument("--steps", type=int, default=5, help="timed steps (>= 5)")

@@ -1,7 +1,7 @@
 """Where a train step's time goes, op by op, from XLA's profiler.
 
-    python -m experiments.profile_step [--task 0|1] [--nf 64] [--steps 5] [--single-core]
-                                       [--top 30] [--json PATH]
+    python -m benchmarks.profile_step [--task 0|1] [--nf 64] [--steps 5] [--single-core]
+                                      [--top 30] [--json PATH]
 
 Compiles LightCL's step of the given task as a run does (task 0: every layer
 trains, as finetune and the baselines; task 1: stem + stages 1-3 frozen, the
@@ -35,7 +35,7 @@ from experiments.common import Parser, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m experiments.profile_step", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m benchmarks.profile_step", description=__doc__.splitlines()[0])
     p.add_argument("--task", type=int, choices=(0, 1), default=0,
                    help="0: the full-network step; 1: LightCL's frozen-phase step")
     p.add_argument("--nf", type=int, default=64)
@@ -91,7 +91,7 @@ def profile(task: int, nf: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from experiments.bench_step import prepared_step
+    from benchmarks.bench_step import prepared_step
     from lightcl_jax.config import Config
 
     config = Config(strategy="lightcl", dataset="cifar10", nf=nf, batch_size=32)
@@ -147,7 +147,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from lightcl_jax.process import run_with_huge_pages
-    run_with_huge_pages()  # as experiments.run
+if __name__ == "__main__":  # benchmarks/__init__.py has set up the process
     sys.exit(main())

@@ -3,5 +3,5 @@
 
 class SequentialTinyImagenet:
     def __init__(self, args=None):
-        raise RuntimeError("experiments.vs_reference runs the script with --Dataset CIFAR10 "
+        raise RuntimeError("benchmarks.vs_reference runs the script with --Dataset CIFAR10 "
                            "(5 tasks of 2 classes); Split TinyImageNet is not served")

@@ -1,7 +1,7 @@
 """Is the input pipeline the bottleneck? Train steps/s with real input against a fixed batch.
 
-    python -m experiments.bench_input [--dataset cifar10] [--data-dir DIR] [--steps 40]
-                                      [--nf 16] [--batch-size 32] [--strategy finetune]
+    python -m benchmarks.bench_input [--dataset cifar10] [--data-dir DIR] [--steps 40]
+                                     [--nf 16] [--batch-size 32] [--strategy finetune]
 
 Builds the stream as a run does (TFDS ``data_source``: images are read,
 decoded and normalised batch by batch, not held in memory), then times the
@@ -33,7 +33,7 @@ _DATASETS = ("cifar10", "cifar100")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_input",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_input",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="cifar10", choices=_DATASETS)
     p.add_argument("--data-dir", default=None,

@@ -1,6 +1,6 @@
 """Why the model has its own BatchNorm: per-channel sums and BatchNorm timed three ways.
 
-    python -m experiments.bench_batchnorm [--rounds 40] [--batch-size 32] [--json PATH]
+    python -m benchmarks.bench_batchnorm [--rounds 40] [--batch-size 32] [--json PATH]
 
 At ResNet-18's four map shapes (nf 64, 32x32 input: 32x32x64 down to 4x4x512),
 times, as compiled programs (median of ``--rounds`` calls, the ways alternating):
@@ -26,7 +26,7 @@ from experiments.common import median_ms, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_batchnorm",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_batchnorm",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32)

@@ -1,6 +1,6 @@
 """What a lightcl_jax process holds: peak resident memory of imports and of whole runs.
 
-    python -m experiments.bench_rss [--dataset digits32] [--nf 64] [--epochs 2] [--json PATH]
+    python -m benchmarks.bench_rss [--dataset digits32] [--nf 64] [--epochs 2] [--json PATH]
 
 Each figure comes from a fresh Python process (``getrusage``'s peak resident
 set size, MiB), one after the other:
@@ -69,7 +69,7 @@ def _child(code: str, *args: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="python -m experiments.bench_rss", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m benchmarks.bench_rss", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="digits32")
     p.add_argument("--nf", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
@@ -96,7 +96,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from lightcl_jax.process import run_with_huge_pages
-    run_with_huge_pages()  # as experiments.run: fewer page faults in the steps
+if __name__ == "__main__":  # benchmarks/__init__.py has set up the process
     sys.exit(main())

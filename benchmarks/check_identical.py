@@ -1,7 +1,7 @@
 """Does a change keep every result? Runs of this checkout against runs of another.
 
     git worktree add /tmp/old <commit>
-    python -m experiments.check_identical --old /tmp/old [--runs lightcl,seeds2] [-- RUN FLAGS]
+    python -m benchmarks.check_identical --old /tmp/old [--runs lightcl,seeds2] [-- RUN FLAGS]
 
 Runs ``python -m experiments.run`` for every strategy on the default digits
 stream and for LightCL with ``--seeds 2``, ``--freeze auto``,
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     own, run_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
         else (argv, [])
-    parser = argparse.ArgumentParser(prog="python -m experiments.check_identical",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.check_identical",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--old", required=True,
                         help="a checkout of the code to compare with (git worktree add DIR REV)")

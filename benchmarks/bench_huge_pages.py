@@ -1,7 +1,7 @@
 """Train steps with and without glibc's malloc asking for huge pages, in alternating processes.
 
-    python -m experiments.bench_huge_pages [--pairs 6] [--steps 10] [--nf 64] [--no-torch]
-                                           [--json PATH]
+    python -m benchmarks.bench_huge_pages [--pairs 6] [--steps 10] [--nf 64] [--no-torch]
+                                          [--json PATH]
 
 The experiment scripts run themselves again with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`lightcl_jax.process.
@@ -10,7 +10,7 @@ this compares processes: ``--pairs`` pairs, each a process without the tunable
 then one with it, each timing ``--steps`` steps (after three untimed ones) of
 the full-network step (task 0, as finetune and the baselines) and LightCL's
 frozen-phase step (task 1) on a fixed random batch of 32x32x3 images, batch 32,
-and the same two PyTorch steps (`experiments.torch_reference`) where PyTorch is
+and the same two PyTorch steps (`benchmarks.torch_reference`) where PyTorch is
 installed. Each process caps malloc's arenas as the experiment scripts do
 (`limit_malloc_arenas`) and keeps any other tunable the user set. Per step it
 prints wall milliseconds, user and system CPU
@@ -38,7 +38,7 @@ KINDS = ("jax full", "jax lightcl", "torch full", "torch lightcl")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m experiments.bench_huge_pages", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m benchmarks.bench_huge_pages", description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=6, help="alternating pairs of processes")
     p.add_argument("--steps", type=int, default=10, help="timed steps of each kind a process")
     p.add_argument("--nf", type=int, default=64)
@@ -67,7 +67,7 @@ def child(steps: int, nf: int, torch: bool) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from experiments.bench_step import prepared_step
+    from benchmarks.bench_step import prepared_step
     from lightcl_jax.config import Config
 
     out = {}
@@ -85,7 +85,7 @@ def child(steps: int, nf: int, torch: bool) -> dict:
     if torch:
         import torch as th
 
-        from experiments.torch_reference import build_full_step, build_lightcl_step
+        from benchmarks.torch_reference import build_full_step, build_lightcl_step
         th.set_num_threads(os.cpu_count())
         for kind, build in (("torch full", build_full_step), ("torch lightcl", build_lightcl_step)):
             step, x, y = build(nf=nf)
@@ -121,7 +121,7 @@ def child_environment(environ, with_tunable: bool) -> dict:
 
 def _run_child(args, with_tunable: bool) -> dict:
     env = child_environment(os.environ, with_tunable)
-    command = [sys.executable, "-m", "experiments.bench_huge_pages", "--child",
+    command = [sys.executable, "-m", "benchmarks.bench_huge_pages", "--child",
                "--steps", str(args.steps), "--nf", str(args.nf)] + (
                    ["--no-torch"] if args.no_torch else [])
     proc = subprocess.run(command, env=env, capture_output=True, text=True)

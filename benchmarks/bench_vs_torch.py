@@ -1,17 +1,17 @@
 """JAX's train steps against the same steps in PyTorch, timed side by side in one process.
 
-    python -m experiments.bench_vs_torch [--rounds 5] [--steps 4] [--json PATH]
+    python -m benchmarks.bench_vs_torch [--rounds 5] [--steps 4] [--json PATH]
 
 At the reference's setting (ResNet-18 nf 64, 32x32x3, batch 32, buffer 15, 10
 classes in tasks of 2), two steps each way:
 
   * ``full``: every layer trains (task 0 without pre-training, finetune, every
     baseline, pre-training): our LightCL task-0 step against
-    `experiments.torch_reference.FullStep` (the authors' ``train``);
+    `benchmarks.torch_reference.FullStep` (the authors' ``train``);
   * ``lightcl``: a step of task 1 without pre-training (stem + stages 1-3
     frozen, the regulation loss on the buffer): ours, whose buffer starts at
     stage 4 from its stored features, against the authors' way, the buffer
-    through every layer (`experiments.torch_reference.LightCLStep`).
+    through every layer (`benchmarks.torch_reference.LightCLStep`).
 
 Each step is also compiled with XLA's default options (``{}`` for
 `lightcl_jax.compiler.COMPILER_OPTIONS`: YNNPACK convolutions), the evidence
@@ -24,7 +24,7 @@ buffer's frozen-layer forward added) and the GFLOP/s each sustains, beside
 the machine's practical peak: a 2048^3 float32 matmul in JAX and in PyTorch.
 PyTorch uses as many threads as there are cores (``--threads``), as XLA does.
 Where JAX's default backend is a GPU, PyTorch's steps run on CUDA too
-(``--torch-device``; `experiments/accelerator_check.sh` runs it so).
+(``--torch-device``; `benchmarks/accelerator_check.sh` runs it so).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _jax_steps(compiler_options: dict) -> dict:
     ``compiler_options`` in place of the library's, warmed up."""
     import jax.numpy as jnp
 
-    from experiments.bench_step import prepared_step
+    from benchmarks.bench_step import prepared_step
     from lightcl_jax import compiler
     from lightcl_jax.config import Config
 
@@ -144,7 +144,7 @@ def measure(rounds: int, steps: int, threads: int, torch_device: str = "cpu") ->
     import jax
     import torch
 
-    from experiments.torch_reference import build_full_step, build_lightcl_step
+    from benchmarks.torch_reference import build_full_step, build_lightcl_step
     torch.set_num_threads(threads)
     settings = {k: SETTING[k] for k in ("nf", "image_size", "channels", "num_classes",
                                         "classes_per_task", "batch_size")}
@@ -215,7 +215,7 @@ def report(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_vs_torch",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_vs_torch",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5, help="alternations of the frameworks")
     p.add_argument("--steps", type=int, default=4, help="timed steps of each per round")
@@ -231,9 +231,9 @@ def main(argv=None) -> int:
             p.error(f"--{name} must be >= 1; got {getattr(args, name)}")
     import importlib.util
     if importlib.util.find_spec("torch") is None:
-        from experiments.torch_reference import TORCH_MISSING
+        from benchmarks.torch_reference import TORCH_MISSING
         p.error(TORCH_MISSING)
-    from experiments.torch_reference import torch_device
+    from benchmarks.torch_reference import torch_device
     if args.torch_device == "auto":
         import jax
         args.torch_device = "cuda" if jax.default_backend() in ("gpu", "cuda") else "cpu"
@@ -249,7 +249,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from lightcl_jax.process import run_with_huge_pages
-    run_with_huge_pages()  # as experiments.run: fewer page faults in the steps
+if __name__ == "__main__":  # benchmarks/__init__.py has set up the process
     sys.exit(main())

@@ -1,6 +1,6 @@
 """lightcl_jax against the authors' model, step by step from the same state.
 
-    python -m experiments.side_by_side.lockstep --ref CHECKOUT [--nf 8] [--epochs 2]
+    python -m benchmarks.side_by_side.lockstep --ref CHECKOUT [--nf 8] [--epochs 2]
         [--seed 0] [--json PATH]
 
 `vs_reference` runs the authors' script as it is, so the two sides start from
@@ -353,7 +353,7 @@ def chaos(checkout: str, config, stream, steps: int = 8, report=print) -> list[f
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.side_by_side.lockstep",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.side_by_side.lockstep",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--ref", required=True, metavar="CHECKOUT",
                         help="a clone of github.com/INV-WZQ/LightCL (outside this repository)")

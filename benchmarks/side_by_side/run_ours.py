@@ -1,13 +1,13 @@
 """Runs lightcl_jax on an exported stream, as `run_reference` runs the authors' script.
 
-    python -m experiments.side_by_side.run_ours --stream S.npz --config '{"seed": 0, ...}' \
+    python -m benchmarks.side_by_side.run_ours --stream S.npz --config '{"seed": 0, ...}' \
         --out RESULT.json
 
 The run is `train_and_evaluate` on the stream's arrays with the given config,
 and nothing the authors' script does not do: no checkpoints, no results
 file but ``--out``: the results dict, with ``timeline``, the seconds since
 this process started at which each task and each of its epochs began and
-ended (`Timeline`), from which `experiments.vs_reference` tells where the
+ended (`Timeline`), from which `benchmarks.vs_reference` tells where the
 time went.
 """
 
@@ -16,7 +16,6 @@ import json
 import sys
 import time
 
-from lightcl_jax.process import limit_malloc_arenas, run_with_huge_pages
 from lightcl_jax.training.progress import Progress
 
 START = time.perf_counter()
@@ -41,14 +40,14 @@ class Timeline(Progress):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.side_by_side.run_ours",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.side_by_side.run_ours",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--stream", required=True)
     parser.add_argument("--config", required=True, help="Config fields as JSON")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    from experiments.vs_reference import load_stream
+    from benchmarks.vs_reference import load_stream
     from lightcl_jax.config import Config
     from lightcl_jax.training.loop import train_and_evaluate
 
@@ -61,7 +60,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    run_with_huge_pages()  # again, with malloc asking for huge pages: fewer page faults
-    limit_malloc_arenas()  # before JAX starts its threads: 50 MB less resident here
+if __name__ == "__main__":  # benchmarks/__init__.py has set up the process
     sys.exit(main())

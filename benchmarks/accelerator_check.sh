@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check (issue 16, point 5): one short script for a lent accelerator machine.
 #
-#   bash experiments/accelerator_check.sh OUTDIR
+#   bash benchmarks/accelerator_check.sh OUTDIR
 #
 # Run from the repository root where JAX sees the GPU and PyTorch is a CUDA build
 # (the device machine's image has both; `pip install -e .[gpu,bench]` elsewhere).
 # It needs no data download: the default run reads scikit-learn's bundled digits.
 #   1. what is there: nvidia-smi, JAX's devices, PyTorch's CUDA device;
-#   2. `experiments.bench_vs_torch --torch-device cuda`: the full-network and LightCL
+#   2. `benchmarks.bench_vs_torch --torch-device cuda`: the full-network and LightCL
 #      steps of JAX and PyTorch on the GPU, alternated (ms, ratio, GFLOP/s);
 #   3. the default run end to end (`python -m experiments.run`, its workdir under
 #      OUTDIR) under `/usr/bin/time -v` where it exists: wall time, TIL/CIL.
@@ -15,7 +15,7 @@
 # Exits non-zero at the first failure; about 4 minutes on an H200 (most of it compiling).
 set -euo pipefail
 if [[ $# -ne 1 ]]; then
-    echo "usage: bash experiments/accelerator_check.sh OUTDIR" >&2
+    echo "usage: bash benchmarks/accelerator_check.sh OUTDIR" >&2
     exit 2
 fi
 out=$1
@@ -36,7 +36,7 @@ if jax.default_backend() == "cpu":
 EOF
 
 echo "== steps, JAX and PyTorch on the GPU"
-"$python" -m experiments.bench_vs_torch --torch-device cuda --json "$out/bench.json"
+"$python" -m benchmarks.bench_vs_torch --torch-device cuda --json "$out/bench.json"
 
 echo "== the default run, end to end"
 timer=()

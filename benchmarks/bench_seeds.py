@@ -1,6 +1,6 @@
 """N seeds in one compiled program against N sequential runs, by wall time.
 
-    python -m experiments.bench_seeds [--seeds 5] [--seed 0] [-- RUN FLAGS...]
+    python -m benchmarks.bench_seeds [--seeds 5] [--seed 0] [-- RUN FLAGS...]
 
 Runs ``python -m experiments.run --seeds N`` once, then ``python -m
 experiments.run --seed S`` for each of the N seeds one after the other, each
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     own, run_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
         else (argv, [])
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_seeds",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_seeds",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,14 +1,14 @@
 """lightcl_jax against the authors' own LightCL script: same stream, same machine, one after the other.
 
-    python -m experiments.vs_reference --ref CHECKOUT [--seeds 3] [--epochs 50] [--json PATH]
+    python -m benchmarks.vs_reference --ref CHECKOUT [--seeds 3] [--epochs 50] [--json PATH]
 
 CHECKOUT is the authors' public repository (github.com/INV-WZQ/LightCL), cloned
 by the user outside this one; its LightCL.py runs unmodified. The stream
 (default ``digits32``: scikit-learn's digits at 32x32x3, see
 `lightcl_jax.data.streams`) is exported to ``stream.npz`` in the workdir;
-for every seed the authors' script (``experiments/side_by_side/run_reference.py``:
+for every seed the authors' script (``benchmarks/side_by_side/run_reference.py``:
 LightCL without pre-training, its own defaults otherwise) and then lightcl_jax
-(``experiments/side_by_side/run_ours.py``: LightCL without pre-training, nf 64,
+(``benchmarks/side_by_side/run_ours.py``: LightCL without pre-training, nf 64,
 batch 32, lr 0.01, beta 2e-4, buffer 15, ratio 0.15, stem + stages 1-3 frozen
 from task 1, no augmentation, no checkpoints) each run in their own process
 on that file. Both keep an epoch's smaller last batch, as the script's
@@ -40,7 +40,7 @@ from experiments.common import Parser, write_json_atomic
 from lightcl_jax.process import huge_pages_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = os.path.join(ROOT, "experiments", "side_by_side", "run_reference.py")
+RUNNER = os.path.join(ROOT, "benchmarks", "side_by_side", "run_reference.py")
 SCRIPT_EPOCHS = 50
 # What the authors' script hard-codes for Split CIFAR-10 (it builds a 3-channel ResNet-18
 # with nf 64 and slices logits in pairs).
@@ -161,7 +161,7 @@ def compare(checkout: str, stream, config, seeds: list[int], epochs: int, workdi
         report(f"seed {seed}, the authors' script: {_line(entry['reference'])}")
         out = os.path.join(workdir, f"ours-seed{seed}.json")
         ours = dataclasses.replace(config, seed=seed, epochs=epochs).to_dict()
-        wall, rss = run_child([sys.executable, "-m", "experiments.side_by_side.run_ours",
+        wall, rss = run_child([sys.executable, "-m", "benchmarks.side_by_side.run_ours",
                                "--stream", stream_path, "--config", json.dumps(ours),
                                "--out", out], out.replace(".json", ".log"), same)
         with open(out) as f:
@@ -322,7 +322,7 @@ def format_breakdown(run: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m experiments.vs_reference", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m benchmarks.vs_reference", description=__doc__.splitlines()[0])
     p.add_argument("--ref", required=True, metavar="CHECKOUT",
                    help="a clone of github.com/INV-WZQ/LightCL (outside this repository)")
     p.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")

@@ -1,6 +1,6 @@
 """Runs the authors' LightCL.py, unmodified, on an exported stream; writes its final accuracies.
 
-    python experiments/side_by_side/run_reference.py --checkout DIR --stream S.npz \
+    python benchmarks/side_by_side/run_reference.py --checkout DIR --stream S.npz \
         --seed N [--epochs E] --out RESULT.json
 
 Run as a script (not ``-m``), so that this folder, with its `datasets`

@@ -1,7 +1,7 @@
 """Train-step cost of each strategy, from the compiler and the clock.
 
-    python -m experiments.bench_step                       # paper's CIFAR-10 setting
-    python -m experiments.bench_step --nf 16 --image-size 8 --channels 1   # digits-sized
+    python -m benchmarks.bench_step                       # paper's CIFAR-10 setting
+    python -m benchmarks.bench_step --nf 16 --image-size 8 --channels 1   # digits-sized
 
 For each strategy it compiles the train step of a task >= 1 (where LightCL
 freezes stem + stages 1-3 and adds its regulation loss) on the given shapes,
@@ -88,7 +88,7 @@ def time_steps(config: Config, image_shape, num_classes: int, classes_per_task: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_step",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_step",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--strategies", default="finetune,lightcl")
     p.add_argument("--nf", type=int, default=64)
@@ -145,7 +145,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from lightcl_jax.process import run_with_huge_pages
-    run_with_huge_pages()  # as experiments.run: fewer page faults in the steps
+if __name__ == "__main__":  # benchmarks/__init__.py has set up the process
     sys.exit(main())

@@ -3,7 +3,7 @@
 LightCL.py calls ``SequentialCIFAR10(None).get_data_loaders()`` once per task
 and reads ``(train_loader, test_loader)``: here the next task of the stream
 in the ``.npz`` file that ``$LIGHTCL_STREAM`` names (written by
-`experiments.vs_reference.export_stream`). As the authors' loaders: batches
+`benchmarks.vs_reference.export_stream`). As the authors' loaders: batches
 of 32, the training ones shuffled (torch's generator, which the script
 seeds), the last smaller batch kept; images NCHW float32, labels the global
 class ids. The images are served as they were exported (normalised, not

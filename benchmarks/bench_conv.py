@@ -1,6 +1,6 @@
 """ResNet-18's 3x3 convolutions one by one: XLA's, as the library compiles them, and PyTorch's.
 
-    python -m experiments.bench_conv [--rounds 10] [--batch-size 32] [--nf 64] [--json PATH]
+    python -m benchmarks.bench_conv [--rounds 10] [--batch-size 32] [--nf 64] [--json PATH]
 
 At each 3x3 convolution shape of ResNet-18 on 32x32 inputs (nf 64: the
 32x32x3 stem, then 32x32x64 to 4x4x512, the three stride-2 ones included),
@@ -13,10 +13,7 @@ times as compiled programs (median of ``--rounds`` calls, the ways alternating):
     ``torch.nn.grad.conv2d_input`` and ``conv2d_weight`` on NCHW tensors, as
     the authors' script runs them) when PyTorch is installed (``--threads``,
     default every core, as XLA);
-  * at the stem, its forward as the model runs it: one matmul of the 27-wide
-    patches (`experiments.stem_matmul`), and its
-    largest relative difference from XLA's convolution;
-  * at the other stride-1 shapes, a lead that did not pay: the weight gradient as
+  * at the stride-1 shapes, a lead that did not pay: the weight gradient as
     nine matmuls over contiguous row ranges of the flattened, padded map
     (`flat_weight_gradient`). It needs no transpose of the activations,
     which XLA's weight-gradient convolution makes of both its operands.
@@ -37,7 +34,7 @@ PAUSE_S = 0.2   # lets spinning worker threads of the framework just timed go id
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_conv",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_conv",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
@@ -87,8 +84,7 @@ def flat_weight_gradient(x, g):
     return jnp.stack(taps).reshape(3, 3, c, g.shape[-1])
 
 
-def _jax_ways(batch: int, size: int, cin: int, cout: int, stride: int,
-              stem: bool = False) -> tuple[dict, float]:
+def _jax_ways(batch: int, size: int, cin: int, cout: int, stride: int) -> tuple[dict, float]:
     import jax
     import numpy as np
 
@@ -106,15 +102,7 @@ def _jax_ways(batch: int, size: int, cin: int, cout: int, stride: int,
             "jax input grad": lambda: jax.block_until_ready(input_grad(w, g)),
             "jax weight grad": lambda: jax.block_until_ready(weight_grad(x, g))}
     difference = float("nan")
-    if stem:
-        from experiments.stem_matmul import stem_conv_general_dilated
-        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-        matmul = jit(lambda x, w: stem_conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                                            dimension_numbers=dn))
-        ways["jax forward, stem as matmul"] = lambda: jax.block_until_ready(matmul(x, w))
-        reference = forward(x, w)
-        difference = float(abs(matmul(x, w) - reference).max() / abs(reference).max())
-    elif stride == 1:
+    if stride == 1:
         flat = jit(flat_weight_gradient)
         ways["jax weight grad, 9 flat matmuls"] = lambda: jax.block_until_ready(flat(x, g))
         reference = weight_grad(x, g)
@@ -148,8 +136,8 @@ def main(argv=None) -> int:
     if min(args.rounds, args.batch_size, args.nf, args.threads) < 1:
         raise SystemExit("bench_conv: --rounds, --batch-size, --nf and --threads must be >= 1")
     results = []
-    for index, (size, cin, cout, stride) in enumerate(shapes(args.nf)):
-        ways, difference = _jax_ways(args.batch_size, size, cin, cout, stride, stem=index == 0)
+    for size, cin, cout, stride in shapes(args.nf):
+        ways, difference = _jax_ways(args.batch_size, size, cin, cout, stride)
         ways.update(_torch_ways(args.batch_size, size, cin, cout, stride, args.threads))
         ms = median_ms(ways, args.rounds, PAUSE_S)
         gflop = 2 * args.batch_size * (size // stride) ** 2 * 9 * cin * cout / 1e9
@@ -161,16 +149,11 @@ def main(argv=None) -> int:
             if way.startswith("jax") and torch_way in ms:
                 line += f"  {value / ms[torch_way]:.2f}x PyTorch"
             print(line, flush=True)
-        if index == 0:
-            print(f"  the stem as a matmul vs XLA's forward: largest relative difference "
-                  f"{difference:.1e}")
-        elif stride == 1:
+        if stride == 1:
             print(f"  flat weight grad vs XLA's: largest relative difference {difference:.1e}")
         results.append({"size": size, "in_channels": cin, "out_channels": cout,
                         "stride": stride, "gflop": gflop, "ms": ms,
-                        "flat_weight_grad_rel_diff": None if stride != 1 or index == 0
-                        else difference,
-                        "stem_matmul_rel_diff": difference if index == 0 else None})
+                        "flat_weight_grad_rel_diff": difference if stride == 1 else None})
     if args.json:
         write_json_atomic(args.json, {"rounds": args.rounds, "batch_size": args.batch_size,
                                       "threads": args.threads, "results": results})

@@ -1,6 +1,6 @@
 """How far does rounding move a run? The run against itself with its weights nudged.
 
-    python -m experiments.check_sensitivity [--nudge 1e-7] [RUN FLAGS...]
+    python -m benchmarks.check_sensitivity [--nudge 1e-7] [RUN FLAGS...]
 
 Trains the run that ``python -m experiments.run RUN FLAGS`` trains twice, in
 this process: as it is, and with every weight multiplied by 1 + nudge before
@@ -28,7 +28,7 @@ REFUSED = ("workdir", "ckpt_every", "overwrite", "seeds", "coordinator", "num_pr
 
 def main(argv=None) -> int:
     parser = run.build_parser()
-    parser.prog = "python -m experiments.check_sensitivity"
+    parser.prog = "python -m benchmarks.check_sensitivity"
     parser.description = __doc__.splitlines()[0]
     parser.add_argument("--nudge", type=float, default=1e-7,
                         help="relative change of every weight before every step")

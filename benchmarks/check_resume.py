@@ -1,4 +1,4 @@
-"""Kill a run with SIGKILL, rerun it, and compare with a clean run: ``python -m experiments.check_resume``.
+"""Kill a run with SIGKILL, rerun it, and compare with a clean run: ``python -m benchmarks.check_resume``.
 
 Runs ``python -m experiments.run ARGS`` three times in subprocesses: once
 uninterrupted (workdir ``<out>/clean``), once killed with ``--signal``
@@ -9,7 +9,7 @@ stop by itself after checkpointing the step it is in, with exit code 143 or
 130; its line saying where is printed. Prints where it resumed and
 whether the two ``results.json`` agree on every entry but ``wall_time_s`` and
 ``resumed_at_steps``; exits 1 when they do not. Extra flags go to the run,
-e.g. ``python -m experiments.check_resume -- --strategy derpp --epochs 2``.
+e.g. ``python -m benchmarks.check_resume -- --strategy derpp --epochs 2``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _checkpointed_in_task(workdir: str, task: int) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.check_resume",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.check_resume",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="where the two workdirs go (default: a "
                                                     "new temporary directory)")

@@ -1,1 +1,0 @@
-"""Side-by-side runs of the authors' LightCL script and lightcl_jax (`experiments.vs_reference`)."""
