@@ -61,8 +61,9 @@ DATASET_DEFAULTS = {
 class Config:
     """All settings of one continual-learning run.
 
-    Defaults follow SPEC section 2 (lr 0.01, batch 32, seed 0, freeze stem +
-    stages 1-3; LightCL's own beta 2e-4, buffer 15, ratio 0.15); ``epochs`` and
+    Defaults follow the authors' LightCL (lr 0.01, batch 32, seed 0, freeze stem +
+    stages 1-3); a strategy's own hyperparameters (LightCL's beta 2e-4, buffer 15,
+    ratio 0.15) are its defaults, overridden by ``strategy_args``. ``epochs`` and
     ``nf`` default per built-in dataset (`DATASET_DEFAULTS`) when left as None.
 
     Attributes:
@@ -70,25 +71,23 @@ class Config:
         import path of a strategy class (``package.module:Name``,
         ``path/to/file.py:Name``).
       strategy_args: the strategy's hyperparameters that differ from its
-        defaults, ``{name: value}`` (e.g. ``{"lam": 100.0}`` for ``ewc``). A run
-        records all of them, defaults filled in (`lightcl_jax.training.setup`).
+        defaults, ``{name: value}`` (e.g. ``{"lam": 100.0}`` for ``ewc``,
+        ``{"beta": 1e-3}`` for ``lightcl``). A run records all of them, defaults
+        filled in (`lightcl_jax.training.run`).
       dataset: one of `DATASETS`, or the name of a stream of your own (or None)
-        handed to `lightcl_jax.training.setup.setup_run` with it; such a
-        config sets ``epochs`` and ``nf``.
+        handed to `lightcl_jax.train_and_evaluate` (``stream=``) or
+        `lightcl_jax.setup_run` with it; such a config sets ``epochs`` and ``nf``.
       data_dir: TFDS data directory (TFDS datasets only).
       num_tasks: tasks to split the classes into (None: the dataset's default).
       eval_split: ``holdout`` (the reference's 10% of train) or ``test``.
       epochs: epochs per task.
       batch_size: training batch size.
       lr: SGD learning rate (no momentum, no weight decay).
-      beta: weight of LightCL's regulation loss.
-      buffer_size: samples in LightCL's memory buffer.
-      ratio: fraction of each tap's channels chosen as vital per task.
       nf: width of the ResNet's first stage (64 = paper).
       seed: seed of initialisation, data order and augmentation.
       freeze: freeze point for strategies that freeze (see `FREEZE_POINTS`), or
         ``auto``: chosen from measured LP and MS by a probe at the first task
-        that freezes (see `lightcl_jax.training.probe.probe_freeze`).
+        that freezes (see `lightcl_jax.training.loop`).
       freeze_threshold: LP and MS level a layer group must reach to be frozen
         by ``auto``.
       similarity: registered similarity that ``auto`` measures LP and MS with.
@@ -112,7 +111,7 @@ class Config:
         evaluation split needs that many).
       sparse: the reference's sparse variant: channel pruning fixed once from
         the starting weights, masks kept on weights and updates
-        (`lightcl_jax.training.sparsity`); with a pre-trained backbone
+        (`lightcl_jax.training.state`); with a pre-trained backbone
         LightCL's task 0 also trains the last block of the frozen prefix.
       sparse_execution: with ``sparse``, ``masked`` runs the dense network
         with pruned weights held at zero (the reference's way); ``compact``
@@ -121,11 +120,12 @@ class Config:
         trained together must prune alike (e.g. from one pre-trained backbone).
       xla_scheduler: how XLA:CPU orders each train step's work: ``memory``
         (``CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``: a smaller peak), ``default``
-        (XLA's), or ``auto``: memory-optimized for steps that freeze layers, where
-        it cut LightCL's step at the paper's setting from 127.6 to 90.1 MB at the
-        same speed, XLA's default for full-network steps, where it held more
-        (238.1 to 270.8 MB for finetune). Step times did not change. Results are
-        bit-identical either way.
+        (XLA's), or ``auto``: memory-optimized for steps that freeze layers (it
+        cut LightCL's step at the paper's setting from 127.6 to 90.1 MB at the
+        same speed), XLA's default for full-network steps. ``memory`` also takes
+        the full-network steps down (finetune's at the paper's setting from
+        261.2 to 227.6 MB; docs/memory.md). Results are bit-identical under all
+        three, so the field is not part of a run's identity.
     """
 
     strategy: str = "lightcl"
