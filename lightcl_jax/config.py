@@ -40,7 +40,7 @@ DEFAULT_METRICS = ("avg", "forgetting", "bwt", "avg_incremental", "loss")
 # JAX's PRNG keys hold 32 bits of a seed: 2**32 would give seed 0's key.
 MAX_SEED = 2**32 - 1
 # A ResNet-18 of nf 4096 holds 4.6e10 weights; whether a smaller one fits the device is
-# checked against its memory when the run is set up (`lightcl_jax.training.setup`).
+# checked against its memory when the run is set up (`lightcl_jax.training.run`).
 MAX_NF = 4096
 FLOAT_FIELDS = ("lr", "freeze_threshold")
 
@@ -71,12 +71,11 @@ class Config:
         import path of a strategy class (``package.module:Name``,
         ``path/to/file.py:Name``).
       strategy_args: the strategy's hyperparameters that differ from its
-        defaults, ``{name: value}`` (e.g. ``{"lam": 100.0}`` for ``ewc``,
-        ``{"beta": 1e-3}`` for ``lightcl``). A run records all of them, defaults
-        filled in (`lightcl_jax.training.run`).
+        defaults, ``{name: value}`` (e.g. ``{"lam": 100.0}`` for ``ewc``). A run
+        records all of them, defaults filled in (`lightcl_jax.training.run`).
       dataset: one of `DATASETS`, or the name of a stream of your own (or None)
-        handed to `lightcl_jax.train_and_evaluate` (``stream=``) or
-        `lightcl_jax.setup_run` with it; such a config sets ``epochs`` and ``nf``.
+        handed to `lightcl_jax.training.run.setup_run` with it; such a
+        config sets ``epochs`` and ``nf``.
       data_dir: TFDS data directory (TFDS datasets only).
       num_tasks: tasks to split the classes into (None: the dataset's default).
       eval_split: ``holdout`` (the reference's 10% of train) or ``test``.
@@ -87,7 +86,7 @@ class Config:
       seed: seed of initialisation, data order and augmentation.
       freeze: freeze point for strategies that freeze (see `FREEZE_POINTS`), or
         ``auto``: chosen from measured LP and MS by a probe at the first task
-        that freezes (see `lightcl_jax.training.loop`).
+        that freezes (see `lightcl_jax.training.loop.probe_freeze`).
       freeze_threshold: LP and MS level a layer group must reach to be frozen
         by ``auto``.
       similarity: registered similarity that ``auto`` measures LP and MS with.
