@@ -61,8 +61,9 @@ DATASET_DEFAULTS = {
 class Config:
     """All settings of one continual-learning run.
 
-    Defaults follow SPEC section 2 (lr 0.01, batch 32, seed 0, freeze stem +
-    stages 1-3; LightCL's own beta 2e-4, buffer 15, ratio 0.15); ``epochs`` and
+    Defaults follow the authors' LightCL (lr 0.01, batch 32, seed 0, freeze stem +
+    stages 1-3); a strategy's own hyperparameters (LightCL's beta 2e-4, buffer 15,
+    ratio 0.15) are its defaults, overridden by ``strategy_args``. ``epochs`` and
     ``nf`` default per built-in dataset (`DATASET_DEFAULTS`) when left as None.
 
     Attributes:
@@ -81,9 +82,6 @@ class Config:
       epochs: epochs per task.
       batch_size: training batch size.
       lr: SGD learning rate (no momentum, no weight decay).
-      beta: weight of LightCL's regulation loss.
-      buffer_size: samples in LightCL's memory buffer.
-      ratio: fraction of each tap's channels chosen as vital per task.
       nf: width of the ResNet's first stage (64 = paper).
       seed: seed of initialisation, data order and augmentation.
       freeze: freeze point for strategies that freeze (see `FREEZE_POINTS`), or
@@ -121,11 +119,12 @@ class Config:
         trained together must prune alike (e.g. from one pre-trained backbone).
       xla_scheduler: how XLA:CPU orders each train step's work: ``memory``
         (``CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``: a smaller peak), ``default``
-        (XLA's), or ``auto``: memory-optimized for steps that freeze layers, where
-        it cut LightCL's step at the paper's setting from 127.6 to 90.1 MB at the
-        same speed, XLA's default for full-network steps, where it held more
-        (238.1 to 270.8 MB for finetune). Step times did not change. Results are
-        bit-identical either way.
+        (XLA's), or ``auto``: memory-optimized for steps that freeze layers (it
+        cut LightCL's step at the paper's setting from 127.6 to 90.1 MB at the
+        same speed), XLA's default for full-network steps. ``memory`` also takes
+        the full-network steps down (finetune's at the paper's setting from
+        261.2 to 227.6 MB; docs/memory.md). Results are bit-identical under all
+        three, so the field is not part of a run's identity.
     """
 
     strategy: str = "lightcl"

@@ -7,7 +7,8 @@ one (64-512 channels) at a fraction of the memory speed: summing a
 (32, 32, 32, 64) map took 8.4 ms, the same sum taken as a (2048, 1024)
 column sum and then a (16, 64) one 0.5 ms, and BatchNorm + ReLU forward and
 backward 36.7 ms against PyTorch's 10.1 ms; this module's, 5.3 ms
-(`python -m benchmarks.bench_batchnorm`, README "Against PyTorch").
+(`python -m benchmarks.bench_batchnorm`, 2 cores of an AMD EPYC with AVX-512;
+docs/performance.md).
 `channel_sums` takes every sum that way, and `batch_norm` writes the backward
 pass out (the textbook BatchNorm gradient) so that its sums are taken that way
 too.
@@ -19,7 +20,7 @@ Flax's fast variance). One difference, on purpose: the running variance takes
 the *unbiased* batch variance (times n/(n-1), n = samples x positions), as
 PyTorch's ``BatchNorm2d`` and so the authors' LightCL do; Flax's takes the
 biased one. `benchmarks.side_by_side.lockstep` found it: stepped from the same
-state on the same batch, ours and the authors' model agreed to ~1e-7 in every
+state on the same batch, ours and the authors' model agreed to 1e-5 in every
 parameter but differed in the running statistics by up to 1.2e-3 (relative, the
 last stage after an epoch's 5-sample last batch, n = 80); with this update they
 agree to float rounding (BUILD.md, "How the reference's behaviour is reproduced").
