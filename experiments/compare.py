@@ -42,7 +42,7 @@ import numpy as np
 
 from experiments.common import (Bars, Parser, metrics_help, parse_metrics,
                                 strategies_help, strategy_arguments, write_json_atomic)
-from experiments.figures import accuracy_curve_figure, cost_accuracy_figure, save_figure
+from lightcl_jax.figures import accuracy_curve_figure, cost_accuracy_figure, save_figure
 from lightcl_jax.config import DEFAULT_METRICS, Config
 from lightcl_jax.data.streams import DATASETS
 from lightcl_jax.registry import STRATEGIES
