@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     import jax
 
     from lightcl_jax.training.epochs import DivergenceError
-    from lightcl_jax.training.loop import train_and_evaluate
+    from lightcl_jax.training.loop import Hooks, train, train_and_evaluate
 
     def nudged(step):
         def nudged_step(state, memory, x, y, class_offset):
@@ -61,11 +61,11 @@ def main(argv=None) -> int:
         return nudged_step
 
     try:
-        setup, _ = run.prepare_run(config, args)
+        setup = run.prepare_run(config, args)
         if args.note:
             print(args.note, file=sys.stderr)
         plain = train_and_evaluate(setup)
-        moved = train_and_evaluate(setup, step_wrapper=nudged)
+        moved = train(setup, hooks=Hooks(step_wrapper=nudged))
     except ValueError as err:
         parser.error(str(err))
     except DivergenceError as err:

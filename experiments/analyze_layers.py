@@ -24,6 +24,8 @@ from experiments.common import Bars, Parser, write_json_atomic
 from lightcl_jax.config import Config
 from lightcl_jax.data.streams import DATASETS
 from lightcl_jax.registry import SIMILARITIES
+from lightcl_jax.training.loop import Hooks, train
+from lightcl_jax.training.run import setup_run
 
 
 def build_parser():
@@ -111,8 +113,8 @@ def main(argv=None) -> int:
             after_task0["state"] = jax.tree_util.tree_map(jax.numpy.copy, state)
 
     try:
-        results = train_and_evaluate(config, stream, on_task_end=keep_task0,
-                                     progress=Bars(not args.no_progress))
+        results = train(setup_run(config, stream), progress=Bars(not args.no_progress),
+                        hooks=Hooks(on_task_end=keep_task0))
     except DivergenceError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1

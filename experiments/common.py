@@ -8,14 +8,12 @@ strategy's hyperparameters are read with its class, which imports it then).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 from lightcl_jax.training.progress import Progress
+from lightcl_jax.training.workdir import write_json_atomic  # noqa: F401  (the commands write with it)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -217,21 +215,6 @@ class Bars(Progress):
 
 def _shown(values: dict) -> dict:
     return {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()}
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Writes JSON to a temporary file beside ``path`` and renames it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def median_ms(fns: dict, rounds: int, pause_s: float = 0.0) -> dict:

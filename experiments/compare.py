@@ -25,7 +25,7 @@ pre-trained backbone, as Table 1 did. Prints the table and writes into the workd
     columns count train steps only, not the work at task boundaries (EWC's
     Fisher pass, LightCL's reference and vital-channel forwards, LwF's copy);
   * ``<strategy>-seed<k>.json``: each seed's results;
-  * ``accuracy_curve.png`` and ``cost_vs_accuracy.png`` (`experiments.figures`).
+  * ``accuracy_curve.png`` and ``cost_vs_accuracy.png`` (`lightcl_jax.figures`).
 Exit codes: 0 done, 2 bad flag value, config, backbone or data, 1 a run diverged.
 """
 
@@ -42,7 +42,7 @@ import numpy as np
 
 from experiments.common import (Bars, Parser, metrics_help, parse_metrics,
                                 strategies_help, strategy_arguments, write_json_atomic)
-from experiments.figures import accuracy_curve_figure, cost_accuracy_figure, save_figure
+from lightcl_jax.figures import accuracy_curve_figure, cost_accuracy_figure, save_figure
 from lightcl_jax.config import DEFAULT_METRICS, Config
 from lightcl_jax.data.streams import DATASETS
 from lightcl_jax.registry import STRATEGIES

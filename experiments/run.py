@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
-import shutil
 import sys
 
 from experiments import distributed
 from experiments.common import (STRATEGY_ARG_HELP, Bars, Parser, metrics_help, parse_bool,
-                                parse_metrics, strategies_help, strategy_arguments,
-                                write_json_atomic)
-from experiments.figures import accuracy_figure, save_figure
+                                parse_metrics, strategies_help, strategy_arguments)
 from lightcl_jax.config import (DEFAULT_METRICS, FROZEN_BN_MODES, LAST_BATCH_MODES,
                                 SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config)
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
@@ -308,7 +304,7 @@ def main(argv=None) -> int:
     fresh = not os.path.exists(workdir)
     try:
         distributed.start(args)  # several processes: before anything touches a device
-        run, backbone = prepare_run(config, args)
+        run = prepare_run(config, args)
         # One run per workdir (`WorkdirInUse` otherwise); a lock per process of the run.
         lock = lock_workdir(workdir, distributed.process_index())
     except ValueError as err:  # bad settings or data, or a live run in the workdir
@@ -317,7 +313,7 @@ def main(argv=None) -> int:
         print(args.note, file=sys.stderr)
     try:
         with handle_signals():  # SIGTERM, SIGINT: checkpoint after the step, then stop
-            return train_in_workdir(parser, args, run, backbone, workdir)
+            return train_in_workdir(parser, args, run, workdir)
     finally:
         lock.release(remove_empty_workdir=fresh)  # a run refused at its start leaves none
 
@@ -329,51 +325,54 @@ def _strategy_label(config: Config) -> str:
     return config.strategy if config.strategy in STRATEGIES else strategy_class(config.strategy).name
 
 
-def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
-    """Trains ``run`` (or prints its finished results), writing into ``workdir``, whose
-    lock this process holds; returns the exit code."""
+def train_in_workdir(parser, args, run, workdir: str) -> int:
+    """Trains ``run`` (or prints its finished results) in ``workdir``, whose lock this
+    process holds (`lightcl_jax.training.loop.train_and_evaluate` writes there); returns
+    the exit code."""
     from lightcl_jax.training.checkpoint import RunCheckpoints
     from lightcl_jax.training.epochs import DivergenceError
     from lightcl_jax.training.loop import train_and_evaluate
-    from lightcl_jax.training.workdir import Preempted
-    from lightcl_jax.training.progress import Fanout, MetricsLog, Progress, TensorBoardLog
+    from lightcl_jax.training.progress import Fanout, Progress, TensorBoardLog
+    from lightcl_jax.training.workdir import (CHECKPOINTS, RESULTS, Preempted,
+                                              ResultsWriteError, discard_run, finished_results)
 
-    config = run.config
-    path = os.path.join(workdir, "results.json")
-    checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), every=args.ckpt_every)
+    path = os.path.join(workdir, RESULTS)
+    checkpoints = RunCheckpoints(os.path.join(workdir, CHECKPOINTS))  # for the messages
     writer = distributed.is_writer()  # process 0 of several writes and shows progress
     try:
         if args.overwrite:
             if writer:
-                discard_run(path, checkpoints.directory)
+                discard_run(workdir)
             distributed.barrier("overwrite")  # no process looks for checkpoints before
         else:
-            finished = finished_results(path, run.identity)
+            finished = finished_results(workdir, run.identity)
             if finished is not None:
-                if not writer:
-                    return 0
-                print(format_table(finished))
-                print(f"{path} already holds this run's results; pass --overwrite to run it again")
+                if writer:
+                    print(format_table(finished))
+                    print(f"{path} already holds this run's results; pass --overwrite to "
+                          "run it again")
                 return 0
         sinks = [Bars(not args.no_progress) if writer else Progress()]  # others: silent
-        if writer:
-            sinks.append(MetricsLog(os.path.join(workdir, "metrics.jsonl"), lr=config.lr))
         if args.tensorboard and writer:
-            sinks.append(TensorBoardLog(os.path.join(workdir, "tensorboard"), lr=config.lr))
-        results = train_and_evaluate(run, checkpoints=checkpoints, progress=Fanout(*sinks))
+            sinks.append(TensorBoardLog(os.path.join(workdir, "tensorboard"), lr=run.config.lr))
+        results = train_and_evaluate(run, workdir, progress=Fanout(*sinks),
+                                     checkpoint_every=args.ckpt_every)
     except DivergenceError as err:
         latest = checkpoints.latest()
         kept = (f"; the last good checkpoint is {checkpoints.path(*latest)}" if latest
                 else "; no checkpoint was written before it")
         print(f"{parser.prog}: error: {err}{kept}", file=sys.stderr)
         return 1
+    except ResultsWriteError as err:  # nothing half-written is left
+        print(f"{parser.prog}: error: {err.strerror}; {_kept(checkpoints)}, which holds the "
+              "finished run: rerun the same command to write it", file=sys.stderr)
+        return 1
     except OSError as err:  # a checkpoint that could not be written (disk full, permissions)
         print(f"{parser.prog}: error: writing a checkpoint failed ({err}); "
               f"{_kept(checkpoints)}; free the space (or fix the permissions) and rerun the "
               "same command to resume", file=sys.stderr)
         return 1
-    except Preempted as stop:
-        checkpoints.close()  # the checkpoint is complete on disk before the line says so
+    except Preempted as stop:  # the checkpoint is complete on disk before the line says so
         print(f"{parser.prog}: {stop}; checkpoint {checkpoints.path(*checkpoints.latest())}; "
               "rerun the same command to resume", file=sys.stderr)
         return stop.exit_code
@@ -385,22 +384,10 @@ def train_in_workdir(parser, args, run, backbone, workdir: str) -> int:
         raise
     finally:
         checkpoints.close()
-    if backbone is not None:
-        results["init_from"] = {"path": os.path.abspath(args.init_from),
-                                "source": backbone.get("source"), "digest": backbone["digest"]}
-    if not writer:
-        return 0
-    try:
-        write_json_atomic(path, results)
-    except OSError as err:  # nothing half-written is left (`write_json_atomic`)
-        print(f"{parser.prog}: error: writing {path} failed ({err}); {_kept(checkpoints)}, "
-              "which holds the finished run: rerun the same command to write it",
-              file=sys.stderr)
-        return 1
-    print(format_table(results))
-    figure = save_figure(accuracy_figure(results), os.path.join(workdir, "accuracy.png"))
-    print(f"results written to {path}, the accuracy matrices drawn in {figure} "
-          f"(checkpoints in {checkpoints.directory})")
+    if writer:
+        print(format_table(results))
+        print(f"results written to {path}, the accuracy matrices drawn in "
+              f"{os.path.join(workdir, 'accuracy.png')} (checkpoints in {checkpoints.directory})")
     return 0
 
 
@@ -412,7 +399,8 @@ def _kept(checkpoints) -> str:
 
 
 def prepare_run(config: Config, args: argparse.Namespace):
-    """(`lightcl_jax.training.run.Run`, the backbone's meta or None) of the flags.
+    """The `lightcl_jax.training.run.Run` of the flags (with ``--init-from``, its backbone
+    and where it came from).
 
     Raises:
       ValueError: a bad backbone, data, device count, or a backbone that does not fit.
@@ -433,39 +421,11 @@ def prepare_run(config: Config, args: argparse.Namespace):
     if backbone is not None and backbone["in_channels"] != run.stream.image_shape[-1]:
         raise ValueError(f"the backbone {args.init_from} takes {backbone['in_channels']}-"
                          f"channel images; {config.dataset} has {run.stream.image_shape[-1]}")
-    return run, backbone
-
-
-def finished_results(path: str, identity: dict) -> dict | None:
-    """The results in ``path`` when they are this run's; None when there are none.
-
-    Raises:
-      ValueError: ``path`` is unreadable or holds another run's results.
-    """
-    if not os.path.exists(path):
-        return None
-    from lightcl_jax.training.checkpoint import identity_differences
-    try:
-        with open(path) as f:
-            results = json.load(f)
-        stored = results["identity"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a readable results file of this version "
-                         f"({type(err).__name__}: {err}); pass --overwrite to replace it, or "
-                         "choose another --workdir") from err
-    differences = identity_differences(stored, identity)
-    if differences:
-        raise ValueError(f"{path} holds another run's results ({differences}); pass "
-                         "--overwrite to replace them, or choose another --workdir")
-    return results
-
-
-def discard_run(results_path: str, checkpoint_dir: str) -> None:
-    """Removes a workdir's results file and checkpoints (nothing else in it)."""
-    if os.path.exists(results_path):
-        os.unlink(results_path)
-    if os.path.isdir(checkpoint_dir):
-        shutil.rmtree(checkpoint_dir)
+    if backbone is not None:
+        run = dataclasses.replace(run, init_from={
+            "path": os.path.abspath(args.init_from), "source": backbone.get("source"),
+            "digest": backbone["digest"]})
+    return run
 
 
 if __name__ == "__main__":  # experiments/__init__.py has set up the process

@@ -41,7 +41,7 @@ def test_results_resources_are_per_step_figures_times_step_counts():
     x = rng.normal(size=(len(y), 8, 8, 1)).astype(np.float32)
     stream = split_into_tasks("tiny", x, y, x[::4], y[::4], 4, 2)
     config = dataclasses.replace(TINY, strategy="lightcl", nf=4, epochs=2, eval_batch_size=8)
-    res = train_and_evaluate(config, stream)["resources"]
+    res = train_and_evaluate(config, stream=stream)["resources"]
     # Task 0 trains everything, task 1 freezes: two compiled phases, 40 // 16 = 2 steps
     # per epoch, 2 epochs each.
     assert [(s["tasks"], s["steps"]) for s in res["train_steps"]] == [([0], 4), ([1], 4)]
@@ -56,7 +56,7 @@ def test_results_resources_are_per_step_figures_times_step_counts():
     assert res["peak_train_step_bytes"] == max(s["step_bytes"] for s in res["train_steps"])
     # Keeping each epoch's last 8 samples as a smaller batch: 3 steps an epoch, and the
     # run's FLOPs count those steps at the smaller program's figure.
-    keep = train_and_evaluate(dataclasses.replace(config, last_batch="keep"), stream)
+    keep = train_and_evaluate(dataclasses.replace(config, last_batch="keep"), stream=stream)
     res = keep["resources"]
     assert [(s["tasks"], s["steps"]) for s in res["train_steps"]] == [([0], 6), ([1], 6)]
     for s, task in zip(res["train_steps"], (0, 1)):

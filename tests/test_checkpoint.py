@@ -30,6 +30,8 @@ from lightcl_jax.training.epochs import DivergenceError
 from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.progress import Progress
 from lightcl_jax.training.run import without_measurements
+from lightcl_jax.training.loop import Hooks, train
+from lightcl_jax.training.run import setup_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The digits tasks have 325, 325, 327, 324 and 317 training samples: at batch 32 and 1 epoch,
@@ -79,15 +81,14 @@ def test_resume_mid_task_gives_the_uninterrupted_results(tmp_path, strategy, con
     config = dataclasses.replace(with_strategy(TRAINING_TINY, strategy), epochs=2, **config_changes)
     # Tasks run steps 1-6, 7-12 and 13-18. The disk as a kill after step 9 leaves it: the
     # newest checkpoint is at step 8, the second step of task 1.
-    clean = train_and_evaluate(
-        config, stream, progress=_SnapshotAfter(9, tmp_path / "run", tmp_path / "killed"),
-        checkpoints=RunCheckpoints(tmp_path / "run", every=8))
+    clean = train(setup_run(config, stream), checkpoints=RunCheckpoints(tmp_path / "run", every=8),
+                  progress=_SnapshotAfter(9, tmp_path / "run", tmp_path / "killed"))
     latest = RunCheckpoints(tmp_path / "killed").latest()
     assert latest == ("steps", 8)
     meta = RunCheckpoints(tmp_path / "killed").read_meta(*latest)
     assert (meta["position"]["task"], meta["position"]["step_in_task"]) == (1, 2)
-    resumed = train_and_evaluate(config, stream,
-                                 checkpoints=RunCheckpoints(tmp_path / "killed", every=8))
+    resumed = train(setup_run(config, stream),
+                    checkpoints=RunCheckpoints(tmp_path / "killed", every=8))
     assert resumed["resumed_at_steps"] == [8] and clean["resumed_at_steps"] == []
     assert _same(resumed) == _same(clean)
     if strategy == "lightcl" and config.sparse:
@@ -117,9 +118,9 @@ def resume_old_fixture(name, tmp_path, config, stream, clean, *, seeds=1, bounda
     if boundary:
         shutil.rmtree(directory / "steps")
     with pytest.raises(CheckpointError, match=r"metrics \['avg', 'forgetting', 'bwt'\] there"):
-        train_and_evaluate(config, stream, seeds=seeds, checkpoints=RunCheckpoints(directory))
-    resumed = train_and_evaluate(dataclasses.replace(config, metrics=LEGACY_METRICS), stream,
-                                 seeds=seeds, checkpoints=RunCheckpoints(directory, every=8))
+        train(setup_run(config, stream, seeds=seeds), checkpoints=RunCheckpoints(directory))
+    resumed = train(setup_run(dataclasses.replace(config, metrics=LEGACY_METRICS), stream, seeds=seeds),
+                    checkpoints=RunCheckpoints(directory, every=8))
     with open(os.path.join(FIXTURES, name, "results.json")) as f:
         old = json.load(f)
     assert upgrade_identity(old["identity"]) == resumed["identity"]
@@ -140,8 +141,8 @@ def resume_old_fixture(name, tmp_path, config, stream, clean, *, seeds=1, bounda
 def lightcl_run(tmp_path_factory, stream):
     """A finished LightCL run that checkpointed every 14 steps: (directory, results)."""
     directory = tmp_path_factory.mktemp("lightcl")
-    results = train_and_evaluate(Config(strategy="lightcl", **TINY), stream,
-                                 checkpoints=RunCheckpoints(directory, every=14))
+    results = train(setup_run(Config(strategy="lightcl", **TINY), stream),
+                    checkpoints=RunCheckpoints(directory, every=14))
     return directory, results
 
 
@@ -174,13 +175,13 @@ def test_resume_from_a_task_boundary_and_from_a_finished_run(tmp_path, stream, l
     shutil.copytree(lightcl_run[0], directory)
     # A finished run's checkpoint gives its results back without training.
     calls = []
-    again = train_and_evaluate(config, stream, checkpoints=RunCheckpoints(directory),
-                               step_wrapper=lambda f: calls.append(1) or f)
+    again = train(setup_run(config, stream), checkpoints=RunCheckpoints(directory),
+                  hooks=Hooks(step_wrapper=lambda f: calls.append(1) or f))
     assert calls == [] and again["resumed_at_steps"] == [49]
     assert _same(again) == _same(lightcl_run[1])
     # Without the last task's checkpoint, the run goes on from the end of task 3.
     shutil.rmtree(directory / "tasks" / "49")
-    resumed = train_and_evaluate(config, stream, checkpoints=RunCheckpoints(directory))
+    resumed = train(setup_run(config, stream), checkpoints=RunCheckpoints(directory))
     assert resumed["resumed_at_steps"] == [40]
     assert _same(resumed) == _same(lightcl_run[1])
 
@@ -207,16 +208,18 @@ def test_divergence_names_task_and_step_keeps_the_last_good_checkpoint_and_resum
     config = Config(strategy="lightcl", **TINY)
     bad_step = STEPS_PER_TASK + 6  # the 6th step of task 1: step 5, counting from 0
     with pytest.raises(DivergenceError, match=r"non-finite at task 1, step 5 of the task"):
-        train_and_evaluate(config, stream, checkpoints=RunCheckpoints(tmp_path, every=14),
-                           step_wrapper=_nan_at_step(bad_step))
+        train(setup_run(config, stream), checkpoints=RunCheckpoints(tmp_path, every=14),
+              hooks=Hooks(step_wrapper=_nan_at_step(bad_step)))
     checkpoints = RunCheckpoints(tmp_path, every=14)
     # The checkpoints at steps 10 (end of task 0) and 14 were finite; the NaN (step 16) was
     # found at the end of the epoch, before task 1's checkpoint at step 20 was written.
     assert checkpoints.latest() == ("steps", 14)
     never = _nan_at_step(10 ** 6)
-    resumed = train_and_evaluate(config, stream, checkpoints=checkpoints, step_wrapper=never)
+    resumed = train(setup_run(config, stream), checkpoints=checkpoints,
+                    hooks=Hooks(step_wrapper=never))
     assert resumed["resumed_at_steps"] == [14]
-    assert _same(resumed) == _same(train_and_evaluate(config, stream, step_wrapper=never))
+    assert _same(resumed) == _same(train(setup_run(config, stream),
+                                         hooks=Hooks(step_wrapper=never)))
     # Against the unwrapped run: the same accuracies (the weights differ in their last bits).
     for key in ("acc_til", "acc_cil"):
         assert resumed[key] == lightcl_run[1][key]

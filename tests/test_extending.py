@@ -27,6 +27,8 @@ from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.progress import Progress
 from test_checkpoint import _SnapshotAfter, _same
 from test_training import TINY, _tiny_stream, with_strategy
+from lightcl_jax.training.loop import Hooks, train
+from lightcl_jax.training.run import setup_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L2_ANCHOR = "docs/examples/l2_anchor.py:L2Anchor"
@@ -161,7 +163,7 @@ def test_a_stream_of_your_own_runs_with_a_config_that_names_it_or_none():
     assert setup_run(Config(strategy="finetune", dataset="toy", epochs=1, nf=2, batch_size=8),
                      stream).config.nf == 2
     results = train_and_evaluate(Config(strategy="finetune", dataset=None, epochs=1, nf=2,
-                                        batch_size=8), stream)
+                                        batch_size=8), stream=stream)
     assert results["dataset"] == "toy" and results["config"]["dataset"] is None
     assert (results["config"]["epochs"], results["config"]["nf"]) == (1, 2)
 
@@ -203,8 +205,8 @@ def test_the_examples_run_from_python_with_values_numpy_gives():
         metrics = [os.path.join(ROOT, path) for path in (LEARNING, ECE)]
         config = dataclasses.replace(TINY, strategy="l2_anchor", strategy_args={"weight": 0.05},
                                      epochs=2, metrics=(*DEFAULT_METRICS, *metrics))
-        results = train_and_evaluate(config, stream, progress=epochs,
-                                     on_task_end=lambda t, state: final.update(state=state))
+        results = train(setup_run(config, stream), progress=epochs,
+                        hooks=Hooks(on_task_end=lambda t, state: final.update(state=state)))
     finally:
         STRATEGIES.pop("l2_anchor", None)
     assert results["config"]["strategy_args"] == {"weight": 0.05}
@@ -327,12 +329,11 @@ def test_seeds_resume_and_freeze_auto_work_with_a_strategy_and_metrics_of_your_o
                                      freeze_threshold=-1.0,
                                      strategy_args={"buffer_size": 8, "scale": 3.0},
                                      metrics=("avg", "wrong_test"))
-        clean = train_and_evaluate(
-            config, stream, seeds=2,
-            progress=_SnapshotAfter(9, tmp_path / "run", tmp_path / "killed"),
-            checkpoints=RunCheckpoints(tmp_path / "run", every=8))
-        resumed = train_and_evaluate(config, stream, seeds=2,
-                                     checkpoints=RunCheckpoints(tmp_path / "killed", every=8))
+        clean = train(setup_run(config, stream, seeds=2),
+                      checkpoints=RunCheckpoints(tmp_path / "run", every=8),
+                      progress=_SnapshotAfter(9, tmp_path / "run", tmp_path / "killed"))
+        resumed = train(setup_run(config, stream, seeds=2),
+                        checkpoints=RunCheckpoints(tmp_path / "killed", every=8))
     finally:
         STRATEGIES.pop("scaled_test", None)
         EVAL_METRICS.pop("wrong_test", None)

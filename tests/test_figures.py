@@ -1,8 +1,8 @@
-"""Figures written beside results.json (`experiments.figures`)."""
+"""Figures written beside results.json (`lightcl_jax.figures`)."""
 
 import numpy as np
 
-from experiments.figures import accuracy_figure, accuracy_matrices, save_figure
+from lightcl_jax.figures import accuracy_figure, accuracy_matrices, save_figure
 
 
 def _run(til, cil, **extra):
@@ -61,7 +61,7 @@ def test_metrics_log_starts_afresh_and_a_resume_drops_what_it_replays(tmp_path):
 
 
 def test_compare_figures_have_a_panel_per_measure_and_a_line_or_point_per_strategy(tmp_path):
-    from experiments.figures import accuracy_curve_figure, cost_accuracy_figure
+    from lightcl_jax.figures import accuracy_curve_figure, cost_accuracy_figure
     runs = {"lightcl": [_run(TIL, CIL), _run(TIL, CIL)], "finetune": [_run(TIL, CIL)]}
     fig = accuracy_curve_figure(runs, "digits")
     assert [ax.get_title() for ax in fig.axes] == ["TIL (mean ± std over seeds)",

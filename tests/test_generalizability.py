@@ -49,7 +49,7 @@ def test_registered_metric_flows_through_to_results_and_auto_freeze(constant_sim
     stream = _tiny_stream(num_tasks=2)
     config = dataclasses.replace(TINY, layer_metrics="always_half", freeze="auto",
                                  similarity="always_one", freeze_threshold=0.9)
-    results = train_and_evaluate(config, stream)
+    results = train_and_evaluate(config, stream=stream)
     assert [entry["task"] for entry in results["layer_metrics"]] == [1]
     for entry in results["layer_metrics"]:
         assert entry["layers"] == {layer: {"lp": 0.5, "ms": 0.5} for layer in LAYER_NAMES}
@@ -60,21 +60,21 @@ def test_registered_metric_flows_through_to_results_and_auto_freeze(constant_sim
     assert results["config"]["freeze"] == "auto"
     # Nothing similar enough: auto freezes nothing.
     low = dataclasses.replace(config, similarity="always_half", layer_metrics=None)
-    results = train_and_evaluate(low, stream)
+    results = train_and_evaluate(low, stream=stream)
     assert results["freeze_auto"]["chosen"] == "none"
     assert results["phases"][1]["frozen"] == [] and "layer_metrics" not in results
 
 
 def test_auto_freeze_with_cka_picks_a_prefix_and_finetune_never_probes():
     stream = _tiny_stream(num_tasks=2)
-    results = train_and_evaluate(dataclasses.replace(TINY, freeze="auto"), stream)
+    results = train_and_evaluate(dataclasses.replace(TINY, freeze="auto"), stream=stream)
     auto = results["freeze_auto"]
     assert auto["chosen"] in FREEZE_POINTS and auto["similarity"] == "linear_cka_debiased"
     assert results["phases"][1]["frozen"] == list(FREEZE_POINTS[auto["chosen"]])
     lp = [auto["metrics"][layer]["lp"] for layer in LAYER_NAMES]
     assert all(-0.2 <= v <= 1.0 + 1e-6 for v in lp)  # debiased CKA may dip below 0
     finetune = train_and_evaluate(dataclasses.replace(with_strategy(TINY, "finetune"), freeze="auto"),
-                                  stream)
+                                  stream=stream)
     assert finetune["freeze_auto"] is None
 
 

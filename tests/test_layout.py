@@ -22,7 +22,7 @@ LAYERS = (
     ("lightcl_jax._lazy", "lightcl_jax.registry", "lightcl_jax.model.layers",
      "lightcl_jax.process"),
     ("lightcl_jax.compiler", "lightcl_jax.data", "lightcl_jax.model", "lightcl_jax.metrics",
-     "lightcl_jax.memory",
+     "lightcl_jax.memory", "lightcl_jax.figures",
      "lightcl_jax.accounting.theory", "lightcl_jax.compiler"),
     ("lightcl_jax.config",),
     ("lightcl_jax.strategies",),

@@ -59,8 +59,8 @@ def test_pretrain_resumes_mid_epoch_to_the_uninterrupted_backbone(tmp_path, caps
         data = load_tfds_data(CONFIG)
         assert data.num_classes == 1000 and data.image_shape == (32, 32, 3)
         assert len(data.y_eval) == 16
-        # Losses are reported at steps 2, 3, 4 and 6; at 6 the newest checkpoint is step 4's,
-        # batch 1 of epoch 2: what a kill during step 5 or 6 leaves.
+        # Every step is reported (its checkpoint comes after); at step 6 the newest
+        # checkpoint is step 4's, batch 1 of epoch 2: what a kill during step 5 or 6 leaves.
         variables, history = pretrain(
             CONFIG, data, checkpoints=RunCheckpoints(tmp_path / "run" / "checkpoints", every=2),
             progress=_SnapshotAt(6, tmp_path / "run", tmp_path / "killed"))
@@ -172,24 +172,23 @@ def test_pretrain_stops_at_a_signal_after_a_checkpoint_and_resumes_to_the_same_b
         data = load_tfds_data(CONFIG)
         clean, _ = pretrain(CONFIG, data)
         checkpoints = RunCheckpoints(tmp_path / "checkpoints", every=0)
-        # The signal comes while step 1 is reported: step 2 finishes, is checkpointed, and
+        # The signal comes while step 1 is reported: step 1 is checkpointed, and
         # pre-training stops there.
         with preemption.handle_signals(), pytest.raises(preemption.Preempted) as info:
-            pretrain(CONFIG, data, checkpoints=checkpoints, progress=_SignalAfter(1),
-                     log_every=1)
+            pretrain(CONFIG, data, checkpoints=checkpoints, progress=_SignalAfter(1))
         checkpoints.close()
-        assert info.value.exit_code == 143 and info.value.position.global_step == 2
-        assert RunCheckpoints(tmp_path / "checkpoints").latest() == ("steps", 2)
+        assert info.value.exit_code == 143 and info.value.position.global_step == 1
+        assert RunCheckpoints(tmp_path / "checkpoints").latest() == ("steps", 1)
         resumed, history = pretrain(CONFIG, data,
                                     checkpoints=RunCheckpoints(tmp_path / "checkpoints"))
-    assert history["resumed_at_steps"] == [2]
+    assert history["resumed_at_steps"] == [1]
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, clean)
 
 
 def test_pretrain_command_says_where_it_stopped_and_exits_143(tmp_path, capsys, monkeypatch):
-    # The command reports losses at each epoch's end: the signal comes at step 3, the end of
-    # epoch 1, whose checkpoint is the one to resume from.
-    monkeypatch.setattr(pretrain_cli, "Bars", lambda enabled: _SignalAfter(1))
+    # The signal comes at step 3, the end of epoch 1: pre-training stops after that epoch's
+    # checkpoint, the one to resume from.
+    monkeypatch.setattr(pretrain_cli, "Bars", lambda enabled: _SignalAfter(3))
     with _mock():
         code = pretrain_cli.main(["--workdir", str(tmp_path), *FLAGS, "--ckpt-every", "0"])
     assert code == 143

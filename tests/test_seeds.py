@@ -30,6 +30,8 @@ from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.state import create_train_state
 from test_checkpoint import _SnapshotAfter, _same, resume_old_fixture
 from test_training import TINY, _tiny_stream, with_strategy
+from lightcl_jax.training.loop import Hooks, train
+from lightcl_jax.training.run import setup_run
 
 
 def _final_params(store, key):
@@ -51,11 +53,12 @@ def test_seeds_in_one_program_equal_single_runs(tmp_path):
     # Sparse: each seed prunes its own starting weights (masks in the optimizer state).
     config = dataclasses.replace(TINY, strategy="lightcl", seed=3, lr=1e-3, sparse=True)
     params = {}
-    multi = train_and_evaluate(config, stream, seeds=2, on_task_end=_final_params(params, "multi"),
-                               checkpoints=RunCheckpoints(tmp_path / "multi"))
-    singles = [train_and_evaluate(dataclasses.replace(config, seed=s), stream,
-                                  on_task_end=_final_params(params, s),
-                                  checkpoints=RunCheckpoints(tmp_path / str(s)))
+    multi = train(setup_run(config, stream, seeds=2),
+                  checkpoints=RunCheckpoints(tmp_path / "multi"),
+                  hooks=Hooks(on_task_end=_final_params(params, "multi")))
+    singles = [train(setup_run(dataclasses.replace(config, seed=s), stream),
+                     checkpoints=RunCheckpoints(tmp_path / str(s)),
+                     hooks=Hooks(on_task_end=_final_params(params, s)))
                for s in (3, 4)]
     # The memories (LightCL's buffer, reference outputs, prefix statistics and vital masks)
     # are each seed's own.
@@ -100,13 +103,13 @@ def test_seeds_resume_mid_task_to_the_uninterrupted_results(tmp_path):
     stream = _tiny_stream(num_tasks=2)
     config = dataclasses.replace(with_strategy(TINY, "derpp"), epochs=2)
     # Tasks run steps 1-6 and 7-12; a kill after step 9 leaves the checkpoint of step 8.
-    clean = train_and_evaluate(
-        config, stream, seeds=2, progress=_SnapshotAfter(9, tmp_path / "run", tmp_path / "killed"),
-        checkpoints=RunCheckpoints(tmp_path / "run", every=8))
+    clean = train(setup_run(config, stream, seeds=2),
+                  checkpoints=RunCheckpoints(tmp_path / "run", every=8),
+                  progress=_SnapshotAfter(9, tmp_path / "run", tmp_path / "killed"))
     meta = RunCheckpoints(tmp_path / "killed").read_meta("steps", 8)
     assert len(meta["rng_state"]) == 2 and len(meta["results"]["acc_til"]) == 2
-    resumed = train_and_evaluate(config, stream, seeds=2,
-                                 checkpoints=RunCheckpoints(tmp_path / "killed", every=8))
+    resumed = train(setup_run(config, stream, seeds=2),
+                    checkpoints=RunCheckpoints(tmp_path / "killed", every=8))
     assert resumed["resumed_at_steps"] == [8]
     assert _same(resumed) == _same(clean)
     # The task-0 checkpoint of the same run, written by the code before the training
@@ -120,7 +123,7 @@ def test_seeds_resume_mid_task_to_the_uninterrupted_results(tmp_path):
         np.testing.assert_array_equal(keys[lane], jax.random.PRNGKey(seed + 7919))
     # A checkpoint of two seeds does not resume a single run.
     with pytest.raises(ValueError, match="seeds 2 there, 'absent' here"):
-        train_and_evaluate(config, stream, checkpoints=RunCheckpoints(tmp_path / "killed"))
+        train(setup_run(config, stream), checkpoints=RunCheckpoints(tmp_path / "killed"))
 
 
 def test_seeds_whose_freeze_auto_disagrees_are_refused(monkeypatch):
@@ -134,7 +137,7 @@ def test_seeds_whose_freeze_auto_disagrees_are_refused(monkeypatch):
     backbone = {"params": state.params, "batch_stats": state.batch_stats}
     with pytest.raises(ValueError, match=r"different freeze points for the seeds trained "
                                          r"together \(seed 0: stage2, seed 1: stage3\)"):
-        train_and_evaluate(config, _tiny_stream(num_tasks=2), seeds=2, init_variables=backbone)
+        train(setup_run(config, _tiny_stream(num_tasks=2), init_variables=backbone, seeds=2))
 
 
 def test_lanes_split_join_and_divergence_names_the_seed():
@@ -185,8 +188,8 @@ def test_a_traced_hook_may_not_read_a_per_seed_field():
         config = with_strategy(TINY, "seed_in_loss")
         with pytest.raises(AttributeError, match=r"read config.seed, which differs between the "
                                                  r"seeds trained together"):
-            train_and_evaluate(config, _tiny_stream(num_tasks=1), seeds=2)
-        assert train_and_evaluate(config, _tiny_stream(num_tasks=1))["seed"] == 0  # one seed
+            train_and_evaluate(config, stream=_tiny_stream(num_tasks=1), seeds=2)
+        assert train_and_evaluate(config, stream=_tiny_stream(num_tasks=1))["seed"] == 0  # one seed
     finally:
         STRATEGIES.pop("seed_in_loss", None)
 

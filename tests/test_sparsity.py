@@ -15,6 +15,8 @@ from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.state import create_train_state
 from lightcl_jax.training.state import (REFERENCE_SPARSITY, apply_masks, channel_prune_masks,
                                            keep_pruned, kept_output_channels, sparsity_report)
+from lightcl_jax.training.loop import Hooks, train
+from lightcl_jax.training.run import setup_run
 
 TINY = Config(strategy="lightcl", dataset="digits", epochs=1, nf=10, batch_size=16,
               strategy_args={"buffer_size": 8}, sparse=True)
@@ -101,8 +103,8 @@ def test_sparse_run_keeps_pruned_weights_exactly_zero():
     masks = jax.tree_util.tree_map(np.asarray, channel_prune_masks(_params(seed=TINY.seed)))
     start = jax.tree_util.tree_map(np.asarray, apply_masks(_params(seed=TINY.seed), masks))
     ends = []
-    results = train_and_evaluate(TINY, stream, on_task_end=lambda t, s: ends.append(
-        jax.tree_util.tree_map(np.asarray, s.params)))
+    results = train(setup_run(TINY, stream), hooks=Hooks(on_task_end=lambda t, s: ends.append(
+        jax.tree_util.tree_map(np.asarray, s.params))))
     for params in ends:
         for p, m in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(masks)):
             assert np.all(p[~m] == 0.0)
@@ -149,10 +151,9 @@ def test_compact_execution_equals_the_masked_one_with_narrower_layers():
     runs, ends = {}, {}
     for mode in ("masked", "compact"):
         ends[mode] = []
-        runs[mode] = train_and_evaluate(
-            dataclasses.replace(config, sparse_execution=mode), stream,
-            on_task_end=lambda t, s, mode=mode: ends[mode].append(
-                jax.tree_util.tree_map(np.asarray, s.params)))
+        runs[mode] = train(setup_run(dataclasses.replace(config, sparse_execution=mode), stream),
+                           hooks=Hooks(on_task_end=lambda t, s, mode=mode: ends[mode].append(
+                jax.tree_util.tree_map(np.asarray, s.params))))
     for masked, compact in zip(ends["masked"], ends["compact"]):
         # Only the kept channels exist: the last conv holds its kept inputs x outputs.
         kernel = masks["stage4_block2"]["conv2"]["kernel"]
@@ -177,7 +178,7 @@ def test_compact_seeds_must_prune_alike_and_masked_runs_keep_their_identity():
     compact = dataclasses.replace(TINY, sparse_execution="compact")
     # Without a backbone each seed starts (and prunes) from its own random weights.
     with pytest.raises(ValueError, match="seed 1 prunes other channels than seed 0"):
-        train_and_evaluate(compact, stream, seeds=2)
+        train_and_evaluate(compact, stream=stream, seeds=2)
     # Runs made before the field existed were masked: their checkpoints still resume.
     assert "sparse_execution" not in run_identity(TINY, stream, False)["config"]
     assert run_identity(compact, stream, False)["config"]["sparse_execution"] == "compact"

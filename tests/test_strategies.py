@@ -167,7 +167,7 @@ def test_lwf_distillation_matches_numpy():
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_each_strategy_runs_end_to_end(strategy):
     stream = _tiny_stream(num_tasks=3)
-    results = train_and_evaluate(with_strategy(TINY, strategy), stream)
+    results = train_and_evaluate(with_strategy(TINY, strategy), stream=stream)
     assert [len(row) for row in results["acc_til"]] == [1, 2, 3]
     assert all(0.0 <= v <= 100.0 for row in results["acc_cil"] for v in row)
     memory_flags = [p["memory"] for p in results["phases"]]

@@ -19,6 +19,8 @@ from lightcl_jax.training.step import masked_optimizer
 from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.state import create_train_state
 from lightcl_jax.training.step import Phase, make_train_step, phase_for_task, phase_step
+from lightcl_jax.training.loop import Hooks, train
+from lightcl_jax.training.run import setup_run
 
 TINY = Config(strategy="lightcl", strategy_args={"buffer_size": 8}, dataset="digits", epochs=1,
               nf=4, batch_size=16)
@@ -121,7 +123,7 @@ def test_compiles_once_per_phase_across_steps_epochs_and_tasks():
 
     config = dataclasses.replace(TINY, epochs=2)
     rss_before = _proc_status_mb("VmRSS")
-    results = train_and_evaluate(config, _tiny_stream(num_tasks=3), step_wrapper=wrapper)
+    results = train(setup_run(config, _tiny_stream(num_tasks=3)), hooks=Hooks(step_wrapper=wrapper))
     # The process's peak resident memory, as the kernel counts it (Linux: VmHWM).
     assert rss_before <= results["resources"]["peak_rss_mb"] <= _proc_status_mb("VmHWM")
     # LightCL without pre-training: task 0 trains everything, tasks 1-2 share one phase.
@@ -150,7 +152,7 @@ def test_pretrained_init_freezes_from_task_zero_with_a_fresh_head():
         jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
     with pytest.raises(ValueError, match=r"do not fit a ResNet-18 with nf=4 .*stage1_block1"):
         create_train_state(model, (8, 8, 1), jax.random.PRNGKey(0), init_variables=wrong)
-    results = train_and_evaluate(TINY, stream, init_variables=pre)
+    results = train(setup_run(TINY, stream, init_variables=pre))
     assert results["pretrained"] is True
     assert results["phases"][0] == {"task": 0, "frozen": list(frozen_groups("stage3")),
                                     "memory": False}
@@ -216,13 +218,13 @@ def test_train_step_folds_buffer_then_batch_statistics_into_running_ones():
 def test_divergence_names_task_and_step():
     config = dataclasses.replace(with_strategy(TINY, "finetune"), lr=1e30)
     with pytest.raises(DivergenceError, match=r"at task 0, step \d+ of the task"):
-        train_and_evaluate(config, _tiny_stream(num_tasks=2))
+        train_and_evaluate(config, stream=_tiny_stream(num_tasks=2))
 
 
 def test_too_small_tasks_are_refused():
     config = dataclasses.replace(TINY, batch_size=64)
     with pytest.raises(ValueError, match="fewer than one batch of 64"):
-        train_and_evaluate(config, _tiny_stream(num_tasks=2))
+        train_and_evaluate(config, stream=_tiny_stream(num_tasks=2))
 
 
 @pytest.mark.parametrize("frozen_bn", ["update", "fixed"])
@@ -300,7 +302,7 @@ def test_progress_gets_the_mean_loss_terms_of_each_whole_epoch(monkeypatch):
     got = EpochMetrics()
     # One task of 48 samples: 3 steps an epoch, checked after steps 2 and 3.
     train_and_evaluate(dataclasses.replace(with_strategy(TINY, "finetune"), epochs=2),
-                       _tiny_stream(num_tasks=1), progress=got)
+                       stream=_tiny_stream(num_tasks=1), progress=got)
     assert len(per_step) == 6 and [m["epoch"] for m in got.epochs] == [1, 2]
     for epoch, metrics in enumerate(got.epochs):
         assert metrics["loss"] == pytest.approx(np.mean(per_step[3 * epoch:3 * epoch + 3]))
@@ -344,7 +346,7 @@ def test_the_xla_scheduler_changes_memory_not_results():
     from lightcl_jax.accounting import compiled_train_step_cost
     from lightcl_jax.training.run import run_identity
     stream = _tiny_stream(num_tasks=2)
-    runs = {name: train_and_evaluate(dataclasses.replace(TINY, xla_scheduler=name), stream)
+    runs = {name: train_and_evaluate(dataclasses.replace(TINY, xla_scheduler=name), stream=stream)
             for name in ("memory", "default")}
     for key in ("acc_til", "acc_cil", "avg_til", "avg_cil"):
         assert runs["memory"][key] == runs["default"][key]

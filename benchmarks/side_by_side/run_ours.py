@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     from lightcl_jax.training.loop import train_and_evaluate
 
     timeline = Timeline()
-    results = train_and_evaluate(Config(**json.loads(args.config)), load_stream(args.stream),
-                                 progress=timeline)
+    results = train_and_evaluate(Config(**json.loads(args.config)),
+                                 stream=load_stream(args.stream), progress=timeline)
     results["timeline"] = {"tasks": timeline.tasks, "end_s": time.perf_counter() - START}
     with open(args.out, "w") as f:
         json.dump(results, f)

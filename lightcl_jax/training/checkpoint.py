@@ -44,12 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightcl_jax.config import Config
-from lightcl_jax.data.streams import TaskStream
-from lightcl_jax.strategies import Strategy
 from lightcl_jax.training.run import RunRecord, identity_differences
 from lightcl_jax.training.state import TrainState
-from lightcl_jax.training.step import abstract_memory, phase_for_task, phase_optimizer
+from lightcl_jax.training.step import TaskPhase, abstract_memory
 
 # --- checkpoint ---
 
@@ -329,24 +326,22 @@ def _abstract(tree):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
 
 
-def payload_template(model, strategy: Strategy, config: Config, stream: TaskStream, state,
-                     position: Position, pretrained: bool, masks) -> dict:
-    """The structure of what a checkpoint at ``position`` holds (see `payload`), for one lane.
+def payload_template(run, task_phase: TaskPhase, state, position: Position) -> dict:
+    """The structure of what a checkpoint of ``run`` at ``position`` holds (see `payload`),
+    for one lane, in ``task_phase`` (that of ``position.task``).
 
     ``state`` is any train state of the run's model (its shapes are what count).
     """
-    t = position.task
-    phase = phase_for_task(strategy, config, t, pretrained)
-    tx = phase_optimizer(config, state.params, phase.frozen, masks)
+    config, t = task_phase.configs[0], position.task
     params, batch_stats = _abstract(state.params), _abstract(state.batch_stats)
-    memory = abstract_memory(model, strategy, config, phase, t, params, batch_stats,
-                             stream.image_shape, stream.classes_per_task,
+    memory = abstract_memory(run.model, run.strategy, config, task_phase.phase, t, params,
+                             batch_stats, run.stream.image_shape, run.stream.classes_per_task,
                              task_ended=position.task_done)
     before = None
     if config.layer_metrics is not None and t >= 1 and not position.task_done:
         before = {"params": params, "batch_stats": batch_stats}
-    return payload(TrainState(params=params, batch_stats=batch_stats,
-                              opt_state=jax.eval_shape(tx.init, params),
+    opt_state = jax.eval_shape(task_phase.optimizers[0].init, params)
+    return payload(TrainState(params=params, batch_stats=batch_stats, opt_state=opt_state,
                               step=jax.ShapeDtypeStruct((), jnp.int32)), memory, before)
 
 
@@ -409,7 +404,7 @@ def restore_run(run, point: ResumePoint, checkpoints: RunCheckpoints, lane_state
     """
     record = RunRecord.from_meta(point.meta["results"], run.placement.lanes)
     programs.restore(point.meta)
-    config = record.configs(run.lane_configs)[0]
-    template = payload_template(run.model, run.strategy, config, run.stream, lane_state,
-                                point.position, run.pretrained, masks[0])
+    task_phase = run.task_phase(point.position.task, record.configs(run.lane_configs),
+                                lane_state.params, masks)
+    template = payload_template(run, task_phase, lane_state, point.position)
     return checkpoints.restore(point.kind, point.step, run.placement.abstract(template)), record

@@ -19,6 +19,7 @@ before and after the task (`lightcl_jax.metrics.generalizability`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Iterator, NamedTuple
 
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lightcl_jax.compiler import CompiledStep
 from lightcl_jax.data.pipeline import epoch_batches, eval_batches, prefetch, steps_per_epoch
 from lightcl_jax.data.streams import TaskStream
 from lightcl_jax.metrics.continual import EvalMetric
@@ -51,14 +53,14 @@ class DivergenceError(FloatingPointError):
     """The training loss became NaN or Inf."""
 
 
-def check_finite(losses: list[dict], first_step: int, task_index: int,
+def check_finite(losses: list[dict], first_step: int, where: int | str,
                  seeds: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
     """Raises DivergenceError at the first non-finite loss; returns the terms as host arrays.
 
     Args:
       losses: the steps' metrics dicts (device scalars, or (lanes,) arrays).
-      first_step: the task's step number of ``losses[0]``, counted from 0.
-      task_index: the task, for the message.
+      first_step: the step number of ``losses[0]`` (in the task, counted from 0).
+      where: the task index, or what else trains (e.g. "pre-training"), for the message.
       seeds: the lanes' seeds when the terms are (lanes,) arrays; the message
         names the seed.
 
@@ -72,8 +74,10 @@ def check_finite(losses: list[dict], first_step: int, task_index: int,
         i, lane = (int(v) for v in np.unravel_index(np.argmax(bad), bad.shape))
         terms = ", ".join(f"{k}={np.reshape(v[i], -1)[lane]:.4g}" for k, v in stacked.items())
         seed = f" (seed {seeds[lane]})" if seeds is not None else ""
-        raise DivergenceError(f"training diverged: the loss became non-finite at task "
-                              f"{task_index}, step {first_step + i} of the task{seed} ({terms})")
+        at = (f"task {where}, step {first_step + i} of the task" if isinstance(where, int)
+              else f"{where} step {first_step + i}")
+        raise DivergenceError(f"training diverged: the loss became non-finite at {at}{seed} "
+                              f"({terms})")
     return stacked
 
 
@@ -130,12 +134,17 @@ class TaskBatches:
             rng.bit_generator.state = state
 
 
-class _EpochMeans:
+class EpochMeans:
     """Running means of the loss terms over every step (and lane) of an epoch."""
 
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+    def __init__(self, sums: dict[str, float] | None = None,
+                 counts: dict[str, int] | None = None):
+        self.sums: dict[str, float] = dict(sums or {})
+        self.counts: dict[str, int] = dict(counts or {})
+
+    def to_meta(self) -> dict:
+        """JSON values: what a checkpoint mid-epoch keeps of the epoch so far."""
+        return {"sums": self.sums, "counts": self.counts}
 
     def add(self, terms: dict[str, np.ndarray]) -> None:
         for k, v in terms.items():
@@ -146,42 +155,97 @@ class _EpochMeans:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
-def train_epochs(train_step, state, memory, batches: TaskBatches, start: Position, *,
-                 epochs: int, uses_memory: bool, class_offset: int, placement: Placement,
-                 progress: Progress, checkpoint_every: int = 0,
-                 checkpoint: Callable | None = None):
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """A loop's train steps and what happens around each: progress, the NaN check every
+    `CHECK_EVERY` steps, a checkpoint every ``every`` steps of the run, a stop at a
+    signal. Continual learning's tasks (`train_epochs`) and pre-training
+    (`lightcl_jax.training.pretrain`) both step with it.
+    """
+
+    step: Callable                      # (carry, x, y) -> (carry, metrics): one train step
+    progress: Progress
+    where: int | str                    # the task, or what else trains, for messages
+    every: int = 0                      # checkpoint every this many steps of the run (0: never)
+    checkpoint: Callable | None = None  # checkpoint(position, carry)
+    seeds: tuple[int, ...] | None = None  # the lanes' seeds when the terms are per lane
+
+    def run(self, carry, batches: Iterator, position: Position, *, end: int,
+            means: EpochMeans):
+        """Steps over ``batches`` from ``position``, adding the loss terms to ``means``;
+        returns (carry, the position after the last step).
+
+        ``end`` is the step of the task (``position.step_in_task``) after which the caller
+        checkpoints itself: no mid-task checkpoint or stop comes there.
+
+        Raises:
+          DivergenceError: a loss became NaN or Inf. Preempted: a signal arrived
+            (`lightcl_jax.training.workdir`); the step it arrived in finished, and was
+            checkpointed.
+        """
+        losses = []
+        for x, y in batches:
+            carry, metrics = self.step(carry, x, y)
+            losses.append(metrics)
+            position = dataclasses.replace(position, batch=position.batch + 1,
+                                           step_in_task=position.step_in_task + 1,
+                                           global_step=position.global_step + 1)
+            self.progress.advance(1)
+            # A signal stops the run here, after a checkpoint; at the end the caller's
+            # checkpoint comes first.
+            stop = requested() if position.step_in_task < end else None
+            checkpoint_now = (self.every and position.global_step % self.every == 0
+                              and position.step_in_task < end) or stop is not None
+            if len(losses) == CHECK_EVERY or (checkpoint_now and losses):
+                means.add(check_finite(losses, position.step_in_task - len(losses), self.where,
+                                       self.seeds))
+                losses = []
+            if checkpoint_now and self.checkpoint is not None:
+                self.checkpoint(position, carry)
+            if stop is not None:
+                raise Preempted(stop, position)
+        if losses:
+            means.add(check_finite(losses, position.step_in_task - len(losses), self.where,
+                                   self.seeds))
+        return carry, position
+
+
+def train_epochs(train_step: CompiledStep, carry: tuple, batches: TaskBatches, start: Position,
+                 *, task: TaskLoop):
     """Trains a task from ``start`` to its last epoch's last batch.
 
     Args:
       train_step: the phase's compiled step.
-      state, memory: the (replicated) train state and strategy memory.
+      carry: the (replicated) train state and strategy memory.
       batches: the task's batches; when resuming mid-task, with the generator
         state of ``start.epoch``'s beginning restored.
       start: where the task starts: epoch, batches done in it, steps done in
         the task and in the run (a fresh task: zeros but the run's steps).
-      epochs: epochs per task.
-      uses_memory: whether the step reads and updates ``memory``.
-      class_offset: the task's first class.
-      placement: how batches are laid out over lanes and devices.
-      progress: gets a step at a time, and each epoch's mean loss terms.
-      checkpoint_every: call ``checkpoint(position, state, memory, rng_states)``
-        every this many steps of the run within the task (0: never), with the
-        generators' states at the start of the epoch.
+      task: the rest of what the task's loop needs (`TaskLoop`).
 
     Returns:
-      (state, memory, the `Position` after the task's last step).
+      ((state, memory), the `Position` after the task's last step).
 
     Raises:
       DivergenceError: a loss became NaN or Inf.
       Preempted: a signal arrived (`lightcl_jax.training.workdir`); the step it
         arrived in finished, and was checkpointed.
     """
-    position = start
-    offset = jnp.asarray(class_offset, jnp.int32)
+    position, placement, progress = start, task.placement, task.progress
+    offset = jnp.asarray(task.class_offset, jnp.int32)
     seeds = placement.lanes.seeds if placement.lanes.stacked else None
-    _compile_ahead(train_step, state, memory if uses_memory else None, offset, batches,
+    state, memory = carry
+    _compile_ahead(train_step, state, memory if task.uses_memory else None, offset, batches,
                    placement)
-    for epoch in range(start.epoch, epochs):
+
+    def step(carry, x, y):
+        state, memory = carry
+        state, step_memory, metrics = train_step(state, memory if task.uses_memory else None,
+                                                 x, y, offset)
+        return (state, step_memory if task.uses_memory else memory), metrics
+
+    last_step = batches.steps_per_epoch * task.epochs
+    for epoch in range(start.epoch, task.epochs):
         rng_states = batches.rng_states()
         # Read, augment and send to the devices in a background thread, ahead of
         # the steps; the epoch is drawn in full before anything else draws again.
@@ -190,13 +254,12 @@ def train_epochs(train_step, state, memory, batches: TaskBatches, start: Positio
         for _ in range(skip):  # batches a resumed run already trained on: same draws
             next(epoch_iter)
         position = dataclasses.replace(position, epoch=epoch, batch=skip)
-        began, steps_before = time.perf_counter(), position.global_step
-        state, memory, position, means = _train_epoch(
-            train_step, state, memory, epoch_iter, position, offset,
-            last_step=batches.steps_per_epoch * epochs, uses_memory=uses_memory, seeds=seeds,
-            progress=progress, every=checkpoint_every, checkpoint=checkpoint,
-            rng_states=rng_states)
-        progress.advance(0, {"epoch": epoch + 1, **means})
+        began, steps_before, means = time.perf_counter(), position.global_step, EpochMeans()
+        stepper = Steps(step, progress, position.task, task.checkpoint_every,
+                        None if task.checkpoint is None else functools.partial(
+                            _checkpoint_carry, task.checkpoint, rng_states=rng_states), seeds)
+        carry, position = stepper.run(carry, epoch_iter, position, end=last_step, means=means)
+        progress.advance(0, {"epoch": epoch + 1, **means.means()})
         steps = position.global_step - steps_before
         # Samples in batches skip..position.batch of the epoch (its last may be smaller).
         examples = min(position.batch * batches.batch_size, len(batches.x)) \
@@ -207,8 +270,28 @@ def train_epochs(train_step, state, memory, batches: TaskBatches, start: Positio
                 "task": position.task, "epoch": epoch + 1, "global_step": position.global_step,
                 "steps": steps, "seconds": seconds, "step_time_s": seconds / steps,
                 "examples_per_s": examples * placement.lanes.size / seconds,
-                **means})
-    return state, memory, position
+                **means.means()})
+    return carry, position
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskLoop:
+    """What a task's epochs need besides its step and batches."""
+
+    epochs: int                 # epochs per task
+    uses_memory: bool           # whether the step reads and updates the strategy's memory
+    class_offset: int           # the task's first class
+    placement: Placement        # how batches are laid out over lanes and devices
+    progress: Progress          # gets a step at a time, and each epoch's mean loss terms
+    checkpoint_every: int = 0   # a mid-task checkpoint every this many steps of the run
+    # checkpoint(position, state, memory, rng_states): rng_states are the generators'
+    # states at the start of the epoch.
+    checkpoint: Callable | None = None
+
+
+def _checkpoint_carry(checkpoint: Callable, position: Position, carry, *, rng_states):
+    state, memory = carry
+    checkpoint(position, state, memory, rng_states)
 
 
 def _compile_ahead(train_step, state, memory, offset, batches: TaskBatches,
@@ -227,43 +310,8 @@ def _compile_ahead(train_step, state, memory, offset, batches: TaskBatches,
         train_step.prepare(state, memory, x, y, offset)
 
 
-def _train_epoch(train_step, state, memory, epoch_iter, position: Position, offset, *,
-                 last_step: int, uses_memory: bool, seeds, progress: Progress, every: int,
-                 checkpoint: Callable | None, rng_states: list):
-    """The rest of one epoch; returns (state, memory, position after it, mean loss terms)."""
-    losses, means = [], _EpochMeans()
-    for x, y in epoch_iter:
-        step_memory = memory if uses_memory else None
-        state, step_memory, metrics = train_step(state, step_memory, x, y, offset)
-        if uses_memory:
-            memory = step_memory
-        losses.append(metrics)
-        position = dataclasses.replace(position, batch=position.batch + 1,
-                                       step_in_task=position.step_in_task + 1,
-                                       global_step=position.global_step + 1)
-        progress.advance(1)
-        # A signal (`preemption`) stops the run here, after a checkpoint; at the task's
-        # last step its boundary checkpoint comes first (`lightcl_jax.training.loop`).
-        stop = requested() if position.step_in_task < last_step else None
-        checkpoint_now = (every and position.global_step % every == 0
-                          and position.step_in_task < last_step) or stop is not None
-        if len(losses) == CHECK_EVERY or (checkpoint_now and losses):
-            means.add(check_finite(losses, position.step_in_task - len(losses), position.task,
-                                   seeds))
-            losses = []
-        if checkpoint_now and checkpoint is not None:
-            checkpoint(position, state, memory, rng_states)
-        if stop is not None:
-            raise Preempted(stop, position)
-    if losses:
-        means.add(check_finite(losses, position.step_in_task - len(losses), position.task, seeds))
-    return state, memory, position, means.means()
-
-
 # --- evaluation ---
 
-# Evaluation batches read and sent to the devices ahead of the step.
-PREFETCH = 2
 
 # Probe samples per set for LP/MS: enough for a stable CKA, cheap to compare.
 PROBE_SIZE = 256
@@ -289,25 +337,34 @@ def correct_counts(eval_step, state: TrainState, stream: TaskStream, num_seen: i
       With ``placement``, each batch is split over its devices (this process reading
       only its part of it).
     """
-    transform = None if placement is None else placement.eval_batch
-    part = (0, 1) if placement is None else placement.parallel.part
     til_counts, cil_counts, task_sums = [], [], []
     for task in stream.tasks[:num_seen]:
-        til_correct = cil_correct = 0
-        sums = None
-        offset = jnp.asarray(task.class_offset, jnp.int32)
-        batches = eval_batches(task.x_eval, task.y_eval, batch_size, part)
-        for x, y, valid in prefetch(batches, PREFETCH, transform):
-            til, cil, batch_sums = eval_step(state.params, state.batch_stats, x, y, valid, offset)
-            til_correct = til_correct + np.asarray(til, np.int64)
-            cil_correct = cil_correct + np.asarray(cil, np.int64)
-            batch_sums = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), batch_sums)
-            sums = batch_sums if sums is None else jax.tree_util.tree_map(np.add, sums,
-                                                                         batch_sums)
-        til_counts.append(til_correct)
-        cil_counts.append(cil_correct)
+        til, cil, sums = counts_on(eval_step, state, (task.x_eval, task.y_eval),
+                                   task.class_offset, batch_size, placement)
+        til_counts.append(til)
+        cil_counts.append(cil)
         task_sums.append(sums)
     return np.stack(til_counts), np.stack(cil_counts), task_sums
+
+
+def counts_on(eval_step, state: TrainState, data: tuple, class_offset: int, batch_size: int,
+              placement: Placement | None = None):
+    """``(til, cil, sums)`` of ``eval_step`` over the evaluation set ``data`` = (x, y) whose
+    classes start at ``class_offset``: correct TIL and CIL predictions (int64) and the
+    evaluation metrics' sums (float64), added over its batches (see `correct_counts`).
+    Pre-training's top-1 accuracy is the CIL count of an eval step over every class."""
+    transform = None if placement is None else placement.eval_batch
+    part = (0, 1) if placement is None else placement.parallel.part
+    til_correct = cil_correct = 0
+    sums = None
+    offset = jnp.asarray(class_offset, jnp.int32)
+    for x, y, valid in prefetch(eval_batches(*data, batch_size, part), PREFETCH, transform):
+        til, cil, batch_sums = eval_step(state.params, state.batch_stats, x, y, valid, offset)
+        til_correct = til_correct + np.asarray(til, np.int64)
+        cil_correct = cil_correct + np.asarray(cil, np.int64)
+        batch_sums = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), batch_sums)
+        sums = batch_sums if sums is None else jax.tree_util.tree_map(np.add, sums, batch_sums)
+    return til_correct, cil_correct, sums
 
 
 def evaluate(eval_step, state: TrainState, stream: TaskStream, num_seen: int, batch_size: int,

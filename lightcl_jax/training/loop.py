@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Callable
 
@@ -60,61 +61,117 @@ from lightcl_jax.training.checkpoint import (
 )
 from lightcl_jax.training.epochs import (
     TaskBatches,
+    TaskLoop,
     check_finite,
     evaluate,
     layer_metrics,
     probe_set,
     train_epochs,
 )
-from lightcl_jax.training.placement import Placement
-from lightcl_jax.training.progress import Progress
+from lightcl_jax.training.progress import Fanout, MetricsLog, Progress
 from lightcl_jax.training.run import Run, RunRecord, assemble_results, setup_run, task_record
 from lightcl_jax.training.state import TrainState, copy_variables, create_lane_states, train_state
 from lightcl_jax.training.step import (
     BatchStatsChain,
     Phase,
     Programs,
+    TaskPhase,
     jitted_forward,
     make_train_step,
     phase_optimizer,
-    phase_step,
 )
-from lightcl_jax.training.workdir import Preempted, requested
+from lightcl_jax.training.workdir import (
+    CHECKPOINTS,
+    METRICS_LOG,
+    Preempted,
+    finished_results,
+    lock_workdir,
+    requested,
+    write_results,
+)
 
 # --- loop ---
 
-def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *,
-                       init_variables: dict | None = None, devices: int | None = None,
-                       seeds: int = 1, checkpoints: RunCheckpoints | None = None,
-                       progress: Progress | None = None,
-                       step_wrapper: Callable[[Callable], Callable] | None = None,
-                       on_task_end: Callable[[int, TrainState], None] | None = None) -> dict:
-    """Runs a strategy over a task stream and evaluates after every task.
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """Calls into the loop, for tests and analyses."""
+
+    # Wraps each phase's pure train step before jit (tests pass `chex.assert_max_traces`).
+    step_wrapper: Callable[[Callable], Callable] | None = None
+    # ``on_task_end(task_index, state)`` after each task trained in this call.
+    on_task_end: Callable[[int, TrainState], None] | None = None
+
+
+def train_and_evaluate(config: Config | Run, workdir: str | None = None, *,
+                       stream: TaskStream | None = None, seeds: int = 1,
+                       progress: Progress | None = None, checkpoint_every: int = 500) -> dict:
+    """Runs a strategy over a task stream, evaluating after every task.
+
+    With a ``workdir``, writes there what ``python -m experiments.run`` writes
+    (`lightcl_jax.training.workdir`): ``results.json``, ``metrics.jsonl`` (a line per
+    epoch and task), ``accuracy.png`` and ``checkpoints/`` (after every task and every
+    ``checkpoint_every`` train steps). Called again on the same workdir, it resumes from
+    the newest checkpoint to the uninterrupted numbers, or returns the finished run's
+    results without training.
 
     Args:
-      config: the run's settings, or a `Run` from `setup_run`, which then holds
-        ``stream``, ``init_variables``, ``devices`` and ``seeds`` (see there).
-      checkpoints: where the run saves its state (after every task, every
-        ``checkpoints.every`` steps) and resumes from, to the uninterrupted numbers.
+      config: the run's settings, or a `Run` from `setup_run` (a backbone to start
+        from, devices), which then holds the stream and the seeds.
+      workdir: where the run writes; None: it trains in memory and writes nothing.
+      stream: the task stream; None: ``config.dataset``'s.
+      seeds: train seeds ``config.seed, ..., config.seed + seeds - 1`` together.
       progress: receives progress events (`lightcl_jax.training.progress`).
-      step_wrapper: wraps each phase's pure train step before jit.
-      on_task_end: ``on_task_end(task_index, state)`` after each task trained here.
+      checkpoint_every: train steps between mid-task checkpoints (0: after each task only).
 
     Returns:
       The results (listed by `lightcl_jax.training.run.assemble_results`).
 
     Raises:
-      ValueError (CheckpointError too): bad settings, data or checkpoint, or seeds whose
-        ``--freeze auto`` probes disagree. DivergenceError: a loss became NaN or Inf.
+      ValueError: bad settings or data; a workdir in use (`WorkdirInUse`), or holding
+        another run's results or checkpoints (`CheckpointError`). DivergenceError: a
+        loss became NaN or Inf. `Preempted`: a signal inside `handle_signals`, after a
+        checkpoint. OSError: a checkpoint could not be written; `ResultsWriteError`:
+        results.json could not (the checkpoints hold the finished run).
+    """
+    if workdir is not None and not isinstance(workdir, (str, os.PathLike)):
+        raise TypeError(f"train_and_evaluate's second argument is the workdir, a path; got "
+                        f"{type(workdir).__name__} (a stream goes in as stream=...)")
+    run = config if isinstance(config, Run) else setup_run(config, stream, seeds=seeds)
+    if workdir is None:
+        return train(run, progress=progress)
+    writer = jax.process_index() == 0  # of several processes, the first writes
+    with lock_workdir(workdir, jax.process_index()):
+        finished = finished_results(workdir, run.identity)
+        if finished is not None:
+            return finished
+        sinks = [progress or Progress()]
+        if writer:
+            sinks.append(MetricsLog(os.path.join(workdir, METRICS_LOG), lr=run.config.lr))
+        checkpoints = RunCheckpoints(os.path.join(workdir, CHECKPOINTS), every=checkpoint_every)
+        try:
+            results = train(run, checkpoints=checkpoints, progress=Fanout(*sinks))
+        finally:
+            checkpoints.close()
+        if writer:
+            write_results(workdir, results)
+        return results
+
+
+def train(run: Run, *, checkpoints: RunCheckpoints | None = None,
+          progress: Progress | None = None, hooks: Hooks | None = None) -> dict:
+    """The run's spine: task after task, train, evaluate, record, save.
+
+    ``checkpoints``: where the run saves its state and resumes from (None: nowhere);
+    ``hooks``: calls into the loop, for tests and analyses (`Hooks`). Returns and
+    raises as `train_and_evaluate`.
     """
     start_time = time.perf_counter()
-    run = config if isinstance(config, Run) else setup_run(
-        config, stream, init_variables=init_variables, devices=devices, seeds=seeds)
-    progress, lanes, placement = progress or Progress(), run.placement.lanes, run.placement
+    progress, hooks = progress or Progress(), hooks or Hooks()
+    lanes, placement = run.placement.lanes, run.placement
     resume = find_resume_point(checkpoints, run.identity)
     states, masks = create_lane_states(run.model, run.stream.image_shape, lanes.seeds,
                                        init_variables=run.init_variables, sparse=run.config.sparse)
-    programs = Programs.of_run(run, step_wrapper)
+    programs = Programs.of_run(run, hooks.step_wrapper)
     (state, memory, before), record, clock = _restore(
         run, resume, checkpoints, states, masks, programs, progress, start_time)
     save = _Checkpointer(Saver(checkpoints, run.identity), lanes, record, programs, clock)
@@ -122,12 +179,10 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
     for task in run.stream.tasks[0 if resume is None else resume.first_task:]:
         t, mid = task.index, resume is not None and resume.within(task.index)
         if not mid and needs_probe(run.strategy, run.config, t, run.pretrained, record):
-            record.freeze_auto = freeze_auto(run.model, placement, state, run.stream, t,
-                                             run.lane_configs, masks, augment=run.augment)
-        configs = record.configs(run.lane_configs)
-        phase, _, step = phase_step(run.model, run.strategy, placement.step_config(configs[0]),
-                                    states[0].params, t, run.pretrained,
-                                    run.stream.classes_per_task, masks[0])
+            record.freeze_auto = freeze_auto(run, state, t, masks)
+        task_phase = run.task_phase(t, record.configs(run.lane_configs), states[0].params,
+                                    masks)
+        phase = task_phase.phase
         batches = TaskBatches.of(run, t)
         if mid:
             start = resume.position
@@ -136,20 +191,17 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
             before = copy_variables(state) if _measures_layers(run, t) else None
             programs.add_task(phase, t)
             record.add_phase(t, phase)
-            state, memory = begin_task(run, state, memory, batches, task_index=t, phase=phase,
-                                       configs=configs, masks=masks)
+            state, memory = begin_task(run, task_phase, state, memory, batches.one())
             start = Position(task=t, task_done=False, epoch=0, batch=0, step_in_task=0,
                              global_step=global_step)
         progress.start(f"task {t + 1}/{run.stream.num_tasks}",
                        batches.steps_per_epoch * run.config.epochs, start.step_in_task)
-        state, memory, end = train_epochs(
-            programs.train_step(phase, step), placement.replicate(state),
-            placement.replicate(memory), batches, start, epochs=run.config.epochs,
-            uses_memory=phase.uses_memory, class_offset=task.class_offset, placement=placement,
-            progress=progress, checkpoint_every=save.every,
-            checkpoint=functools.partial(save, before=before))
-        state, memory = end_task(run, state, memory, batches, task_index=t, phase=phase,
-                                 configs=configs)
+        (state, memory), end = train_epochs(
+            programs.train_step(phase, task_phase.step),
+            (placement.replicate(state), placement.replicate(memory)), batches, start,
+            task=TaskLoop(run.config.epochs, phase.uses_memory, task.class_offset, placement,
+                          progress, save.every, functools.partial(save, before=before)))
+        state, memory = end_task(run, task_phase, state, memory, batches.one())
         state, global_step = placement.replicate(state), end.global_step
         record.add_evaluation(*evaluate(programs.eval, state, run.stream, t + 1,
                                         run.eval_batch_size, placement, run.eval_metrics))
@@ -159,8 +211,8 @@ def train_and_evaluate(config: Config | Run, stream: TaskStream | None = None, *
         save(end := dataclasses.replace(end, task_done=True), state, memory)
         _task_done(progress, end, record, run.summaries, lanes.seeds,
                    last=t + 1 == run.stream.num_tasks)
-        if on_task_end is not None:
-            on_task_end(t, state)
+        if hooks.on_task_end is not None:
+            hooks.on_task_end(t, state)
     return assemble_results(run, record, state, programs, resumed_at=list(clock.resumed_at),
                             wall_time_s=clock.elapsed())
 
@@ -222,26 +274,26 @@ class _Checkpointer:
 
 # --- boundaries ---
 
-def run_hook(hook: Callable, run, state, memory, batch, *, task_index: int,
-             configs: list[Config], fixed_bn: tuple[str, ...]):
-    """``hook`` (a strategy's `begin_task` or `end_task`) on every lane.
+def run_hook(hook: Callable, run, task_phase: TaskPhase, state, memory, batch):
+    """``hook`` (a strategy's `begin_task` or `end_task`) on every lane, in ``task_phase``.
 
     Args:
       hook: the bound strategy method.
       run: the `lightcl_jax.training.run.Run`.
+      task_phase: the task's phase and each lane's config.
       state, memory: the (lane-stacked) train state and strategy memory.
       batch: a (lane-stacked) training batch ``(x, y)`` of the task.
-      task_index: the task.
-      configs: each lane's config.
-      fixed_bn: layer groups whose BatchNorm statistics stay fixed.
 
     Returns:
       (state with the hook's BatchNorm updates, the hook's memory).
     """
+    fixed_bn = task_phase.phase.fixed_bn
+
     def per_lane(lane, lane_state, lane_memory, lane_batch):
         chain = BatchStatsChain(lane_state.batch_stats)
-        lane_memory = hook(lane_memory, config=configs[lane], task_index=task_index,
-                           batch=lane_batch, forward=jitted_forward(run.model, chain, fixed_bn),
+        lane_memory = hook(lane_memory, config=task_phase.configs[lane],
+                           task_index=task_phase.task_index, batch=lane_batch,
+                           forward=jitted_forward(run.model, chain, fixed_bn),
                            eval_forward=run.eval_forward, params=lane_state.params,
                            batch_stats=lane_state.batch_stats,
                            classes_per_task=run.stream.classes_per_task)
@@ -252,29 +304,19 @@ def run_hook(hook: Callable, run, state, memory, batch, *, task_index: int,
     return lanes.join(states), lanes.join(memories)
 
 
-def begin_task(run, state, memory, batches, *, task_index: int, phase: Phase,
-               configs: list[Config], masks: list):
-    """A task begins: each lane's optimizer state for the phase, then `begin_task`
-    on a fresh training batch (as the reference's ``next(iter(loader))``).
-
-    Returns:
-      (state, memory).
-    """
-    # SGD keeps no state, but the masked optimizer's structure follows the phase
-    # (and with --sparse it holds the lane's masks).
-    def init(lane, lane_state):
-        tx = phase_optimizer(configs[lane], lane_state.params, phase.frozen, masks[lane])
-        return tx.init(lane_state.params)
-    state = state.replace(opt_state=run.placement.map_lanes(init, state))
-    return run_hook(run.strategy.begin_task, run, state, memory, batches.one(),
-                    task_index=task_index, configs=configs, fixed_bn=phase.fixed_bn)
+def begin_task(run, task_phase: TaskPhase, state, memory, batch):
+    """A task begins: each lane's optimizer state for the phase (SGD keeps none, but the
+    masked optimizer's structure follows the phase, and with ``--sparse`` it holds the
+    lane's masks), then `begin_task` on ``batch``, a fresh training batch (as the
+    reference's ``next(iter(loader))``). Returns (state, memory)."""
+    state = task_phase.init_optimizers(run.placement, state)
+    return run_hook(run.strategy.begin_task, run, task_phase, state, memory, batch)
 
 
-def end_task(run, state, memory, batches, *, task_index: int, phase: Phase,
-             configs: list[Config]):
-    """A task's training ended: `end_task` on a fresh training batch. Returns (state, memory)."""
-    return run_hook(run.strategy.end_task, run, state, memory, batches.one(),
-                    task_index=task_index, configs=configs, fixed_bn=phase.fixed_bn)
+def end_task(run, task_phase: TaskPhase, state, memory, batch):
+    """A task's training ended: `end_task` on ``batch``, a fresh training batch of it.
+    Returns (state, memory)."""
+    return run_hook(run.strategy.end_task, run, task_phase, state, memory, batch)
 
 
 # --- probe ---
@@ -342,16 +384,15 @@ def needs_probe(strategy: Strategy, config: Config, task_index: int, pretrained:
                                pretrained)))
 
 
-def freeze_auto(model, placement: Placement, state: TrainState, stream: TaskStream,
-                task_index: int, configs: list[Config], masks: list, *, augment: bool
-                ) -> list[dict]:
-    """Every lane's `probe_freeze` record: ``{"task", "chosen", "threshold", "similarity",
-    "metrics"}``. The probe step compiles once for all lanes.
+def freeze_auto(run, state: TrainState, task_index: int, masks: list) -> list[dict]:
+    """Every lane's `probe_freeze` record before ``task_index``: ``{"task", "chosen",
+    "threshold", "similarity", "metrics"}``. The probe step compiles once for all lanes.
 
     Raises:
       ValueError: the lanes chose different freeze points (they share one
         compiled train step, so they must freeze the same layers).
     """
+    model, placement, stream, configs = run.model, run.placement, run.stream, run.lane_configs
     first = placement.lanes.split(state)[0]
     step = make_probe_step(model, phase_optimizer(configs[0], first.params, (), masks[0]),
                            placement.step_config(configs[0]), stream.classes_per_task)
@@ -359,7 +400,7 @@ def freeze_auto(model, placement: Placement, state: TrainState, stream: TaskStre
     def probe(lane, lane_state):
         config = configs[lane]
         chosen, metrics = probe_freeze(model, lane_state, stream, task_index, config,
-                                       augment=augment, masks=masks[lane], step=step)
+                                       augment=run.augment, masks=masks[lane], step=step)
         return {"task": task_index, "chosen": chosen, "threshold": config.freeze_threshold,
                 "similarity": config.similarity, "metrics": metrics}
     choices = placement.map_lanes(probe, state, join=False)

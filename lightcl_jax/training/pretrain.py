@@ -19,7 +19,6 @@ from.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any
 
@@ -29,17 +28,17 @@ import numpy as np
 import optax
 
 from lightcl_jax import compiler
-from lightcl_jax.data.pipeline import eval_batches, part_of, prefetch
+from lightcl_jax.data.pipeline import part_of, prefetch
 from lightcl_jax.data.sources import RecordImages, update_digest
 from lightcl_jax.data.streams import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from lightcl_jax.model.resnet import ResNet18
 from lightcl_jax.process import peak_rss_mb
 from lightcl_jax.training.checkpoint import Clock, Position, Saver, find_resume_point
-from lightcl_jax.training.epochs import DivergenceError
+from lightcl_jax.training.epochs import EpochMeans, Steps, counts_on
 from lightcl_jax.training.placement import data_parallel
 from lightcl_jax.training.progress import Progress
 from lightcl_jax.training.state import TrainState, random_variables, train_state
-from lightcl_jax.training.step import jitted_eval_forward
+from lightcl_jax.training.step import make_eval_step
 from lightcl_jax.training.workdir import Preempted, requested
 
 # Per-channel statistics of images scaled to [0, 1]; other datasets get theirs
@@ -248,22 +247,9 @@ def pretrain_identity(config: PretrainConfig, data: PretrainData, num_devices: i
             "devices": num_devices}
 
 
-@dataclasses.dataclass
-class _Where:
-    """Where pre-training stands: the epoch, batches done in it, and their loss sums."""
-
-    epoch: int = 0
-    batch: int = 0
-    sums: dict = dataclasses.field(default_factory=lambda: dict(_NO_SUMS))
-
-
-# Loss and correct-prediction sums over the steps of an epoch so far.
-_NO_SUMS = {"loss": 0.0, "correct": 0, "steps": 0}
-
-
 def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
              checkpoints=None, progress: Progress | None = None,
-             devices: int | None = None, log_every: int = 10) -> tuple[dict, dict]:
+             devices: int | None = None) -> tuple[dict, dict]:
     """Pre-trains a ResNet-18 on ``data`` (default: ``config.dataset`` from TFDS).
 
     Args:
@@ -275,7 +261,6 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
         (`lightcl_jax.training.checkpoint`, as a continual-learning run does).
       progress: receives epochs and steps (`lightcl_jax.training.progress`).
       devices: devices to split each batch over (None: all visible).
-      log_every: steps between loss reports to ``progress``.
 
     Returns:
       ``(variables, history)``: the trained ``{params, batch_stats}`` (NumPy)
@@ -300,36 +285,43 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
     state = train_state(variables["params"], variables["batch_stats"],
                         tx.init(variables["params"]))
     steps_per_epoch = len(data.y_train) // config.batch_size
-    history, where, clock = {"epochs": [], "resumed_at_steps": []}, _Where(), Clock(start_time)
+    history, clock = {"epochs": [], "resumed_at_steps": []}, Clock(start_time)
+    position, means = _position(0, 0, steps_per_epoch), EpochMeans()
     point = find_resume_point(checkpoints, saver.identity)
     if point is not None:
         state = checkpoints.restore(point.kind, point.step, state)
-        where = _Where(point.position.epoch, point.position.batch, point.meta["epoch_sums"])
-        progress.resumed(point.path, f"epoch {where.epoch + 1}/{config.epochs}, "
-                                     f"{where.batch} steps of it done")
+        position, means = point.position, _epoch_means(point.meta)
+        progress.resumed(point.path, f"epoch {position.epoch + 1}/{config.epochs}, "
+                                     f"{position.batch} steps of it done")
         history = point.meta["history"]
         history["resumed_at_steps"] = history["resumed_at_steps"] + [point.step]
         clock = Clock(start_time, point.meta["wall_time_s"])
-    save = functools.partial(_save, saver, history=history, steps_per_epoch=steps_per_epoch,
-                             clock=clock)
     rep, split = parallel.replicated, parallel.split
     state = parallel.replicate(state)
     step_fn = compiler.jit(make_pretrain_step(model, tx), donate_argnums=0,
-                      in_shardings=(rep, split, split), out_shardings=rep)
-    for epoch in range(where.epoch, config.epochs):
+                           in_shardings=(rep, split, split), out_shardings=rep)
+    eval_step = jax.jit(make_eval_step(model, data.num_classes))
+    for epoch in range(position.epoch, config.epochs):
         epoch_start = time.perf_counter()
-        progress.start(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch, where.batch)
-        state, sums = _train_epoch(step_fn, state, data, config, epoch, where, parallel,
-                                   progress, log_every, save, every=saver.every)
-        summary = {"epoch": epoch + 1, "loss": sums["loss"] / sums["steps"],
-                   "train_accuracy": 100.0 * sums["correct"] / (sums["steps"] * config.batch_size),
-                   "eval_accuracy": _accuracy(model, state, data, config),
+        progress.start(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch, position.batch)
+
+        def save(at: Position, state, means=means) -> None:
+            saver.save(at, state, {"history": history, "epoch_means": means.to_meta(),
+                                   "wall_time_s": clock.elapsed()})
+        steps = Steps(step_fn, progress, "pre-training", saver.every, save)
+        state, _ = steps.run(state, _batches(data, config, position, parallel), position,
+                             end=(epoch + 1) * steps_per_epoch, means=means)
+        summary = {"epoch": epoch + 1, "loss": means.sums["loss"] / means.counts["loss"],
+                   "train_accuracy": 100.0 * means.sums["correct"]
+                   / (means.counts["correct"] * config.batch_size),
+                   "eval_accuracy": _accuracy(eval_step, state, data, config),
                    "wall_time_s": time.perf_counter() - epoch_start}
         history["epochs"].append(summary)
         progress.end({k: v for k, v in summary.items() if k in _SHOWN and v is not None})
-        where = _Where(epoch + 1)
-        save(where, state)
-        _stop(requested(), epoch + 1, 0, steps_per_epoch, last=epoch + 1 == config.epochs)
+        position, means = _position(epoch + 1, 0, steps_per_epoch), EpochMeans()
+        save(position, state, means)
+        if requested() is not None and epoch + 1 < config.epochs:
+            raise Preempted(requested(), position)
     history.update({
         "steps": config.epochs * steps_per_epoch,
         "wall_time_s": clock.elapsed(),
@@ -343,88 +335,47 @@ def pretrain(config: PretrainConfig, data: PretrainData | None = None, *,
     return variables, history
 
 
-def _save(saver: Saver, where: _Where, state, *, history: dict, steps_per_epoch: int,
-          clock: Clock) -> None:
-    """A checkpoint of pre-training at ``where`` (nothing without checkpoints)."""
-    step = where.epoch * steps_per_epoch + where.batch
-    saver.save(Position(task=0, task_done=False, epoch=where.epoch, batch=where.batch,
-                        step_in_task=step, global_step=step), state,
-               {"history": history, "epoch_sums": where.sums, "wall_time_s": clock.elapsed()})
+def _position(epoch: int, batch: int, steps_per_epoch: int) -> Position:
+    """Where pre-training stands ``batch`` steps into ``epoch`` (its steps all count as the
+    steps of one task)."""
+    step = epoch * steps_per_epoch + batch
+    return Position(task=0, task_done=False, epoch=epoch, batch=batch, step_in_task=step,
+                    global_step=step)
+
+
+def _epoch_means(meta: dict) -> EpochMeans:
+    """The loss terms of the epoch so far a checkpoint holds."""
+    if "epoch_sums" in meta:  # written before pre-training stepped with `Steps`
+        sums = meta["epoch_sums"]
+        return EpochMeans({"loss": sums["loss"], "correct": sums["correct"]},
+                          {"loss": sums["steps"], "correct": sums["steps"]})
+    return EpochMeans(**meta["epoch_means"])
 
 
 # What an epoch's end shows a progress bar.
 _SHOWN = ("loss", "train_accuracy", "eval_accuracy")
 
 
-def _train_epoch(step_fn, state, data: PretrainData, config: PretrainConfig, epoch: int,
-                 where: _Where, parallel, progress: Progress, log_every: int, save, *,
-                 every: int):
-    """The rest of an epoch from ``where``; returns (state, the epoch's loss sums)."""
+def _batches(data: PretrainData, config: PretrainConfig, position: Position, parallel):
+    """The rest of ``position.epoch``'s batches from ``position.batch`` on (this process's
+    part of each, sent to the devices ahead of the steps)."""
     steps_per_epoch = len(data.y_train) // config.batch_size
-    perm, flips = epoch_order(len(data.y_train), config.seed, epoch)
-    first = where.batch if where.epoch == epoch else 0
-    sums = dict(where.sums) if where.epoch == epoch else dict(_NO_SUMS)
-
+    perm, flips = epoch_order(len(data.y_train), config.seed, position.epoch)
     mine = part_of(config.batch_size, parallel.part)  # this process's part of every batch
 
     def batches():
-        for b in range(first, steps_per_epoch):
+        for b in range(position.batch, steps_per_epoch):
             idx = perm[b * config.batch_size:(b + 1) * config.batch_size][mine]
             x = data.x_train[idx]
             if config.flip:
                 x = np.where(flips[idx][:, None, None, None], x[:, :, ::-1], x)
             yield x, data.y_train[idx]
-
-    pending = []
-    for b, (x, y) in enumerate(prefetch(batches(), PREFETCH,
-                                        transform=lambda xy: parallel.batch(*xy)), start=first):
-        state, metrics = step_fn(state, x, y)
-        pending.append(metrics)
-        done = b + 1
-        # A signal (`preemption`) stops here after a checkpoint; at the epoch's last step,
-        # after the epoch's own.
-        stop = requested() if done < steps_per_epoch else None
-        at_checkpoint = (every and done < steps_per_epoch
-                         and (epoch * steps_per_epoch + done) % every == 0) or stop is not None
-        if len(pending) >= log_every or at_checkpoint or done == steps_per_epoch:
-            values, pending = jax.device_get(pending), []
-            sums = _add_sums(sums, values, epoch, epoch * steps_per_epoch + done)
-            progress.advance(len(values), {"loss": float(values[-1]["loss"])})
-        if at_checkpoint:
-            save(_Where(epoch, done, sums), state)
-        _stop(stop, epoch, done, steps_per_epoch)
-    return state, sums
+    return prefetch(batches(), PREFETCH, transform=lambda xy: parallel.batch(*xy))
 
 
-def _stop(signum: int | None, epoch: int, batch: int, steps_per_epoch: int, *,
-          last: bool = False) -> None:
-    """Raises `Preempted` at ``batch`` steps into ``epoch`` (after its checkpoint) when a
-    signal came (``signum``), unless that is the end of pre-training (``last``)."""
-    if signum is None or last:
-        return
-    step = epoch * steps_per_epoch + batch
-    raise Preempted(signum, Position(task=0, task_done=False, epoch=epoch, batch=batch,
-                                     step_in_task=step, global_step=step))
-
-
-def _add_sums(sums: dict, values: list[dict], epoch: int, step: int) -> dict:
-    """``sums`` plus the steps' losses and correct predictions; DivergenceError on NaN/Inf."""
-    losses = [float(v["loss"]) for v in values]
-    if not np.all(np.isfinite(losses)):
-        raise DivergenceError(f"pre-training loss became {losses[-1]} in epoch {epoch + 1} by "
-                              f"step {step}; lower --lr")
-    return {"loss": sums["loss"] + sum(losses),
-            "correct": sums["correct"] + sum(int(v["correct"]) for v in values),
-            "steps": sums["steps"] + len(values)}
-
-
-def _accuracy(model, state: TrainState, data: PretrainData, config: PretrainConfig):
+def _accuracy(eval_step, state: TrainState, data: PretrainData, config: PretrainConfig):
     """Top-1 accuracy (%) on the evaluation samples, or None when there are none."""
     if data.y_eval is None or not len(data.y_eval):
         return None
-    forward = jitted_eval_forward(model)
-    right = 0
-    for x, y, valid in eval_batches(data.x_eval, data.y_eval, config.batch_size):
-        logits, _ = forward(state.params, state.batch_stats, x)
-        right += int(np.sum((np.argmax(np.asarray(logits), -1) == y) & valid))
-    return 100.0 * right / len(data.y_eval)
+    _, right, _ = counts_on(eval_step, state, (data.x_eval, data.y_eval), 0, config.batch_size)
+    return 100.0 * int(right) / len(data.y_eval)

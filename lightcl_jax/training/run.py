@@ -19,9 +19,9 @@ shared by every lane.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
-import functools
 import math
 import os
 from typing import Any, Callable
@@ -41,7 +41,15 @@ from lightcl_jax.process import peak_rss_mb
 from lightcl_jax.strategies import Strategy, strategy_of
 from lightcl_jax.training.placement import Lanes, Placement, seed_statistics
 from lightcl_jax.training.state import full_width_params, run_model, sparsity_report
-from lightcl_jax.training.step import Phase, Programs, jitted_eval_forward
+from lightcl_jax.training.step import (
+    Phase,
+    Programs,
+    TaskPhase,
+    jitted_eval_forward,
+    make_train_step,
+    phase_for_task,
+    phase_optimizer,
+)
 
 # --- setup ---
 
@@ -62,11 +70,31 @@ class Run:
     eval_batch_size: int        # `eval_batch_size` of the config and the stream
     summaries: tuple[Summary, ...] = ()       # the config's run summaries
     eval_metrics: tuple[EvalMetric, ...] = ()  # the config's evaluation metrics
+    # Where the backbone came from ({"path", "source", "digest"}), for the results; None:
+    # none, or not said.
+    init_from: dict | None = None
 
     @property
     def lane_configs(self) -> list[Config]:
         """Each seed's config."""
         return self.placement.lane_configs(self.config)
+
+    def task_phase(self, task_index: int, configs: list[Config], params, masks: list
+                   ) -> TaskPhase:
+        """Task ``task_index``'s phase, each lane's optimizer and the pure train step.
+
+        Args:
+          configs: each lane's config as it trains (``--freeze auto`` resolved).
+          params: one lane's parameters (their structure names what freezes).
+          masks: each lane's sparse masks (None each without ``--sparse``).
+        """
+        step_config = self.placement.step_config(configs[0])
+        phase = phase_for_task(self.strategy, step_config, task_index, self.pretrained)
+        optimizers = tuple(phase_optimizer(config, params, phase.frozen, lane_masks)
+                           for config, lane_masks in zip(configs, masks))
+        step = make_train_step(self.model, optimizers[0], self.strategy, step_config, phase,
+                               self.stream.classes_per_task)
+        return TaskPhase(task_index, phase, tuple(configs), optimizers, step)
 
 
 def setup_run(config: Config, stream: TaskStream | None = None, *,
@@ -362,6 +390,7 @@ def assemble_results(run, record: RunRecord, state, programs: Programs, *,
         "identity": run.identity,
         "resumed_at_steps": resumed_at,
         "wall_time_s": wall_time_s,
+        **({"init_from": run.init_from} if run.init_from is not None else {}),
     }
 
 

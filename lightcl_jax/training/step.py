@@ -77,6 +77,29 @@ def phase_for_task(strategy: Strategy, config: Config, task_index: int, pretrain
                  uses_memory=strategy.uses_memory(task_index))
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskPhase:
+    """A task's phase, built once when the task begins or resumes
+    (`lightcl_jax.training.run.Run.task_phase`).
+
+    Each lane's optimizer is SGD with the frozen groups masked out (`phase_optimizer`) and
+    that lane's sparse masks kept; the pure train step serves every lane (its update reads
+    each lane's masks from the optimizer state).
+    """
+
+    task_index: int
+    phase: Phase
+    configs: tuple[Config, ...]                              # each lane's config
+    optimizers: tuple[optax.GradientTransformation, ...]    # each lane's optimizer
+    step: Callable                                           # the pure train step
+
+    def init_optimizers(self, placement: Placement, state: TrainState) -> TrainState:
+        """``state`` (lane-stacked) with each lane's optimizer state for this phase."""
+        def init(lane, lane_state):
+            return self.optimizers[lane].init(lane_state.params)
+        return state.replace(opt_state=placement.map_lanes(init, state))
+
+
 def memory_scheduled(config: Config, phase: Phase) -> bool:
     """Whether ``phase``'s train step compiles with XLA's memory-optimized scheduler
     (``config.xla_scheduler``; ``auto``: when the phase freezes layers)."""

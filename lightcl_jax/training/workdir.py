@@ -24,10 +24,15 @@ nothing, so they cannot leave half a checkpoint. Outside `handle_signals`
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Iterator
+
+from lightcl_jax.figures import accuracy_figure, save_figure
 
 # --- workdir_lock ---
 
@@ -39,6 +44,12 @@ except ImportError:  # not a POSIX system: no lock, as before
 LOCK_NAME = ".lock"
 
 
+# The locks this process holds: path -> (descriptor, holds). Taking a lock the process
+# already holds counts one more hold (`experiments.run` holds its workdir's before it
+# discards an old run, then `train_and_evaluate` takes it again).
+_HELD: dict[str, tuple[int | None, int]] = {}
+
+
 class WorkdirInUse(ValueError):
     """Another live process holds the workdir's lock."""
 
@@ -47,17 +58,22 @@ class WorkdirLock:
     """A held lock; `release` (or leaving its ``with`` block, or the process's exit)
     lets the next run in."""
 
-    def __init__(self, path: str, fd: int | None):
-        self.path, self._fd = path, fd
+    def __init__(self, path: str):
+        self.path, self._held = path, True
 
     def release(self, *, remove_empty_workdir: bool = False) -> None:
-        """Drops the lock; with ``remove_empty_workdir``, also the workdir when it holds
-        nothing but the lock file (a run refused before it wrote anything)."""
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-        if remove_empty_workdir and os.listdir(os.path.dirname(self.path)) == [
-                os.path.basename(self.path)]:
+        """Drops this hold of the lock (the lock itself when it was the process's last);
+        with ``remove_empty_workdir``, also the workdir when it holds nothing but the lock
+        file (a run refused before it wrote anything)."""
+        if self._held:
+            self._held = False
+            fd, count = _HELD.pop(self.path)
+            if count > 1:
+                _HELD[self.path] = (fd, count - 1)
+            elif fd is not None:
+                os.close(fd)  # closing the descriptor drops the flock
+        if remove_empty_workdir and self.path not in _HELD and os.listdir(
+                os.path.dirname(self.path)) == [os.path.basename(self.path)]:
             os.unlink(self.path)
             os.rmdir(os.path.dirname(self.path))
 
@@ -81,9 +97,14 @@ def lock_workdir(workdir: str, process_index: int = 0) -> WorkdirLock:
     """
     os.makedirs(workdir, exist_ok=True)
     name = LOCK_NAME if process_index == 0 else f"{LOCK_NAME}.{process_index}"
-    path = os.path.join(workdir, name)
+    path = os.path.abspath(os.path.join(workdir, name))
+    if path in _HELD:
+        fd, count = _HELD[path]
+        _HELD[path] = (fd, count + 1)
+        return WorkdirLock(path)
     if fcntl is None:
-        return WorkdirLock(path, None)
+        _HELD[path] = (None, 1)
+        return WorkdirLock(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,7 +116,8 @@ def lock_workdir(workdir: str, process_index: int = 0) -> WorkdirLock:
                            "--workdir") from None
     os.ftruncate(fd, 0)  # the holder's name, for the message of whoever comes next
     os.pwrite(fd, f"process {os.getpid()}: {' '.join(sys.argv)}".encode()[:4000], 0)
-    return WorkdirLock(path, fd)
+    _HELD[path] = (fd, 1)
+    return WorkdirLock(path)
 
 
 # --- preemption ---
@@ -142,3 +164,87 @@ def handle_signals() -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler)
         _requested.clear()
+
+
+# --- what a run writes ---
+
+RESULTS = "results.json"
+METRICS_LOG = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+ACCURACY_FIGURE = "accuracy.png"
+
+
+class ResultsWriteError(OSError):
+    """results.json could not be written (a full disk, permissions); nothing half-written
+    is left, and the run's checkpoints hold the finished run."""
+
+    def __init__(self, path: str, err: OSError):
+        super().__init__(err.errno, f"writing {path} failed ({err})")
+        self.path = path
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Writes JSON to a temporary file beside ``path`` and renames it over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def finished_results(workdir: str, identity: dict) -> dict | None:
+    """The results in ``workdir`` when they are those of the run ``identity`` names;
+    None when there are none.
+
+    Raises:
+      ValueError: the results file is unreadable or holds another run's results.
+    """
+    from lightcl_jax.training.run import identity_differences  # late: it loads JAX
+
+    path = os.path.join(workdir, RESULTS)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        stored = results["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable results file of this version "
+                         f"({type(err).__name__}: {err}); pass --overwrite to replace it, or "
+                         "choose another --workdir") from err
+    differences = identity_differences(stored, identity)
+    if differences:
+        raise ValueError(f"{path} holds another run's results ({differences}); pass "
+                         "--overwrite to replace them, or choose another --workdir")
+    return results
+
+
+def write_results(workdir: str, results: dict) -> tuple[str, str]:
+    """Writes ``results.json`` (atomically) and ``accuracy.png`` into ``workdir``; returns
+    their paths.
+
+    Raises:
+      ResultsWriteError: the results file could not be written (nothing of it is left).
+    """
+    path = os.path.join(workdir, RESULTS)
+    try:
+        write_json_atomic(path, results)
+    except OSError as err:
+        raise ResultsWriteError(path, err) from err
+    figure = save_figure(accuracy_figure(results), os.path.join(workdir, ACCURACY_FIGURE))
+    return path, figure
+
+
+def discard_run(workdir: str) -> None:
+    """Removes a workdir's results file and checkpoints (nothing else in it)."""
+    path = os.path.join(workdir, RESULTS)
+    if os.path.exists(path):
+        os.unlink(path)
+    if os.path.isdir(os.path.join(workdir, CHECKPOINTS)):
+        shutil.rmtree(os.path.join(workdir, CHECKPOINTS))

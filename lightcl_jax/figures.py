@@ -3,7 +3,8 @@
 * `accuracy_figure`: a run's TIL and CIL accuracy matrices as annotated heatmaps
   (row: after training task i; column: task j; only j <= i exists), each titled with
   its final average. For a ``--seeds N`` run, the matrices are the seeds' mean and the
-  titles give mean +- std over seeds. `experiments.run` writes it as ``accuracy.png``.
+  titles give mean +- std over seeds. a run with a workdir writes it as ``accuracy.png``
+  (`lightcl_jax.training.loop.train_and_evaluate`).
 * `accuracy_curve_figure`: average accuracy over the tasks seen so far after each
   task, a line per strategy with a band of +- one std over seeds, TIL and CIL panels;
   `experiments.compare` writes it as ``accuracy_curve.png``.
