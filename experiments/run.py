@@ -327,11 +327,11 @@ def _strategy_label(config: Config) -> str:
 
 def train_in_workdir(parser, args, run, workdir: str) -> int:
     """Trains ``run`` (or prints its finished results) in ``workdir``, whose lock this
-    process holds (`lightcl_jax.training.loop.train_and_evaluate` writes there); returns
+    process holds (`lightcl_jax.training.loop.train_in_workdir` writes there); returns
     the exit code."""
     from lightcl_jax.training.checkpoint import RunCheckpoints
     from lightcl_jax.training.epochs import DivergenceError
-    from lightcl_jax.training.loop import train_and_evaluate
+    from lightcl_jax.training import loop
     from lightcl_jax.training.progress import Fanout, Progress, TensorBoardLog
     from lightcl_jax.training.workdir import (CHECKPOINTS, RESULTS, Preempted,
                                               ResultsWriteError, discard_run, finished_results)
@@ -355,8 +355,8 @@ def train_in_workdir(parser, args, run, workdir: str) -> int:
         sinks = [Bars(not args.no_progress) if writer else Progress()]  # others: silent
         if args.tensorboard and writer:
             sinks.append(TensorBoardLog(os.path.join(workdir, "tensorboard"), lr=run.config.lr))
-        results = train_and_evaluate(run, workdir, progress=Fanout(*sinks),
-                                     checkpoint_every=args.ckpt_every)
+        results = loop.train_in_workdir(run, workdir, progress=Fanout(*sinks),
+                                        checkpoint_every=args.ckpt_every)
     except DivergenceError as err:
         latest = checkpoints.latest()
         kept = (f"; the last good checkpoint is {checkpoints.path(*latest)}" if latest

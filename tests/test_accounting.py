@@ -256,7 +256,7 @@ def test_the_packages_set_up_the_processes_of_their_commands(package, command, e
     import importlib
     import sys
 
-    from lightcl_jax.accounting import process
+    from lightcl_jax import process
     module = importlib.import_module(package)  # by the test: nothing to set up
     done = []
     monkeypatch.setattr(process, "huge_pages_here", lambda: {"GLIBC_TUNABLES": "x"})

@@ -569,14 +569,14 @@ def test_a_failing_checkpoint_write_stops_the_run_and_keeps_the_one_before(
 
 def test_a_failing_results_write_leaves_no_partial_file(tmp_path, finished_workdir, monkeypatch,
                                                         capsys):
-    import experiments.common as common
+    from lightcl_jax.training import workdir as workdir_module
 
     def half_then_full(payload, f, **kwargs):
         f.write('{"strategy": "lightc')
         raise OSError(errno.ENOSPC, "No space left on device")
     workdir = _copy(finished_workdir, tmp_path)
     os.unlink(workdir / "results.json")   # the run finished; only its results are missing
-    monkeypatch.setattr(common.json, "dump", half_then_full)
+    monkeypatch.setattr(workdir_module.json, "dump", half_then_full)
     assert run.main([*CLI_TINY, "--workdir", str(workdir)]) == 1
     err = capsys.readouterr().err
     assert f"writing {workdir / 'results.json'} failed ([Errno 28]" in err

@@ -20,7 +20,8 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
 from test_training import TINY, _tiny_stream
-from lightcl_jax.training.loop import train_and_evaluate
+from lightcl_jax.training.loop import Hooks, train
+from lightcl_jax.training.run import setup_run
 
 assert len(jax.devices()) == 4, jax.devices()
 stream = _tiny_stream(num_tasks=2)  # task 0 trains all layers, task 1 freezes and regulates
@@ -29,7 +30,7 @@ for devices in (4, 1):
     final = {}
     def keep(task, state):
         final["params"] = jax.tree_util.tree_map(np.asarray, state.params)
-    results = train_and_evaluate(TINY, stream, devices=devices, on_task_end=keep)
+    results = train(setup_run(TINY, stream, devices=devices), hooks=Hooks(on_task_end=keep))
     runs[devices] = (results, final["params"])
 (r4, p4), (r1, p1) = runs[4], runs[1]
 diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(p4),
@@ -48,8 +49,8 @@ for devices in (4, 1):
     final = {}
     def keep(task, state):
         final["params"] = jax.tree_util.tree_map(np.asarray, state.params)
-    results = train_and_evaluate(dataclasses.replace(TINY, lr=1e-3), _tiny_stream(num_tasks=1),
-                                 devices=devices, seeds=2, on_task_end=keep)
+    results = train(setup_run(dataclasses.replace(TINY, lr=1e-3), _tiny_stream(num_tasks=1),
+                              devices=devices, seeds=2), hooks=Hooks(on_task_end=keep))
     seeds[devices] = (results, final["params"])
 (r4, p4), (r1, p1) = seeds[4], seeds[1]
 print(json.dumps({"max_param_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(
@@ -62,7 +63,7 @@ try:
 except ValueError as err:
     refusals.append(str(err))
 try:
-    train_and_evaluate(dataclasses.replace(TINY, last_batch="keep"), stream, devices=4)
+    setup_run(dataclasses.replace(TINY, last_batch="keep"), stream, devices=4)
 except ValueError as err:
     refusals.append(str(err))
 print(json.dumps({"refusal": refusals}))

@@ -205,18 +205,16 @@ def test_freeze_auto_probes_every_seed_with_one_compiled_step(monkeypatch):
             return step(*step_args)
         return traced
     monkeypatch.setattr(probe, "make_train_step", counting)
-    from lightcl_jax.training.placement import Placement
     from lightcl_jax.training.state import create_lane_states
 
     # Threshold -1: every layer is generalized, so both seeds choose the same point.
-    config = dataclasses.replace(TINY, freeze="auto", freeze_threshold=-1.0).resolved()
+    config = dataclasses.replace(TINY, freeze="auto", freeze_threshold=-1.0, augment=False)
     stream = _tiny_stream(num_tasks=2)
-    model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
-    placement = Placement.of(config.seed, 2, 1, {})
+    run = setup_run(config, stream, seeds=2, devices=1)
+    model, placement = run.model, run.placement
     states, masks = create_lane_states(model, (8, 8, 1), placement.lanes.seeds)
-    configs = placement.lane_configs(config)
-    choices = probe.freeze_auto(model, placement, placement.lanes.join(states), stream, 1,
-                                configs, masks, augment=False)
+    configs = run.lane_configs
+    choices = probe.freeze_auto(run, placement.lanes.join(states), 1, masks)
     assert len(traces) == 1 and [c["chosen"] for c in choices] == ["all-but-head"] * 2
     # The shared step gives each seed what its own probe gives.
     alone, metrics = probe.probe_freeze(model, states[1], stream, 1, configs[1], augment=False)

@@ -134,11 +134,11 @@ def test_choose_freeze_on_hand_made_values():
         choose_freeze({"stem": {"lp": 1.0, "ms": 1.0}}, 0.9)
 
 
-def test_readme_metric_example_registers_and_runs():
+def test_build_similarity_example_registers_and_runs():
     import os
     import re
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    section = readme[readme.index("### Adding a similarity"):]
+    build = open(os.path.join(os.path.dirname(__file__), "..", "BUILD.md")).read()
+    section = build[build.index("### Adding a similarity"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     try:
         exec(code, {})

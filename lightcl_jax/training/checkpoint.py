@@ -1,4 +1,4 @@
-"""[checkpoint] Checkpoints of a whole run with orbax: save, find the latest, restore, refuse misfits.
+"""Checkpoints of a whole run with orbax, and resuming from them.
 
 A run's checkpoint is two orbax items:
 
@@ -21,8 +21,6 @@ checkpoint per finished task, ``steps/`` the latest mid-task one (every
 renames it when complete, so a crash during a write leaves the earlier
 checkpoints as they were. Saves are synchronous: the next train step donates
 the arrays being saved.
-
-[resume] Resuming: a run's identity, its newest checkpoint, and saving where it stands.
 
 A checkpoint resumes only the run it belongs to: `run_identity` (settings,
 data, backbone, devices, seeds) must match. `find_resume_point` reads the
@@ -47,8 +45,6 @@ import numpy as np
 from lightcl_jax.training.run import RunRecord, identity_differences
 from lightcl_jax.training.state import TrainState
 from lightcl_jax.training.step import TaskPhase, abstract_memory
-
-# --- checkpoint ---
 
 # Version of the layout above; a checkpoint of another version is refused.
 FORMAT = 1
@@ -272,7 +268,7 @@ def _describe(shape_dtype) -> str:
 
 
 
-# --- resume ---
+# Resuming, and saving where a run stands.
 
 
 

@@ -1,19 +1,20 @@
-"""[epochs] Training one task: its epochs of batches, the NaN check, and mid-task checkpoints.
+"""Passes over the data: a task's epochs of train steps, and evaluation passes.
 
-Each lane draws its own batches (`TaskBatches`: its seed's order and
-augmentation); a background thread reads, augments and sends the next
-batches to the devices while the current step runs. Losses stay on the device
-and are checked for NaN/Inf every `CHECK_EVERY` steps, at each epoch's end
-and before every checkpoint, so a checkpoint only ever holds a state whose
-losses were all finite.
+`Steps` runs train steps over batches and does what comes around each: progress,
+the NaN check, mid-task checkpoints, a stop at a signal. A continual-learning
+task steps with it (`train_epochs`) and so does pre-training
+(`lightcl_jax.training.pretrain`). Each lane draws its own batches
+(`TaskBatches`: its seed's order and augmentation); a background thread reads,
+augments and sends the next batches to the devices while the current step
+runs. Losses stay on the device and are checked for NaN/Inf every `CHECK_EVERY`
+steps, at each epoch's end and before every checkpoint, so a checkpoint only
+ever holds a state whose losses were all finite.
 
-[evaluation] After a task: accuracy on every task seen so far, and LP/MS per layer.
-
-`evaluate` runs the compiled eval step over each seen task's evaluation split
-and returns TIL and CIL accuracy and the run's evaluation metrics per task and
-lane; `layer_metrics` measures
-each layer's learning plasticity and memory stability between the models
-before and after the task (`lightcl_jax.metrics.generalizability`).
+After a task, `evaluate` runs the compiled eval step over each seen task's
+evaluation split and returns TIL and CIL accuracy and the run's evaluation
+metrics per task and lane; `layer_metrics` measures each layer's learning
+plasticity and memory stability between the models before and after the task
+(`lightcl_jax.metrics.generalizability`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ from lightcl_jax.training.placement import Lanes, Placement
 from lightcl_jax.training.progress import Progress
 from lightcl_jax.training.state import TrainState
 from lightcl_jax.training.workdir import Preempted, requested
-
-# --- epochs ---
 
 # Training batches read, augmented and sent to the devices ahead of the step.
 PREFETCH = 2
@@ -310,7 +309,7 @@ def _compile_ahead(train_step, state, memory, offset, batches: TaskBatches,
         train_step.prepare(state, memory, x, y, offset)
 
 
-# --- evaluation ---
+# Evaluation after a task.
 
 
 # Probe samples per set for LP/MS: enough for a stable CKA, cheap to compare.

@@ -1,35 +1,32 @@
-"""[loop] The continual-learning loop: task after task, train, evaluate, record, save.
+"""The run's spine: task after task, train, evaluate, record, save.
 
-`train_and_evaluate` reads top to bottom; each step it takes lives in a
-module named for it:
+`train_and_evaluate(config, workdir)` is the entry point: it takes a run's
+settings (or a `Run`), and with a workdir writes there what
+``python -m experiments.run`` writes and resumes from its checkpoints (the files
+are `lightcl_jax.training.workdir`'s). `train` is the loop itself, readable top
+to bottom; what it calls lives in the module named for each idea:
 
-    setup        the run: config, stream, strategy, model, placement, identity
-    state        the train state and a run's first one
-    resume       the run's identity, its newest checkpoint, saving
-    probe        --freeze auto's one-epoch probe
-    steps        phases, optimizers, the pure train and eval steps
-    programs     the compiled steps of each phase, their counts and XLA figures
-    boundaries   the strategy's begin_task / end_task hooks, on the host
-    epochs       a task's epochs of batches, the NaN check, mid-task checkpoints
-    evaluation   accuracy on the tasks seen so far, LP/MS per layer
-    record       the accuracy matrices, phases, freeze choice and layer metrics so far
-    results      the results dict
+    run          what a run is (`Run`, `setup_run`), what it has measured, its results
+    state        the train state, a run's first one, sparsity
+    step         phases, their optimizers, forward passes, train and eval steps, programs
+    placement    seeds as lanes, devices, processes
+    epochs       a task's epochs of steps, evaluation passes, LP/MS per layer
+    checkpoint   orbax checkpoints, resuming, saving where a run stands
+    workdir      the workdir lock, signals, the files a run writes
+    progress     what a long run reports while it runs
 
-[boundaries] Task boundaries: the strategy's `begin_task` and `end_task` hooks, run on the host.
+Task boundaries run the strategy's `begin_task` and `end_task` hooks on the host,
+between the compiled steps of two tasks: each lane's hook on its own state and
+memory with its own config (its seed). LightCL stores its buffer and reference
+features and scores vital channels; EWC computes its Fisher; replay strategies
+make their buffers. As in the reference, the hooks' train-mode forwards fold
+their batch statistics into BatchNorm's running ones, which the hooks hand back
+through a `BatchStatsChain`.
 
-Between the compiled steps of two tasks, each lane's hook runs on its own
-state and memory with its own config (its seed): LightCL stores its buffer
-and reference features, scores vital channels; EWC computes its Fisher;
-replay strategies make their buffers. As in the reference, the hooks'
-train-mode forwards fold their batch statistics into BatchNorm's running
-ones, which the hooks hand back through a `BatchStatsChain`.
-
-[probe] ``--freeze auto``: choose the freeze point from LP and MS measured by a one-epoch probe.
-
-Before the first task a strategy freezes in, a throwaway copy of each lane's
-model trains every layer on that task for one epoch; the deepest prefix of
-layer groups whose LP and MS stay above the threshold is frozen
-(`lightcl_jax.metrics.generalizability.choose_freeze`).
+``--freeze auto`` decides before the first task a strategy freezes in: a
+throwaway copy of each lane's model trains every layer on that task for one
+epoch; the deepest prefix of layer groups whose LP and MS stay above the
+threshold is frozen (`lightcl_jax.metrics.generalizability.choose_freeze`).
 """
 
 from __future__ import annotations
@@ -90,8 +87,6 @@ from lightcl_jax.training.workdir import (
     write_results,
 )
 
-# --- loop ---
-
 @dataclasses.dataclass(frozen=True)
 class Hooks:
     """Calls into the loop, for tests and analyses."""
@@ -139,22 +134,36 @@ def train_and_evaluate(config: Config | Run, workdir: str | None = None, *,
     run = config if isinstance(config, Run) else setup_run(config, stream, seeds=seeds)
     if workdir is None:
         return train(run, progress=progress)
+    fresh = not os.path.exists(workdir)
+    lock = lock_workdir(workdir, jax.process_index())  # one run per workdir
+    try:
+        return train_in_workdir(run, workdir, progress=progress,
+                                checkpoint_every=checkpoint_every)
+    finally:
+        lock.release(remove_empty_workdir=fresh)  # a run refused at its start leaves none
+
+
+def train_in_workdir(run: Run, workdir: str, *, progress: Progress | None = None,
+                     checkpoint_every: int = 500) -> dict:
+    """`train_and_evaluate` with a workdir whose lock the caller holds
+    (`lightcl_jax.training.workdir.lock_workdir`): a finished run's results, or the
+    run trained, resumed from the workdir's checkpoints and its files written there
+    (by process 0 of several)."""
+    finished = finished_results(workdir, run.identity)
+    if finished is not None:
+        return finished
     writer = jax.process_index() == 0  # of several processes, the first writes
-    with lock_workdir(workdir, jax.process_index()):
-        finished = finished_results(workdir, run.identity)
-        if finished is not None:
-            return finished
-        sinks = [progress or Progress()]
-        if writer:
-            sinks.append(MetricsLog(os.path.join(workdir, METRICS_LOG), lr=run.config.lr))
-        checkpoints = RunCheckpoints(os.path.join(workdir, CHECKPOINTS), every=checkpoint_every)
-        try:
-            results = train(run, checkpoints=checkpoints, progress=Fanout(*sinks))
-        finally:
-            checkpoints.close()
-        if writer:
-            write_results(workdir, results)
-        return results
+    sinks = [progress or Progress()]
+    if writer:
+        sinks.append(MetricsLog(os.path.join(workdir, METRICS_LOG), lr=run.config.lr))
+    checkpoints = RunCheckpoints(os.path.join(workdir, CHECKPOINTS), every=checkpoint_every)
+    try:
+        results = train(run, checkpoints=checkpoints, progress=Fanout(*sinks))
+    finally:
+        checkpoints.close()
+    if writer:
+        write_results(workdir, results)
+    return results
 
 
 def train(run: Run, *, checkpoints: RunCheckpoints | None = None,
@@ -272,7 +281,7 @@ class _Checkpointer:
         })
 
 
-# --- boundaries ---
+# Task boundaries: the strategy's hooks, on the host.
 
 def run_hook(hook: Callable, run, task_phase: TaskPhase, state, memory, batch):
     """``hook`` (a strategy's `begin_task` or `end_task`) on every lane, in ``task_phase``.
@@ -319,7 +328,7 @@ def end_task(run, task_phase: TaskPhase, state, memory, batch):
     return run_hook(run.strategy.end_task, run, task_phase, state, memory, batch)
 
 
-# --- probe ---
+# --freeze auto's probe.
 
 # The probe trains every layer, without the strategy's memory.
 PROBE_PHASE = Phase(frozen=(), fixed_bn=(), uses_memory=False)

@@ -1,11 +1,9 @@
-"""[placement] Where a run's arrays live: seeds as lanes (`lanes`), batches split over devices (`parallel`).
+"""Where a run's arrays live: seeds as lanes, batches split over devices and processes.
 
 A `Placement` is the one object the training loop asks how to lay out and
 compile things: the train and eval steps are vmapped over the lanes and
 sharded over the devices; host-side work (task-boundary hooks, probes, layer
 metrics, results) runs lane by lane through `Placement.map_lanes`.
-
-[lanes] Several seeds of one run trained side by side in one compiled program.
 
 A `Lanes` is the set of runs the training loop carries at once: one run
 (``stacked`` False: arrays as they are), or N seeds ``seed, seed+1, ...``
@@ -19,8 +17,6 @@ batched kernels.
 The host side (task-boundary hooks, probes, layer metrics) runs lane by lane
 on `split` slices and `join`-s the results again
 (`lightcl_jax.training.placement.Placement.map_lanes`).
-
-[parallel] Data-parallel training with jax.sharding: one mesh axis, the batch split along it.
 
 The train and eval steps are the same jitted functions on one device or many:
 `DataParallel` gives them shardings -- params, BatchNorm statistics,
@@ -48,8 +44,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lightcl_jax import compiler
 from lightcl_jax.config import Config
-
-# --- placement ---
 
 # Config fields whose value differs between the lanes (each lane is its own seed's run).
 PER_LANE_FIELDS = ("seed",)
@@ -142,7 +136,7 @@ class Placement:
         return self.lanes.abstract(tree)
 
 
-# --- lanes ---
+# Seeds as lanes.
 
 @dataclasses.dataclass(frozen=True)
 class Lanes:
@@ -229,7 +223,7 @@ def seed_statistics(values: Sequence[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
-# --- parallel ---
+# Data parallel over devices.
 
 DATA_AXIS = "data"
 

@@ -1,19 +1,17 @@
-"""[setup] Everything a run is before it trains: config, stream, strategy, model, placement, identity.
+"""What a run is, what it has measured, and its results.
 
 `setup_run` validates the settings and the data, places the seeds and
 devices, and computes the run's identity (what a checkpoint or results file
 must match to belong to it) once; `experiments.run` reads the identity to
 find earlier results and hands the same `Run` to `train_and_evaluate`.
 
-[record] What a run has measured so far: accuracy and evaluation-metric matrices, phases, freeze
-choice, layer metrics.
-
 A `RunRecord` grows by one row per task and is saved in every checkpoint, so
 a resumed run reports what the interrupted one measured. Per-run entries are
 kept per lane (one list entry per seed trained together); the phases are
 shared by every lane.
 
-[results] The results dict of a finished run: accuracies and their summaries, costs, identity.
+`assemble_results` makes the results dict of a finished run: accuracies and their
+summaries, costs, identity.
 """
 
 from __future__ import annotations
@@ -50,8 +48,6 @@ from lightcl_jax.training.step import (
     phase_for_task,
     phase_optimizer,
 )
-
-# --- setup ---
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -191,7 +187,7 @@ def eval_batch_size(largest: int, stream: TaskStream, num_devices: int) -> int:
     return min(largest, -(-needed // num_devices) * num_devices)
 
 
-# --- record ---
+# What a run has measured so far.
 
 @dataclasses.dataclass
 class RunRecord:
@@ -258,7 +254,7 @@ class RunRecord:
             self.layer_metrics[lane].append({"task": task_index, "layers": layers})
 
 
-# --- results ---
+# The results dict.
 
 # Per-run entries that a single run's results hold at the top level, not per seed.
 _PER_SEED_ONLY = ("seed", "freeze_auto", "layer_metrics", "sparsity")

@@ -1,8 +1,7 @@
-"""[state] The train state: what a train step changes, and how a run's first one is made.
+"""The train state (what a train step changes, and how a run's first one is made) and
+the reference's sparse variant: channel pruning fixed once, kept by masked updates.
 
-[sparsity] The reference's sparse variant: channel pruning fixed once, kept by masked updates.
-
-SPEC section 2, as the authors' ``ChannelPruner`` does it:
+The sparse variant follows the authors' ``ChannelPruner`` does it:
 
   * masks are computed once, from the weights the run starts with (the
     pre-trained backbone in the paper), before task 0;
@@ -40,8 +39,6 @@ from lightcl_jax import compiler
 from lightcl_jax.model.layers import REFERENCE_SPARSITY, layer_group
 from lightcl_jax.model.resnet import ResNet18, fresh_head
 from lightcl_jax.process import release_free_memory
-
-# --- state ---
 
 @flax.struct.dataclass
 class TrainState:
@@ -194,7 +191,7 @@ def copy_variables(state: TrainState) -> dict:
                                              "batch_stats": state.batch_stats})
 
 
-# --- sparsity ---
+# Sparsity: the reference's channel pruning.
 
 def kept_output_channels(kernel: np.ndarray, sparsity: float) -> np.ndarray:
     """(C_out,) bool: the output channels of an HWIO kernel that survive pruning.

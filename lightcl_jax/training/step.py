@@ -1,4 +1,5 @@
-"""[steps] Phases, their optimizers, and the pure train and eval steps.
+"""The step: phases, their optimizers with freezing, forward passes, the train and
+eval steps, and a run's compiled programs.
 
 A *phase* is what the compiled train step depends on: the frozen layer groups
 (they shape the optimizer), which BatchNorms keep fixed statistics, and
@@ -8,26 +9,22 @@ class offset is a traced argument, so moving to the next task of the same
 phase does not recompile. LightCL without pre-training has two phases (task
 0: all layers, no memory; tasks 1+: frozen prefix + regulation).
 
-[freezing] Freezing layers with masked optax updates.
+A task's phase is built once when it begins (`TaskPhase`, from
+`lightcl_jax.training.run.Run.task_phase`): the phase, each lane's optimizer and the
+pure train step.
 
-A freeze point (`lightcl_jax.model.layers.FREEZE_POINTS`) names the deepest
-layer group that is frozen; every group up to it in network order is frozen. Labels are built from parameter
-paths, every leaf gets exactly one label (asserted), and
-`optax.multi_transform` sends the frozen label to `optax.set_to_zero()`, so
-frozen leaves get no update and no optimizer state. Because nothing reads
-their gradients, XLA does not compute them, nor keep the activations their
-backward pass would need.
+Freezing: A freeze point (`lightcl_jax.model.layers.FREEZE_POINTS`) names the deepest
+layer group that is frozen; every group up to it in network order is frozen. Labels are
+built from parameter paths, every leaf gets exactly one label (asserted), and
+`optax.multi_transform` sends the frozen label to `optax.set_to_zero()`, so frozen
+leaves get no update and no optimizer state. Because nothing reads their gradients, XLA
+does not compute them, nor keep the activations their backward pass would need.
 
-[forward] The model's forward passes as strategies see them: training mode, chaining BatchNorm.
-
-The reference keeps BatchNorm in training mode, so every forward pass -- of
-the training batch, of LightCL's buffer, of the batch that scores vital
-channels -- folds its batch statistics into the running ones, in call order.
-`make_forward` threads them through a `BatchStatsChain`; `make_eval_forward`
-runs in evaluation mode and changes nothing. Their ``jitted_`` twins serve the
-host (task boundaries, benchmarks).
-
-[programs] A run's compiled programs: one train step per phase, one eval step, and their counts.
+Forward passes: The reference keeps BatchNorm in training mode, so every forward pass --
+of the training batch, of LightCL's buffer, of the batch that scores vital channels --
+folds its batch statistics into the running ones, in call order. `make_forward` threads
+them through a `BatchStatsChain`; `make_eval_forward` runs in evaluation mode and
+changes nothing. Their ``jitted_`` twins serve the host (task boundaries, benchmarks).
 
 `Programs` compiles each phase's step the first time that phase trains
 (`lightcl_jax.compiler.CompiledStep`), remembers which tasks each phase
@@ -58,8 +55,6 @@ from lightcl_jax.model.resnet import fold_statistics
 from lightcl_jax.strategies import Strategy
 from lightcl_jax.training.placement import Placement
 from lightcl_jax.training.state import TrainState, keep_pruned
-
-# --- steps ---
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
@@ -255,7 +250,7 @@ def abstract_memory(model, strategy: Strategy, config: Config, phase: Phase, tas
         params, batch_stats, x, y)
 
 
-# --- freezing ---
+# Freezing layers with masked optax updates.
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
@@ -298,7 +293,7 @@ def masked_optimizer(inner: optax.GradientTransformation, params: Any,
     return optax.multi_transform({TRAINABLE: inner, FROZEN: optax.set_to_zero()}, labels)
 
 
-# --- forward ---
+# Forward passes as strategies see them.
 
 class BatchStatsChain:
     """BatchNorm running statistics threaded through successive train-mode forwards.
@@ -387,7 +382,7 @@ def jitted_forward(model, chain: BatchStatsChain, fixed_bn: tuple[str, ...]):
     return forward
 
 
-# --- programs ---
+# A run's compiled programs.
 
 class Programs:
     """The compiled steps of one run.

@@ -1,4 +1,4 @@
-"""[workdir_lock] One run per workdir: an OS file lock that dies with the process holding it.
+"""A run in a directory: one run per workdir, stopping at a signal, the files it writes.
 
 `lock_workdir` takes an exclusive ``fcntl.flock`` on ``<workdir>/.lock``.
 While the process that holds it lives, a second one is refused with a
@@ -10,8 +10,6 @@ processes (``jax.distributed``) each process locks its own file,
 ``.lock`` for process 0 and ``.lock.<index>`` for the others: a second
 launch of any of them is refused, the run's own processes are not.
 
-[preemption] Stopping a run cleanly when the machine asks: SIGTERM (a scheduler's preemption), SIGINT.
-
 Inside `handle_signals`, either signal only sets a flag. The training loop
 reads it (`requested`) after every step: it finishes that step, writes a
 checkpoint (`lightcl_jax.training.epochs`), and raises `Preempted`, which
@@ -19,6 +17,11 @@ the command turns into one line and exit code 128 + the signal (143, 130).
 Signals that arrive while it saves set the same flag again and interrupt
 nothing, so they cannot leave half a checkpoint. Outside `handle_signals`
 (the library called from a user's own program) nothing changes.
+
+A run with a workdir (`lightcl_jax.training.loop.train_and_evaluate`) writes
+``results.json`` (atomically: `write_json_atomic`), ``metrics.jsonl``,
+``accuracy.png`` and ``checkpoints/`` there; `finished_results` reads a finished
+run's results back and refuses another run's.
 """
 
 from __future__ import annotations
@@ -34,20 +37,12 @@ from typing import Iterator
 
 from lightcl_jax.figures import accuracy_figure, save_figure
 
-# --- workdir_lock ---
-
 try:
     import fcntl
 except ImportError:  # not a POSIX system: no lock, as before
     fcntl = None
 
 LOCK_NAME = ".lock"
-
-
-# The locks this process holds: path -> (descriptor, holds). Taking a lock the process
-# already holds counts one more hold (`experiments.run` holds its workdir's before it
-# discards an old run, then `train_and_evaluate` takes it again).
-_HELD: dict[str, tuple[int | None, int]] = {}
 
 
 class WorkdirInUse(ValueError):
@@ -58,22 +53,17 @@ class WorkdirLock:
     """A held lock; `release` (or leaving its ``with`` block, or the process's exit)
     lets the next run in."""
 
-    def __init__(self, path: str):
-        self.path, self._held = path, True
+    def __init__(self, path: str, fd: int | None):
+        self.path, self._fd = path, fd
 
     def release(self, *, remove_empty_workdir: bool = False) -> None:
-        """Drops this hold of the lock (the lock itself when it was the process's last);
-        with ``remove_empty_workdir``, also the workdir when it holds nothing but the lock
-        file (a run refused before it wrote anything)."""
-        if self._held:
-            self._held = False
-            fd, count = _HELD.pop(self.path)
-            if count > 1:
-                _HELD[self.path] = (fd, count - 1)
-            elif fd is not None:
-                os.close(fd)  # closing the descriptor drops the flock
-        if remove_empty_workdir and self.path not in _HELD and os.listdir(
-                os.path.dirname(self.path)) == [os.path.basename(self.path)]:
+        """Drops the lock; with ``remove_empty_workdir``, also the workdir when it holds
+        nothing but the lock file (a run refused before it wrote anything)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+        if remove_empty_workdir and os.listdir(os.path.dirname(self.path)) == [
+                os.path.basename(self.path)]:
             os.unlink(self.path)
             os.rmdir(os.path.dirname(self.path))
 
@@ -97,14 +87,9 @@ def lock_workdir(workdir: str, process_index: int = 0) -> WorkdirLock:
     """
     os.makedirs(workdir, exist_ok=True)
     name = LOCK_NAME if process_index == 0 else f"{LOCK_NAME}.{process_index}"
-    path = os.path.abspath(os.path.join(workdir, name))
-    if path in _HELD:
-        fd, count = _HELD[path]
-        _HELD[path] = (fd, count + 1)
-        return WorkdirLock(path)
+    path = os.path.join(workdir, name)
     if fcntl is None:
-        _HELD[path] = (None, 1)
-        return WorkdirLock(path)
+        return WorkdirLock(path, None)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,11 +101,10 @@ def lock_workdir(workdir: str, process_index: int = 0) -> WorkdirLock:
                            "--workdir") from None
     os.ftruncate(fd, 0)  # the holder's name, for the message of whoever comes next
     os.pwrite(fd, f"process {os.getpid()}: {' '.join(sys.argv)}".encode()[:4000], 0)
-    _HELD[path] = (fd, 1)
-    return WorkdirLock(path)
+    return WorkdirLock(path, fd)
 
 
-# --- preemption ---
+# Stopping at a signal.
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _requested: list[int] = []   # the signals received inside `handle_signals`, in order
@@ -165,8 +149,6 @@ def handle_signals() -> Iterator[None]:
             signal.signal(s, handler)
         _requested.clear()
 
-
-# --- what a run writes ---
 
 RESULTS = "results.json"
 METRICS_LOG = "metrics.jsonl"
