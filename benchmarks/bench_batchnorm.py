@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from experiments.common import median_ms, write_json_atomic
+from experiments.cli.common import median_ms, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:

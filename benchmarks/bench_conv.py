@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from experiments.common import median_ms, write_json_atomic
+from experiments.cli.common import median_ms, write_json_atomic
 
 PAUSE_S = 0.2   # lets spinning worker threads of the framework just timed go idle
 

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from experiments.common import Parser, write_json_atomic
+from experiments.cli.common import Parser, write_json_atomic
 from lightcl_jax.process import (HUGE_PAGES_SWITCH, HUGE_PAGES_TUNABLE,
                                             limit_malloc_arenas)
 

@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     out = measure(args.steps, args.warmup, rows, None if args.no_torch else args.threads)
     print(report(out))
     if args.json:
-        from experiments.common import write_json_atomic
+        from experiments.cli.common import write_json_atomic
         write_json_atomic(args.json, out)
         print(f"figures written to {args.json}")
     return 0

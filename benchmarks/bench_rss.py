@@ -24,7 +24,7 @@ import json
 import subprocess
 import sys
 
-from experiments.common import Parser, write_json_atomic
+from experiments.cli.common import Parser, write_json_atomic
 
 IMPORTS = """
 import json, resource

@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 
-from experiments.common import write_json_atomic
+from experiments.cli.common import write_json_atomic
 
 SETTING = dict(nf=64, image_size=32, channels=3, num_classes=10, classes_per_task=2,
                batch_size=32, buffer_size=15)

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from experiments.common import Parser, write_json_atomic
+from experiments.cli.common import Parser, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:

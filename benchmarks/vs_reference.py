@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from experiments.common import Parser, write_json_atomic
+from experiments.cli.common import Parser, write_json_atomic
 from lightcl_jax.process import huge_pages_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

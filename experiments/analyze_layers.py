@@ -20,7 +20,7 @@ import dataclasses
 import os
 import sys
 
-from experiments.common import Bars, Parser, write_json_atomic
+from experiments.cli.common import Bars, Parser, write_json_atomic
 from lightcl_jax.config import Config
 from lightcl_jax.data.streams import DATASETS
 from lightcl_jax.registry import SIMILARITIES

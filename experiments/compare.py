@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from experiments.common import (Bars, Parser, metrics_help, parse_metrics,
+from experiments.cli.common import (Bars, Parser, metrics_help, parse_metrics,
                                 strategies_help, strategy_arguments, write_json_atomic)
 from lightcl_jax.figures import accuracy_curve_figure, cost_accuracy_figure, save_figure
 from lightcl_jax.config import DEFAULT_METRICS, Config

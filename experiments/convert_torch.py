@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from experiments.common import Parser
+from experiments.cli.common import Parser
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m experiments.convert_torch", description=__doc__.splitlines()[0])

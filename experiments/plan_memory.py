@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from experiments.common import Parser, write_json_atomic
+from experiments.cli.common import Parser, write_json_atomic
 from lightcl_jax.config import Config
 from lightcl_jax.data.streams import DATASET_SHAPES
 from lightcl_jax.registry import STRATEGIES

@@ -24,8 +24,8 @@ import os
 import shutil
 import sys
 
-from experiments import distributed
-from experiments.common import Bars, Parser, write_json_atomic
+from experiments.cli import distributed
+from experiments.cli.common import Bars, Parser, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:

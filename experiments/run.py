@@ -18,8 +18,8 @@ import importlib.util
 import os
 import sys
 
-from experiments import distributed
-from experiments.common import (STRATEGY_ARG_HELP, Bars, Parser, metrics_help, parse_bool,
+from experiments.cli import distributed
+from experiments.cli.common import (STRATEGY_ARG_HELP, Bars, Parser, metrics_help, parse_bool,
                                 parse_metrics, strategies_help, strategy_arguments)
 from lightcl_jax.config import (DEFAULT_METRICS, FROZEN_BN_MODES, LAST_BATCH_MODES,
                                 SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config)

@@ -1,4 +1,4 @@
-"""The multi-process flags (`experiments.distributed`) and the per-process workdir locks."""
+"""The multi-process flags (`experiments.cli.distributed`) and the per-process workdir locks."""
 
 import json
 import os

@@ -177,7 +177,7 @@ def test_a_bad_flag_is_refused_before_jax_loads():
     assert "lr must be > 0" in proc.stderr and not (ROOT / "never-made").exists()
 
 
-@pytest.mark.parametrize("root", ["lightcl_jax", "experiments"])
+@pytest.mark.parametrize("root", ["lightcl_jax", "experiments", "benchmarks"])
 def test_modules_and_functions_stay_small(root):
     too_long = []
     for path in sorted((ROOT / root).rglob("*.py")):

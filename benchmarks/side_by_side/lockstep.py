@@ -36,7 +36,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from experiments.common import write_json_atomic
+from experiments.cli.common import write_json_atomic
 from lightcl_jax.model.layers import TAP_NAMES
 from lightcl_jax.model.torch_import import convert_state_dict, export_state_dict
 

@@ -1,6 +1,6 @@
-"""lightcl_jax.training: the continual-learning loop and its parts, one module per job.
+"""lightcl_jax.training: the continual-learning run, one module per idea.
 
 `lightcl_jax.training.loop.train_and_evaluate` is the entry point; its module
-docstring maps the other modules. BUILD.md ("Layout and data flow") draws how
-a run flows through them.
+docstring maps the others, and BUILD.md ("Layout and data flow") says what each
+owns and draws how a run flows through them.
 """

@@ -349,6 +349,15 @@ class Clock:
     before_s: float = 0.0        # seconds the interrupted processes spent
     resumed_at: tuple = ()       # the global steps the run was resumed from
 
+    @classmethod
+    def of(cls, start: float, point: "ResumePoint | None") -> "Clock":
+        """The clock of a run that began at ``start`` here, resumed from ``point`` (None:
+        a fresh run)."""
+        if point is None:
+            return cls(start)
+        return cls(start, point.meta["elapsed_s"],
+                   (*point.meta["resumed_at_steps"], point.step))
+
     def elapsed(self) -> float:
         return self.before_s + time.perf_counter() - self.start
 

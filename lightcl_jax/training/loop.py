@@ -181,8 +181,9 @@ def train(run: Run, *, checkpoints: RunCheckpoints | None = None,
     states, masks = create_lane_states(run.model, run.stream.image_shape, lanes.seeds,
                                        init_variables=run.init_variables, sparse=run.config.sparse)
     programs = Programs.of_run(run, hooks.step_wrapper)
-    (state, memory, before), record, clock = _restore(
-        run, resume, checkpoints, states, masks, programs, progress, start_time)
+    clock = Clock.of(start_time, resume)
+    (state, memory, before), record = _restore(run, resume, checkpoints, (states, masks),
+                                               programs, progress)
     save = _Checkpointer(Saver(checkpoints, run.identity), lanes, record, programs, clock)
     global_step = 0 if resume is None else resume.step
     for task in run.stream.tasks[0 if resume is None else resume.first_task:]:
@@ -240,20 +241,19 @@ def _task_done(progress: Progress, done: Position, record: RunRecord, summaries,
         raise Preempted(requested(), done)
 
 
-def _restore(run: Run, resume, checkpoints, states: list, masks: list, programs: Programs,
-             progress: Progress, start_time: float):
-    """((state, memory, model before the task), record, clock) where the run starts:
-    its first state, or the checkpoint at ``resume`` (None: none)."""
+def _restore(run: Run, resume, checkpoints, first: tuple, programs: Programs,
+             progress: Progress):
+    """((state, memory, model before the task), record) where the run starts: its first
+    state (``first``: each lane's first state, and sparse masks), or the checkpoint at
+    ``resume`` (None: none)."""
+    states, masks = first
     if resume is None:
-        return ((run.placement.lanes.join(states), None, None), RunRecord.new(run.placement.lanes),
-                Clock(start_time))
+        return (run.placement.lanes.join(states), None, None), RunRecord.new(run.placement.lanes)
     progress.resumed(resume.path, resume.position.describe(run.stream.num_tasks,
                                                            run.config.epochs),
                      resume.position.global_step)
     arrays, record = restore_run(run, resume, checkpoints, states[0], masks, programs)
-    clock = Clock(start_time, resume.meta["elapsed_s"],
-                  (*resume.meta["resumed_at_steps"], resume.step))
-    return (arrays["state"], arrays["memory"], arrays["before_task"]), record, clock
+    return (arrays["state"], arrays["memory"], arrays["before_task"]), record
 
 
 def _measures_layers(run: Run, task_index: int) -> bool:

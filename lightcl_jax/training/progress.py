@@ -1,7 +1,7 @@
 """What a long run reports while it runs: the progress protocol of runs and pre-training.
 
 The library calls these methods and prints nothing; the CLI turns them into
-progress bars (`experiments.common.Bars`), tests into probes. Every method
+progress bars (`experiments.cli.common.Bars`), tests into probes. Every method
 of the base class does nothing, so a subclass overrides what it needs.
 """
 
