@@ -40,9 +40,9 @@ MEASURE_ONLY: dict[str, Any] = {"xla_backend_optimization_level": 0}
 
 # For programs that run once, where compiling is most of their cost (the model's random
 # initialisation: a few hundred small random-bit fusions, no convolution): LLVM's first
-# optimisation level. ResNet-18's initialisation compiled in 2.8 s instead of 6.8 at nf 64
-# and 2.6 s instead of 13.9 at nf 4, 8x8x1, and gave the same values bit for bit
-# (`tests/test_model.py` compares them with XLA's default level; level 0 does not).
+# optimisation level: it compiles in a fraction of the time (docs/performance.md) and gives
+# the same values bit for bit (`tests/test_model.py` compares them with XLA's default
+# level; level 0 does not).
 RUN_ONCE: dict[str, Any] = {"xla_backend_optimization_level": 1}
 
 

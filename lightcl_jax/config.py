@@ -119,12 +119,10 @@ class Config:
         trained together must prune alike (e.g. from one pre-trained backbone).
       xla_scheduler: how XLA:CPU orders each train step's work: ``memory``
         (``CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``: a smaller peak), ``default``
-        (XLA's), or ``auto``: memory-optimized for steps that freeze layers (it
-        cut LightCL's step at the paper's setting from 127.6 to 90.1 MB at the
-        same speed), XLA's default for full-network steps. ``memory`` also takes
-        the full-network steps down (finetune's at the paper's setting from
-        261.2 to 227.6 MB; docs/memory.md). Results are bit-identical under all
-        three, so the field is not part of a run's identity.
+        (XLA's), or ``auto``: memory-optimized for steps that freeze layers, XLA's
+        default for full-network steps (docs/memory.md gives each step's bytes
+        under both). Results are bit-identical under all three, so the field is
+        not part of a run's identity.
     """
 
     strategy: str = "lightcl"

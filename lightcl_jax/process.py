@@ -29,12 +29,11 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
     glibc gives threads their own arenas (up to 8 per core), and memory freed in
     one stays with it; JAX's and XLA's threads then hold more resident memory
-    than they use. Capped at 2 before JAX started, a Split Digits 32x32 (nf 64)
-    LightCL run peaked 48 MB lower here with the same results (`benchmarks.bench_rss`;
-    BUILD.md, "Memory a process holds"). `prepare_command_process` calls it for the
-    commands that train; a script of one's own calls it before importing JAX (after
-    `run_with_huge_pages`). Returns whether it applied (False where the C library is not
-    glibc: it changes nothing there).
+    than they use; capped, a run's peak resident memory is lower with the same
+    results (docs/memory.md, from `benchmarks.bench_rss`). `prepare_command_process`
+    calls it for the commands that train; a script of one's own calls it before
+    importing JAX (after `run_with_huge_pages`). Returns whether it applied (False
+    where the C library is not glibc: it changes nothing there).
     """
     mallopt = _glibc("mallopt")
     return mallopt is not None and mallopt(_M_ARENA_MAX, arenas) == 1
@@ -46,10 +45,9 @@ def release_free_memory() -> bool:
     Compiling a program (LLVM) allocates and frees a few hundred MB; glibc
     keeps the freed pages, and a step's large buffers, which glibc maps
     afresh, then come on top of them. Released after the initialisation
-    and after each step's compilation, a Split Digits 32x32 (nf 64) LightCL
-    run peaked at 665 MB instead of 779 (`benchmarks.bench_rss`). Costs a
-    few milliseconds; changes no result. Returns whether it applied (False
-    where the C library is not glibc).
+    and after each step's compilation, a run peaks lower (docs/memory.md, from
+    `benchmarks.bench_rss`). Costs a few milliseconds; changes no result.
+    Returns whether it applied (False where the C library is not glibc).
     """
     trim = _glibc("malloc_trim")
     if trim is None:
@@ -126,14 +124,12 @@ def huge_pages_here(environ=None) -> dict | None:
 def run_with_huge_pages() -> None:
     """Runs this command again, in this process, with glibc's malloc asking for huge pages.
 
-    A train step's temporaries (a full ResNet-18 step at 32x32, batch 32: 218 MB,
-    and Eigen's packing blocks) are larger than glibc keeps for reuse, so it maps
-    them afresh every step and the kernel faults them in 4 KB at a time: 56k page
-    faults and about 180 ms of system time a step here. With
-    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (read only when a process starts)
-    malloc asks for transparent huge pages for what it maps and for its heaps:
-    about 900 faults, fewer TLB misses, the same values (BUILD.md "Speed"; it
-    speeds PyTorch's steps as much). `prepare_command_process` does this for the
+    A train step's temporaries (and Eigen's packing blocks) are larger than glibc
+    keeps for reuse, so it maps them afresh every step and the kernel faults them in
+    4 KB at a time. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (read only when a
+    process starts) malloc asks for transparent huge pages for what it maps and for
+    its heaps: far fewer faults and TLB misses, the same values (docs/performance.md
+    has the figures). `prepare_command_process` does this for the
     commands of `experiments` and `benchmarks`; a script of one's own calls it
     first. It returns without doing anything where `huge_pages_here` says it would
     change nothing (``LIGHTCL_HUGE_PAGES=0`` turns it off), in an interactive

@@ -3,12 +3,9 @@
 Flax's `nn.BatchNorm` reduces over the batch and spatial axes with
 ``x.mean((0, 1, 2))``, and autodiff turns each of its broadcasts into the same
 kind of reduction. XLA:CPU runs a reduction whose kept axis is the short minor
-one (64-512 channels) at a fraction of the memory speed: summing a
-(32, 32, 32, 64) map took 8.4 ms, the same sum taken as a (2048, 1024)
-column sum and then a (16, 64) one 0.5 ms, and BatchNorm + ReLU forward and
-backward 36.7 ms against PyTorch's 10.1 ms; this module's, 5.3 ms
-(`python -m benchmarks.bench_batchnorm`, 2 cores of an AMD EPYC with AVX-512;
-docs/performance.md).
+one (64-512 channels) at a fraction of the memory speed, and the same sum taken
+as a column sum of a wide 2-D view and then a small one at close to it
+(docs/performance.md has the figures, from `python -m benchmarks.bench_batchnorm`).
 `channel_sums` takes every sum that way, and `batch_norm` writes the backward
 pass out (the textbook BatchNorm gradient) so that its sums are taken that way
 too.
@@ -19,11 +16,9 @@ mean, var) and the same statistics (``E[x^2] - E[x]^2`` clipped at zero, as
 Flax's fast variance). One difference, on purpose: the running variance takes
 the *unbiased* batch variance (times n/(n-1), n = samples x positions), as
 PyTorch's ``BatchNorm2d`` and so the authors' LightCL do; Flax's takes the
-biased one. `benchmarks.side_by_side.lockstep` found it: stepped from the same
-state on the same batch, ours and the authors' model agreed to 1e-5 in every
-parameter but differed in the running statistics by up to 1.2e-3 (relative, the
-last stage after an epoch's 5-sample last batch, n = 80); with this update they
-agree to float rounding (BUILD.md, "How the reference's behaviour is reproduced").
+biased one; with the unbiased update, `benchmarks.side_by_side.lockstep` finds
+the running statistics of ours and the authors' model equal to float rounding
+(BUILD.md, "How the reference's behaviour is reproduced").
 """
 
 from __future__ import annotations
