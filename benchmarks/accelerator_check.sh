@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check (issue 16, point 5): one short script for a lent accelerator machine.
+# The GPU check: one short script run on a machine with an NVIDIA GPU.
 #
 #   bash benchmarks/accelerator_check.sh OUTDIR
 #
 # Run from the repository root where JAX sees the GPU and PyTorch is a CUDA build
-# (the device machine's image has both; `pip install -e .[gpu,bench]` elsewhere).
+# (`pip install -e .[gpu,bench]`).
 # It needs no data download: the default run reads scikit-learn's bundled digits.
 #   1. what is there: nvidia-smi, JAX's devices, PyTorch's CUDA device;
 #   2. `benchmarks.bench_vs_torch --torch-device cuda`: the full-network and LightCL

@@ -1,9 +1,10 @@
 """Run one continual-learning experiment: ``python -m experiments.run [flags]``.
 
-With no flags: LightCL on the embedded digits stream (5 tasks x 2 classes),
-results in ``runs/digits-lightcl-seed0/results.json``. ``--help`` lists every flag.
+With no flags: LightCL on the embedded digits at 32x32 (5 tasks x 2 classes),
+results in ``runs/digits32-lightcl-seed0/results.json``. ``--help`` lists every flag.
 Prints the TIL and CIL accuracy matrices and every summary metric, and writes
-``results.json`` and ``accuracy.png`` (the matrices drawn) into the workdir.
+``results.json``, ``metrics.jsonl`` (a line per epoch and task) and ``accuracy.png``
+(the matrices drawn) into the workdir.
 Checkpoints go to ``<workdir>/checkpoints`` after every task and every
 ``--ckpt-every`` steps; rerunning the same command resumes from the newest.
 Exit codes: 0 done, 2 bad flag value, data, checkpoint or workdir, 1 training
