@@ -19,6 +19,7 @@ import sys
 
 from experiments.cli.common import Parser
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m experiments.convert_torch", description=__doc__.splitlines()[0])
     p.add_argument("input", metavar="IN", help="reference state_dict: .pth/.pt (torch) or .npz")

@@ -58,6 +58,7 @@ def jit(fn: Callable | None = None, /, *, memory_scheduler: bool = False,
                **(RUN_ONCE if run_once else {}), **(MEASURE_ONLY if measure_only else {})}
     return jax.jit(fn, compiler_options=options, **kwargs)
 
+
 def compiled_cost(compiled) -> dict:
     """XLA's figures for a compiled function: FLOPs and bytes.
 

@@ -100,8 +100,6 @@ def _leaves(tree):
         yield tree
 
 
-
-
 def _tensor(x: np.ndarray, channels_first: bool = True):
     import torch
     x = np.asarray(x)

@@ -262,16 +262,7 @@ def _describe(shape_dtype) -> str:
     return f"{dtype}{list(shape)}"
 
 
-
-
-
-
-
-
 # Resuming, and saving where a run stands.
-
-
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,45 +47,18 @@ from lightcl_jax.data.pipeline import epoch_batches
 from lightcl_jax.data.streams import TaskStream
 from lightcl_jax.metrics.generalizability import choose_freeze, generalizability
 from lightcl_jax.strategies import Strategy
-from lightcl_jax.training.checkpoint import (
-    Clock,
-    Position,
-    RunCheckpoints,
-    Saver,
-    find_resume_point,
-    payload,
-    restore_run,
-)
-from lightcl_jax.training.epochs import (
-    TaskBatches,
-    TaskLoop,
-    check_finite,
-    evaluate,
-    layer_metrics,
-    probe_set,
-    train_epochs,
-)
+from lightcl_jax.training.checkpoint import (Clock, Position, RunCheckpoints, Saver,
+                                             find_resume_point, payload, restore_run)
+from lightcl_jax.training.epochs import (TaskBatches, TaskLoop, check_finite, evaluate,
+                                         layer_metrics, probe_set, train_epochs)
 from lightcl_jax.training.progress import Fanout, MetricsLog, Progress
 from lightcl_jax.training.run import Run, RunRecord, assemble_results, setup_run, task_record
 from lightcl_jax.training.state import TrainState, copy_variables, create_lane_states, train_state
-from lightcl_jax.training.step import (
-    BatchStatsChain,
-    Phase,
-    Programs,
-    TaskPhase,
-    jitted_forward,
-    make_train_step,
-    phase_optimizer,
-)
-from lightcl_jax.training.workdir import (
-    CHECKPOINTS,
-    METRICS_LOG,
-    Preempted,
-    finished_results,
-    lock_workdir,
-    requested,
-    write_results,
-)
+from lightcl_jax.training.step import (BatchStatsChain, Phase, Programs, TaskPhase, jitted_forward,
+                                       make_train_step, phase_optimizer)
+from lightcl_jax.training.workdir import (CHECKPOINTS, METRICS_LOG, Preempted, finished_results,
+                                          lock_workdir, requested, write_results)
+
 
 @dataclasses.dataclass(frozen=True)
 class Hooks:

@@ -39,15 +39,9 @@ from lightcl_jax.process import peak_rss_mb
 from lightcl_jax.strategies import Strategy, strategy_of
 from lightcl_jax.training.placement import Lanes, Placement, seed_statistics
 from lightcl_jax.training.state import full_width_params, run_model, sparsity_report
-from lightcl_jax.training.step import (
-    Phase,
-    Programs,
-    TaskPhase,
-    jitted_eval_forward,
-    make_train_step,
-    phase_for_task,
-    phase_optimizer,
-)
+from lightcl_jax.training.step import (Phase, Programs, TaskPhase, jitted_eval_forward,
+                                       make_train_step, phase_for_task, phase_optimizer)
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -402,10 +396,8 @@ LEGACY_STRATEGY_FIELDS = {
 }
 
 
-
 # What runs computed before the metrics were a setting.
 LEGACY_METRICS = ("avg", "forgetting", "bwt")
-
 
 
 def upgrade_identity(identity: dict) -> dict:
@@ -427,7 +419,6 @@ def upgrade_identity(identity: dict) -> dict:
     return {**identity, "config": config}
 
 
-
 def identity_differences(stored: dict, current: dict) -> str:
     """'' when two run identities agree, else the differing entries, one clause each.
 
@@ -447,7 +438,6 @@ def identity_differences(stored: dict, current: dict) -> str:
     return "; ".join(out)
 
 
-
 def stream_fingerprint(stream: TaskStream) -> str:
     """A hash of every task's classes, images and labels (BLAKE2b, hex).
 
@@ -460,7 +450,6 @@ def stream_fingerprint(stream: TaskStream) -> str:
         for array in (task.x_train, task.y_train, task.x_eval, task.y_eval):
             update_digest(digest, array)
     return digest.hexdigest()
-
 
 
 def run_identity(config: Config, stream: TaskStream, pretrained: bool,
@@ -489,4 +478,3 @@ def run_identity(config: Config, stream: TaskStream, pretrained: bool,
         **({"seeds": seeds} if seeds > 1 else {}),
     }
     return json.loads(json.dumps(identity))
-

@@ -40,6 +40,7 @@ from lightcl_jax.model.layers import REFERENCE_SPARSITY, layer_group
 from lightcl_jax.model.resnet import ResNet18, fresh_head
 from lightcl_jax.process import release_free_memory
 
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a train step changes, as one pytree."""

@@ -44,17 +44,14 @@ import optax
 
 from lightcl_jax.compiler import CompiledStep, run_resources
 from lightcl_jax.config import Config
-from lightcl_jax.metrics.continual import (
-    EvalMetric,
-    cil_predictions,
-    task_cross_entropy,
-    til_predictions,
-)
+from lightcl_jax.metrics.continual import (EvalMetric, cil_predictions, task_cross_entropy,
+                                           til_predictions)
 from lightcl_jax.model.layers import LAYER_GROUPS, layer_group
 from lightcl_jax.model.resnet import fold_statistics
 from lightcl_jax.strategies import Strategy
 from lightcl_jax.training.placement import Placement
 from lightcl_jax.training.state import TrainState, keep_pruned
+
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
