@@ -13,7 +13,16 @@ values are the defaults of every strategy (its ``strategy`` excepted), and
 flags given here win. ``--strategy-arg NAME=VALUE`` sets a hyperparameter of every
 strategy that has it (``buffer_size=15``), ``STRATEGY.NAME=VALUE`` of one
 (``ewc.lam=100``); ``--init-from`` starts every strategy from the same
-pre-trained backbone, as Table 1 did. Prints the table and writes into the workdir:
+pre-trained backbone, as Table 1 did.
+
+A comparison is a run of runs: each strategy (each seed, with ``--one-by-one``) is a
+run of its own in ``<workdir>/runs/<strategy>`` (``<strategy>-seed<k>``), checkpointed
+and resumed as ``experiments.run`` does. Rerunning the same command after any
+interruption skips the finished runs, resumes the one that was cut off, and writes the
+table of an uninterrupted comparison. ``comparison.json`` records what the comparison
+is (strategies, seeds, settings, backbone); a workdir holding another is refused, its
+files untouched, unless ``--overwrite``. SIGINT or SIGTERM stops it after a checkpoint
+with one line (exit 130, 143). Prints the table and writes into the workdir:
   * ``table.md``, ``table.csv`` and ``table.json``: one row per strategy (named as
     --strategies names it): CIL and TIL final average accuracy as mean +/- std over
     seeds, CIL and TIL forgetting (mean), every other metric the runs report
@@ -25,18 +34,22 @@ pre-trained backbone, as Table 1 did. Prints the table and writes into the workd
     columns count train steps only, not the work at task boundaries (EWC's
     Fisher pass, LightCL's reference and vital-channel forwards, LwF's copy);
   * ``<strategy>-seed<k>.json``: each seed's results;
-  * ``accuracy_curve.png`` and ``cost_vs_accuracy.png`` (`lightcl_jax.figures`).
-Exit codes: 0 done, 2 bad flag value, config, backbone or data, 1 a run diverged.
+  * ``accuracy_curve.png`` and ``cost_vs_accuracy.png`` (`lightcl_jax.figures`);
+  * ``runs/``: each run's workdir (results.json, metrics.jsonl, accuracy.png,
+    checkpoints/, and with ``--tensorboard`` tensorboard/).
+Exit codes: 0 done, 2 bad flag value, config, backbone, data or workdir, 1 a run diverged
+or a file could not be written, 130/143 stopped by SIGINT/SIGTERM (rerun to resume).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import io
+import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -56,6 +69,10 @@ TABULATED = ("avg_cil", "avg_til", "forgetting_cil", "forgetting_til")
 # The flags of this script that set a `Config` field; None: not given.
 CONFIG_FLAGS = ("dataset", "data_dir", "num_tasks", "epochs", "nf", "batch_size")
 DEFAULT_SEEDS = 3
+# The comparison's own files in its workdir, besides each seed's <strategy>-seed<k>.json.
+UNITS = "runs"              # each run's workdir
+MANIFEST = "comparison.json"
+OUTPUTS = ("table.md", "table.csv", "table.json", "accuracy_curve.png", "cost_vs_accuracy.png")
 
 
 def build_parser():
@@ -96,7 +113,17 @@ def build_parser():
                    help=f"training batch size (default: the config's, or {Config().batch_size})")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N visible devices (default: all)")
-    p.add_argument("--workdir", default=None, help="default: runs/compare-<dataset>")
+    p.add_argument("--workdir", default=None,
+                   help="default: runs/compare-<dataset>; rerunning the same command resumes")
+    p.add_argument("--ckpt-every", type=int, default=500, metavar="N",
+                   help="each run also checkpoints every N train steps within a task (0: only "
+                        "after each task)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard another comparison's files in --workdir (without it, they "
+                        "are refused)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log each run's epochs and tasks as TensorBoard scalars in its "
+                        "workdir (runs/<strategy>/tensorboard)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -247,20 +274,27 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def train_seeds(config: Config, stream, variables, seeds: int, args) -> tuple[list[dict], dict]:
-    """(each seed's results, the results a run's cost is read from) of one strategy.
+def train_seeds(config: Config, stream, variables, seeds: int, args, workdir: str
+                ) -> tuple[list[dict], dict]:
+    """(each seed's results, the results a run's cost is read from) of one strategy, each
+    run in its own workdir under ``workdir`` (``runs/<strategy>``, or ``runs/<strategy>-
+    seed<k>`` one by one): a finished run's results are read back, an interrupted one
+    resumes.
 
     Raises:
-      DivergenceError: a seed diverged.
+      DivergenceError: a seed diverged. Preempted: a signal stopped a run after its
+      checkpoint. ValueError: a run's workdir holds another run's files.
     """
     from lightcl_jax.training.loop import train_and_evaluate
     from lightcl_jax.training.run import setup_run
 
-    progress = Bars(not args.no_progress)
+    label = _label(config.strategy)
     if not args.one_by_one:
         run = setup_run(config, stream, init_variables=variables, devices=args.devices,
                         seeds=seeds)
-        results = train_and_evaluate(run, progress=progress)
+        results = train_and_evaluate(run, os.path.join(workdir, UNITS, label),
+                                     progress=_progress(args, workdir, label, config.lr),
+                                     checkpoint_every=args.ckpt_every)
         if seeds == 1:
             return [results], results
         common = {k: results[k] for k in ("strategy", "dataset", "num_tasks", "eval_split",
@@ -272,8 +306,96 @@ def train_seeds(config: Config, stream, variables, seeds: int, args) -> tuple[li
     for seed in range(config.seed, config.seed + seeds):
         run = setup_run(dataclasses.replace(config, seed=seed), stream, init_variables=variables,
                         devices=args.devices)
-        runs.append(train_and_evaluate(run, progress=progress))
+        unit = f"{label}-seed{seed}"
+        runs.append(train_and_evaluate(run, os.path.join(workdir, UNITS, unit),
+                                       progress=_progress(args, workdir, unit, config.lr),
+                                       checkpoint_every=args.ckpt_every))
     return runs, runs[0]
+
+
+def _progress(args, workdir: str, unit: str, lr: float):
+    """A run's progress: bars (unless ``--no-progress``) and, with ``--tensorboard``, its
+    scalars in ``runs/<unit>/tensorboard``."""
+    from lightcl_jax.training.progress import Fanout, TensorBoardLog
+    sinks = [Bars(not args.no_progress)]
+    if args.tensorboard:
+        sinks.append(TensorBoardLog(os.path.join(workdir, UNITS, unit, "tensorboard"), lr=lr))
+    return Fanout(*sinks)
+
+
+def comparison_identity(configs: dict[str, Config], seeds: int, args, meta) -> dict:
+    """What makes two comparisons the same: the strategies with every setting and
+    hyperparameter (defaults filled in), the seeds and how they train, the backbone."""
+    from lightcl_jax.strategies import strategy_of
+    settings = {}
+    for name, config in configs.items():
+        config = config.resolved()
+        config = dataclasses.replace(config, strategy_args=strategy_of(config).hyperparameters())
+        settings[name] = config.identity_dict()
+    identity = {"strategies": list(configs), "settings": settings,
+                "seeds": {"first": args.seed, "count": seeds, "one_by_one": args.one_by_one},
+                "devices": args.devices,
+                "init_from": None if meta is None else meta["digest"]}
+    return json.loads(json.dumps(identity))
+
+
+def comparison_differences(stored: dict, current: dict) -> str:
+    """'' when two comparisons agree, else what differs, one clause each (a strategy's
+    settings setting by setting)."""
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key, "absent"), current.get(key, "absent")
+        if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            for name in sorted(set(a) & set(b)):
+                for field in sorted(set(a[name]) | set(b[name])):
+                    x, y = a[name].get(field, "absent"), b[name].get(field, "absent")
+                    if x != y:
+                        out.append(f"{name} {field} {x!r} there, {y!r} here")
+        elif a != b and not (key == "settings" and stored.get("strategies")
+                             != current.get("strategies")):
+            out.append(f"{key} {a!r} there, {b!r} here")
+    return "; ".join(out)
+
+
+def check_workdir(workdir: str, identity: dict, overwrite: bool) -> str | None:
+    """None when ``workdir`` may hold this comparison (new, empty, or this one's files; with
+    ``overwrite``, another's files are discarded first); else what is wrong, in words.
+    Nothing is touched without ``overwrite``."""
+    path = os.path.join(workdir, MANIFEST)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+            differences = comparison_differences(stored, identity)
+        except (OSError, ValueError, AttributeError, TypeError) as err:
+            differences = f"unreadable: {type(err).__name__}: {err}"
+        if not differences:
+            return None
+        problem = f"{path} is of another comparison ({differences})"
+    else:
+        ours = [n for n in os.listdir(workdir) if n in OUTPUTS or n.endswith(".json")]
+        if not ours:
+            return None
+        problem = (f"{workdir} holds results of a comparison that does not say what it was "
+                   f"({', '.join(sorted(ours)[:4])}, without {MANIFEST})")
+    if not overwrite:
+        return (problem + "; pass --overwrite to discard its results and runs, or choose "
+                          "another --workdir")
+    discard_comparison(workdir)
+    return None
+
+
+def discard_comparison(workdir: str) -> None:
+    """Removes a comparison's files from ``workdir`` (its runs, tables, figures, the seeds'
+    results and the manifest); anything else stays."""
+    import shutil
+    for name in os.listdir(workdir):
+        path = os.path.join(workdir, name)
+        if name == UNITS and os.path.isdir(path):
+            shutil.rmtree(path)
+        elif name in OUTPUTS or name == MANIFEST or (name.endswith(".json")
+                                                      and "-seed" in name):
+            os.unlink(path)
 
 
 def _names(args) -> list[str]:
@@ -305,9 +427,16 @@ def main(argv=None) -> int:
     variables, meta = load_start(parser, args, configs)
     first = next(iter(configs.values())).resolved()
     workdir = args.workdir or os.path.join("runs", f"compare-{first.dataset}")
+    if args.ckpt_every < 0:
+        parser.error(f"--ckpt-every must be >= 0 (0: checkpoint only after each task); "
+                     f"got {args.ckpt_every}")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
+    if args.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        parser.error("--tensorboard writes with tensorboardX, which is not installed: "
+                     "pip install tensorboardX")
 
     from lightcl_jax.data.streams import make_stream, validate_stream
-    from lightcl_jax.training.epochs import DivergenceError
 
     try:
         stream = make_stream(first.dataset, data_dir=first.data_dir, num_tasks=first.num_tasks,
@@ -320,21 +449,56 @@ def main(argv=None) -> int:
         parser.error(f"the backbone {args.init_from} takes {meta['in_channels']}-channel "
                      f"images; {first.dataset} has {stream.image_shape[-1]}")
 
-    os.makedirs(workdir, exist_ok=True)
+    from lightcl_jax.training.workdir import handle_signals, lock_workdir
+
+    fresh = not os.path.exists(workdir)
+    try:
+        lock = lock_workdir(workdir)  # one comparison per workdir
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        problem = check_workdir(workdir, comparison_identity(configs, seeds, args, meta),
+                                args.overwrite)
+        if problem:
+            parser.error(problem)
+        write_json_atomic(os.path.join(workdir, MANIFEST),
+                          comparison_identity(configs, seeds, args, meta))
+        with handle_signals():  # SIGTERM, SIGINT: checkpoint after the step, then stop
+            return compare_in_workdir(parser, args, names, configs, (stream, variables, seeds),
+                                      workdir)
+    finally:
+        lock.release(remove_empty_workdir=fresh)  # a comparison refused at its start
+
+
+def compare_in_workdir(parser, args, names, configs, data, workdir: str) -> int:
+    """Trains (or reads back) every strategy's runs in ``workdir``, whose lock this process
+    holds, and writes the tables; returns the exit code."""
+    from lightcl_jax.training.epochs import DivergenceError
+    from lightcl_jax.training.workdir import Preempted
+
+    stream, variables, seeds = data
     rows, all_runs = [], {}
     for name in names:
         print(f"[{name}: seeds {args.seed}..{args.seed + seeds - 1}"
               f"{' one by one' if args.one_by_one else ' in one program'}]",
               file=sys.stderr, flush=True)
-        start = time.perf_counter()
         try:
-            runs, costed = train_seeds(configs[name], stream, variables, seeds, args)
+            runs, costed = train_seeds(configs[name], stream, variables, seeds, args, workdir)
         except DivergenceError as err:
             print(f"{parser.prog}: error: {name}: {err}", file=sys.stderr)
             return 1
+        except Preempted as stop:
+            print(f"{parser.prog}: {name}: {stop}; rerun the same command to resume",
+                  file=sys.stderr)
+            return stop.exit_code
+        except OSError as err:  # a checkpoint or results file that could not be written
+            print(f"{parser.prog}: error: {name}: writing failed ({err}); free the space (or "
+                  "fix the permissions) and rerun the same command to resume", file=sys.stderr)
+            return 1
         except ValueError as err:
             parser.error(f"{name}: {err}")
-        wall = time.perf_counter() - start
+        # The runs' own clocks: the time they trained, over every process that ran them.
+        wall = sum(r["wall_time_s"] for r in ([costed] if not args.one_by_one else runs))
         for results in runs:
             write_json_atomic(os.path.join(workdir, f"{_label(name)}-seed{results['seed']}.json"),
                               results)
@@ -342,7 +506,8 @@ def main(argv=None) -> int:
         cost = one_run_cost(configs[name], stream, costed, variables is not None)
         rows.append(summarize(name, runs, cost,
                               runs[0]["config"]["strategy_args"].get("buffer_size"), wall))
-    write_outputs(workdir, stream, first, rows, all_runs, seeds, args)
+    write_outputs(workdir, stream, next(iter(configs.values())).resolved(), rows, all_runs,
+                  seeds, args)
     return 0
 
 

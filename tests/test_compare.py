@@ -1,5 +1,8 @@
 import csv
+import hashlib
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -100,3 +103,78 @@ def test_compare_refuses_bad_settings(tmp_path, capsys, args, words):
     assert exit_info.value.code == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+class _SignalAt:
+    """Progress bars that send this process SIGTERM at the ``step``-th train step of the
+    whole comparison (one counter over every run)."""
+
+    def __init__(self, step):
+        self.step, self.done = step, 0
+
+    def __call__(self, enabled):
+        from lightcl_jax.training.progress import Progress
+        outer = self
+
+        class Sink(Progress):
+            def advance(self, steps, metrics=None):
+                outer.done += steps
+                if steps and outer.done == outer.step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+        return Sink()
+
+
+def _tree(directory):
+    """Every file under ``directory`` with its SHA-256, but the lock files (which name the
+    process holding them)."""
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*"))
+            if path.is_file() and not path.name.startswith(".lock")}
+
+
+def _without_times(rows):
+    return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in rows]
+
+
+_SMALL = ["--strategies", "finetune,lightcl", "--seeds", "1", "--epochs", "1", "--nf", "4",
+          "--dataset", "digits", "--num-tasks", "2", "--ckpt-every", "4", "--no-progress"]
+
+
+def test_compare_stopped_then_rerun_gives_the_uninterrupted_table_and_refuses_another(
+        tmp_path, monkeypatch, capsys):
+    assert compare.main([*_SMALL, "--workdir", str(tmp_path / "clean")]) == 0
+    # Each run trains 2 tasks of 25 steps; SIGTERM in step 60 of the comparison: step 10
+    # of LightCL's first task, after finetune finished. It stops after checkpointing it.
+    monkeypatch.setattr(compare, "Bars", _SignalAt(60))
+    stopped = tmp_path / "stopped"
+    assert compare.main([*_SMALL, "--workdir", str(stopped)]) == 143
+    err = capsys.readouterr().err
+    assert "python -m experiments.compare: lightcl: stopped by SIGTERM" in err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    assert not (stopped / "table.md").exists()
+    monkeypatch.undo()
+    finished = _tree(stopped / "runs" / "finetune")
+    assert compare.main([*_SMALL, "--workdir", str(stopped)]) == 0
+    assert _tree(stopped / "runs" / "finetune") == finished  # read back, not trained again
+    lightcl = json.load(open(stopped / "lightcl-seed0.json"))
+    assert lightcl["resumed_at_steps"] == [10]
+    tables = [json.load(open(tmp_path / name / "table.json")) for name in ("clean", "stopped")]
+    assert _without_times(tables[1]["rows"]) == _without_times(tables[0]["rows"])
+    # Another comparison in the same workdir is refused, nothing touched; --overwrite
+    # discards it.
+    capsys.readouterr()
+    before = _tree(stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([*_SMALL[:1], "finetune", *_SMALL[2:], "--workdir", str(stopped)])
+    assert exit_info.value.code == 2 and _tree(stopped) == before
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "comparison.json is of another comparison (strategies " \
+        "['finetune', 'lightcl'] there, ['finetune'] here); pass --overwrite" in err
+    with pytest.raises(SystemExit):  # a setting of a strategy: named
+        compare.main([*_SMALL, "--workdir", str(stopped), "--strategy-arg", "lightcl.beta=2"])
+    assert "(lightcl strategy_args {'beta': " in capsys.readouterr().err
+    assert _tree(stopped) == before
+    assert compare.main([*_SMALL[:1], "finetune", *_SMALL[2:], "--workdir", str(stopped),
+                         "--overwrite"]) == 0
+    assert sorted(os.listdir(stopped / "runs")) == ["finetune"]
+    assert not (stopped / "lightcl-seed0.json").exists()
