@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -334,8 +335,9 @@ def test_cli_refuses_a_workdir_with_another_runs_results_unless_overwrite(
 # noise from orbax's error path, not a failure of the refusal.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage,words", [
-    ("meta", "is unreadable"),
-    ("arrays", "is unreadable"),
+    ("meta", "is unreadable: {newest}/meta/metadata is not valid JSON (cut short or "
+             "overwritten"),
+    ("arrays", "is unreadable: the data of its array "),
     ("format", "has format 99; this version reads format 1"),
 ])
 def test_cli_refuses_a_corrupt_checkpoint_and_changes_nothing(finished_workdir, tmp_path,
@@ -356,7 +358,11 @@ def test_cli_refuses_a_corrupt_checkpoint_and_changes_nothing(finished_workdir, 
                         f.write(b"\0")
     before = _tree_digest(workdir)
     line = _refused([*CLI_TINY, "--workdir", str(workdir)], capsys)
-    assert f"checkpoint {newest}" in line and words in line, line
+    assert f"checkpoint {newest}" in line and words.format(newest=newest) in line, line
+    assert "<bound method" not in line
+    if damage == "arrays":  # the first array read, and by how much it falls short
+        assert re.search(r"the data of its array \S+ is cut short \(\d+ bytes expected, 1 on "
+                         r"disk: a file was truncated\)", line), line
     assert _tree_digest(workdir) == before
 
 
@@ -458,13 +464,26 @@ def test_sigkill_mid_task_then_rerun_writes_the_clean_results(tmp_path, finished
     assert f"{'TIL':6}{got['avg_til']:8.2f}" in resumed.stdout
 
 
-def test_cli_refuses_an_unreadable_results_file_and_a_workdir_that_is_a_file(tmp_path, capsys):
-    workdir = tmp_path / "w"
+def test_cli_refuses_an_unreadable_results_file_and_a_workdir_that_is_a_file(
+        tmp_path, capsys, finished_workdir):
+    workdir = tmp_path / "bare"
     workdir.mkdir()
     (workdir / "results.json").write_text("{half a file")
     line = _refused([*CLI_TINY, "--workdir", str(workdir)], capsys)
     assert "results.json is not a readable results file of this version" in line
+    assert "pass --overwrite to replace it, or choose another --workdir" in line
     assert (workdir / "results.json").read_text() == "{half a file"
+    # Beside a finished run's checkpoints, deleting it rebuilds it from them, no step trained.
+    finished = _copy(finished_workdir, tmp_path)
+    (finished / "results.json").write_text("{half a file")
+    line = _refused([*CLI_TINY, "--workdir", str(finished)], capsys)
+    assert "delete it and rerun the same command to rebuild it from the run's checkpoints" in line
+    os.unlink(finished / "results.json")
+    assert run.main([*CLI_TINY, "--workdir", str(finished)]) == 0
+    with open(finished / "results.json") as f:
+        rebuilt = json.load(f)
+    with open(finished_workdir / "results.json") as f:
+        assert _same(rebuilt) == _same(json.load(f))
     line = _refused([*CLI_TINY, "--workdir", str(workdir / "results.json")], capsys)
     assert "results.json is a file; it must be a directory (or not exist)" in line
 

@@ -34,7 +34,9 @@ does nothing when a run has none. What a run's checkpoint holds is
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import time
 from typing import Any
 
@@ -176,11 +178,10 @@ class RunCheckpoints:
         return meta
 
     def _unreadable(self, kind: str, step: int, err: Exception) -> CheckpointError:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return CheckpointError(
-            f"checkpoint {self.path(kind, step)} is unreadable ({type(err).__name__}: "
-            f"{reason[:200]}); delete that directory to resume from the checkpoint before "
-            "it, or pass --overwrite to start again")
+            f"checkpoint {self.path(kind, step)} is unreadable: "
+            f"{unreadable_reason(self.path(kind, step), err)}; delete that directory to resume "
+            "from the checkpoint before it, or pass --overwrite to start again")
 
     def check_identity(self, meta: dict, identity: dict, kind: str, step: int) -> None:
         """Raises CheckpointError when ``meta`` belongs to another run than ``identity``."""
@@ -253,6 +254,42 @@ class RunCheckpoints:
         for manager in self._managers.values():
             manager.close()
         self._managers = {}
+
+
+# The JSON files of an orbax checkpoint directory, in the order they are read.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA", "state/_sharding")
+
+
+def unreadable_reason(path: str, err: Exception) -> str:
+    """What is wrong with the checkpoint at ``path``, in words, from the error orbax (or
+    TensorStore below it) raised reading it: a JSON file cut short or overwritten, an
+    array whose data is shorter than it should be, a file that is missing; else the
+    deepest message of the error's chain that says something."""
+    for name in _JSON_FILES:
+        file = os.path.join(path, name)
+        if os.path.exists(file):
+            try:
+                with open(file) as f:
+                    json.load(f)
+            except (OSError, ValueError) as bad:
+                return f"{file} is not valid JSON (cut short or overwritten: {bad})"
+    chain, link = [], err
+    while link is not None and len(chain) < 8:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    text = "\n".join(str(e) for e in chain)
+    short = re.search(r'Error reading "([^"/]+)[^"]*".*?Requested byte range \[\d+, (\d+)\) '
+                      r'is not valid for value of size (\d+)', text)
+    if short:
+        return (f"the data of its array {short[1].replace('.', '/')} is cut short ({short[2]} "
+                f"bytes expected, {short[3]} on disk: a file was truncated)")
+    missing = re.search(r"(?:No such file or directory|NOT_FOUND)[^\n]*?['\"]?(/[^'\"\s]+)", text)
+    if missing:
+        return f"{missing[1]} is missing"
+    said = [line for e in chain for line in str(e).strip().splitlines()[:1]
+            if line and "<bound method" not in line]
+    reason = said[-1] if said else type(err).__name__
+    return f"{type(chain[-1]).__name__}: {reason[:200]}"
 
 
 def _describe(shape_dtype) -> str:

@@ -197,9 +197,12 @@ def finished_results(workdir: str, identity: dict) -> dict | None:
             results = json.load(f)
         stored = results["identity"]
     except (OSError, ValueError, KeyError, TypeError) as err:
+        fix = ("delete it and rerun the same command to rebuild it from the run's checkpoints, "
+               "pass --overwrite to train again," if os.path.isdir(os.path.join(
+                   workdir, CHECKPOINTS)) else "pass --overwrite to replace it,")
         raise ValueError(f"{path} is not a readable results file of this version "
-                         f"({type(err).__name__}: {err}); pass --overwrite to replace it, or "
-                         "choose another --workdir") from err
+                         f"({type(err).__name__}: {err}); {fix} or choose another "
+                         "--workdir") from err
     differences = identity_differences(stored, identity)
     if differences:
         raise ValueError(f"{path} holds another run's results ({differences}); pass "
