@@ -11,7 +11,7 @@ freeze point that ``--freeze auto``'s probe chooses from this run's model after
 task 0 (one epoch on task 1, training samples). A LightCL run's model after
 task 0 also carries the BatchNorm update of its vital-channel forward, so its
 choice can differ slightly.
-Exit codes: 0 done, 2 bad flag value or data, 1 training diverged.
+Exit codes: 0 done, 2 bad flag value or data, 3 training diverged.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                         hooks=Hooks(on_task_end=keep_task0))
     except DivergenceError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     model = ResNet18(num_classes=stream.num_classes, nf=config.nf)
     augment = stream.augment if config.augment is None else config.augment
     auto_choice, auto_metrics = probe_freeze(model, after_task0["state"], stream, 1,

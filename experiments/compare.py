@@ -37,8 +37,8 @@ with one line (exit 130, 143). Prints the table and writes into the workdir:
   * ``accuracy_curve.png`` and ``cost_vs_accuracy.png`` (`lightcl_jax.figures`);
   * ``runs/``: each run's workdir (results.json, metrics.jsonl, accuracy.png,
     checkpoints/, and with ``--tensorboard`` tensorboard/).
-Exit codes: 0 done, 2 bad flag value, config, backbone, data or workdir, 1 a run diverged
-or a file could not be written, 130/143 stopped by SIGINT/SIGTERM (rerun to resume).
+Exit codes: 0 done, 2 bad flag value, config, backbone, data or workdir, 3 a run diverged,
+1 a file could not be written, 130/143 stopped by SIGINT/SIGTERM (rerun to resume).
 """
 
 from __future__ import annotations
@@ -486,7 +486,7 @@ def compare_in_workdir(parser, args, names, configs, data, workdir: str) -> int:
             runs, costed = train_seeds(configs[name], stream, variables, seeds, args, workdir)
         except DivergenceError as err:
             print(f"{parser.prog}: error: {name}: {err}", file=sys.stderr)
-            return 1
+            return err.exit_code
         except Preempted as stop:
             print(f"{parser.prog}: {name}: {stop}; rerun the same command to resume",
                   file=sys.stderr)

@@ -13,7 +13,7 @@ and accuracies, normalisation, wall time) and ``backbone/``, which
 ``python -m experiments.run --init-from <workdir>/backbone`` starts from.
 Prints each epoch's loss and accuracies, the peak resident memory and where the
 backbone went.
-Exit codes: 0 done, 2 bad flag value, data, checkpoint or workdir, 1 diverged.
+Exit codes: 0 done, 2 bad flag value, data, checkpoint or workdir, 3 diverged.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _pretrain_in_workdir(parser, args, config, data, finished: bool, workdir: st
                                       devices=args.devices)
     except DivergenceError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except Preempted as stop:
         checkpoints.close()  # the checkpoint is complete on disk before the line says so
         print(f"{parser.prog}: {stop.describe(task=False)}; checkpoint "

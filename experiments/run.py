@@ -7,8 +7,9 @@ Prints the TIL and CIL accuracy matrices and every summary metric, and writes
 (the matrices drawn) into the workdir.
 Checkpoints go to ``<workdir>/checkpoints`` after every task and every
 ``--ckpt-every`` steps; rerunning the same command resumes from the newest.
-Exit codes: 0 done, 2 bad flag value, data, checkpoint or workdir, 1 training
-diverged.
+Exit codes: 0 done, 2 bad flag value, data, checkpoint or workdir, 3 training diverged
+(the workdir keeps its last good checkpoint, or is left empty when there was none), 1 a
+file could not be written, 130/143 stopped by SIGINT/SIGTERM (rerun to resume).
 """
 
 from __future__ import annotations
@@ -169,10 +170,11 @@ def format_table(results: dict) -> str:
                  for name in names["evaluation"]]
     for title, matrix, form in matrices:
         lines.append(f"{title}, row = after task i, column = task j")
-        lines.append("        " + "".join(f"{'T' + str(j):>8}" for j in range(n)) + f"{'avg':>8}")
-        for i, row in enumerate(matrix):
+        lines.append("        " + "".join(f"{'T' + str(j + 1):>8}" for j in range(n))
+                     + f"{'avg':>8}")
+        for i, row in enumerate(matrix):  # tasks count from 1 here, from 0 in results.json
             cells = "".join(f"{v:{form}}" for v in row) + " " * 8 * (n - len(row))
-            lines.append(f"after {i:<2}{cells}{sum(row) / len(row):{form}}")
+            lines.append(f"after {i + 1:<2}{cells}{sum(row) / len(row):{form}}")
         lines.append("")
     widths = [max(8, len(name) + 2) for name in names["summaries"]]
     lines.append(f"{'':6}" + "".join(f"{name:>{w}}" for name, w in zip(names["summaries"], widths)))
@@ -181,7 +183,7 @@ def format_table(results: dict) -> str:
             f"{results[f'{name}_{mode}']:{w}.2f}" for name, w in zip(names["summaries"], widths)))
     if results.get("freeze_auto"):
         auto = results["freeze_auto"]
-        lines.append(f"--freeze auto chose {auto['chosen']} at task {auto['task']} "
+        lines.append(f"--freeze auto chose {auto['chosen']} at task {auto['task'] + 1} "
                      f"({auto['similarity']} LP and MS >= {auto['threshold']})")
     if results.get("sparsity"):
         lines.append(f"sparse: {100 * results['sparsity']['sparsity']:.1f}% of the parameters "
@@ -359,11 +361,9 @@ def train_in_workdir(parser, args, run, workdir: str) -> int:
         results = loop.train_in_workdir(run, workdir, progress=Fanout(*sinks),
                                         checkpoint_every=args.ckpt_every)
     except DivergenceError as err:
-        latest = checkpoints.latest()
-        kept = (f"; the last good checkpoint is {checkpoints.path(*latest)}" if latest
-                else "; no checkpoint was written before it")
-        print(f"{parser.prog}: error: {err}{kept}", file=sys.stderr)
-        return 1
+        print(f"{parser.prog}: error: {err}{_after_divergence(workdir, checkpoints)}",
+              file=sys.stderr)
+        return err.exit_code
     except ResultsWriteError as err:  # nothing half-written is left
         print(f"{parser.prog}: error: {err.strerror}; {_kept(checkpoints)}, which holds the "
               "finished run: rerun the same command to write it", file=sys.stderr)
@@ -390,6 +390,27 @@ def train_in_workdir(parser, args, run, workdir: str) -> int:
         print(f"results written to {path}, the accuracy matrices drawn in "
               f"{os.path.join(workdir, 'accuracy.png')} (checkpoints in {checkpoints.directory})")
     return 0
+
+
+def _after_divergence(workdir: str, checkpoints) -> str:
+    """What a diverged run leaves, for its error line. With checkpoints, the workdir stays
+    resumable from the last good one (the same command diverges there again: training is
+    deterministic); without any, the run's logs go too, and the workdir with them when
+    nothing else is in it, so no half-made run is left behind."""
+    latest = checkpoints.latest()
+    if latest:
+        return (f"; the last good checkpoint is {checkpoints.path(*latest)} (the same command "
+                "resumes from it and diverges there again: lower --lr with --overwrite or "
+                "another --workdir)")
+    from lightcl_jax.training.workdir import METRICS_LOG
+    import shutil
+    for name in (METRICS_LOG, "tensorboard"):
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
+    return "; no checkpoint was written before it, so the run left nothing: lower --lr"
 
 
 def _kept(checkpoints) -> str:

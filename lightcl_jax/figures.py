@@ -68,8 +68,8 @@ def accuracy_figure(results: dict):
         ax.set_title(f"{kind} ({label})")
         ax.set_xlabel("task j (evaluated)")
         ax.set_ylabel("after training task i")
-        ax.set_xticks(range(tasks))
-        ax.set_yticks(range(tasks))
+        ax.set_xticks(range(tasks), [str(t + 1) for t in range(tasks)])  # tasks count from 1
+        ax.set_yticks(range(tasks), [str(t + 1) for t in range(tasks)])
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy (%)")
     return fig
 

@@ -207,8 +207,8 @@ def _nan_at_step(bad_step):
 def test_divergence_names_task_and_step_keeps_the_last_good_checkpoint_and_resumes(
         tmp_path, stream, lightcl_run):
     config = Config(strategy="lightcl", **TINY)
-    bad_step = STEPS_PER_TASK + 6  # the 6th step of task 1: step 5, counting from 0
-    with pytest.raises(DivergenceError, match=r"non-finite at task 1, step 5 of the task"):
+    bad_step = STEPS_PER_TASK + 6  # the 6th step of the second task (index 1)
+    with pytest.raises(DivergenceError, match=r"non-finite at task 2, step 6 of the task"):
         train(setup_run(config, stream), checkpoints=RunCheckpoints(tmp_path, every=14),
               hooks=Hooks(step_wrapper=_nan_at_step(bad_step)))
     checkpoints = RunCheckpoints(tmp_path, every=14)
@@ -537,7 +537,7 @@ def test_signals_only_set_a_flag_inside_handle_signals():
     position = Position(task=2, task_done=False, epoch=0, batch=3, step_in_task=3,
                         global_step=23)
     stop = preemption.Preempted(signal.SIGINT, position)
-    assert stop.exit_code == 130 and str(stop) == "stopped by SIGINT at task 2, step 23"
+    assert stop.exit_code == 130 and str(stop) == "stopped by SIGINT at task 3, step 23"
     assert preemption.Preempted(signal.SIGTERM, position).exit_code == 143
 
 
@@ -607,3 +607,16 @@ def test_a_failing_results_write_leaves_no_partial_file(tmp_path, finished_workd
         got = json.load(f)
     with open(finished_workdir / "results.json") as f:
         assert _same(got) == _same(json.load(f))
+
+
+def test_a_run_that_diverges_before_any_checkpoint_exits_3_and_leaves_no_workdir(
+        tmp_path, capsys):
+    workdir = tmp_path / "w"
+    assert run.main([*CLI_TINY, "--lr", "1e30", "--ckpt-every", "0",
+                     "--workdir", str(workdir)]) == 3
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("python -m experiments.run: error: training diverged: the loss "
+                           "became non-finite at task 1, step ")
+    assert line.endswith("; no checkpoint was written before it, so the run left nothing: "
+                         "lower --lr")
+    assert not workdir.exists()

@@ -111,8 +111,8 @@ def test_freeze_auto_and_layer_metrics_flags_reach_the_config_and_the_table():
                "freeze_auto": {"chosen": "stage2", "task": 1, "similarity": "cosine",
                                "threshold": 0.8}}
     table = run.format_table(results)
-    assert "--freeze auto chose stage2 at task 1 (cosine LP and MS >= 0.8)" in table
-    assert "after 1    80.00   70.00   75.00" in table
+    assert "--freeze auto chose stage2 at task 2 (cosine LP and MS >= 0.8)" in table
+    assert "after 2    80.00   70.00   75.00" in table
     assert "CIL      50.00       50.00  -50.00" in table
 
 

@@ -152,7 +152,7 @@ def test_lanes_split_join_and_divergence_names_the_seed():
         with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
             Lanes.of(0, bad)
     losses = [{"loss": np.array([1.0, 2.0, 3.0])}, {"loss": np.array([1.0, np.nan, 3.0])}]
-    with pytest.raises(DivergenceError, match=r"task 4, step 11 of the task \(seed 6\) "
+    with pytest.raises(DivergenceError, match=r"task 5, step 12 of the task \(seed 6\) "
                                               r"\(loss=nan\)"):
         check_finite(losses, 10, 4, lanes.seeds)
     np.testing.assert_array_equal(check_finite(losses[:1], 0, 0, lanes.seeds)["loss"],

@@ -217,7 +217,7 @@ def test_train_step_folds_buffer_then_batch_statistics_into_running_ones():
 
 def test_divergence_names_task_and_step():
     config = dataclasses.replace(with_strategy(TINY, "finetune"), lr=1e30)
-    with pytest.raises(DivergenceError, match=r"at task 0, step \d+ of the task"):
+    with pytest.raises(DivergenceError, match=r"at task 1, step \d+ of the task"):
         train_and_evaluate(config, stream=_tiny_stream(num_tasks=2))
 
 

@@ -49,7 +49,9 @@ CHECK_EVERY = 50
 
 
 class DivergenceError(FloatingPointError):
-    """The training loss became NaN or Inf."""
+    """The training loss became NaN or Inf. The commands exit with `exit_code`."""
+
+    exit_code = 3
 
 
 def check_finite(losses: list[dict], first_step: int, where: int | str,
@@ -73,8 +75,9 @@ def check_finite(losses: list[dict], first_step: int, where: int | str,
         i, lane = (int(v) for v in np.unravel_index(np.argmax(bad), bad.shape))
         terms = ", ".join(f"{k}={np.reshape(v[i], -1)[lane]:.4g}" for k, v in stacked.items())
         seed = f" (seed {seeds[lane]})" if seeds is not None else ""
-        at = (f"task {where}, step {first_step + i} of the task" if isinstance(where, int)
-              else f"{where} step {first_step + i}")
+        # Tasks and steps count from 1 in messages.
+        at = (f"task {where + 1}, step {first_step + i + 1} of the task" if isinstance(where, int)
+              else f"{where} step {first_step + i + 1}")
         raise DivergenceError(f"training diverged: the loss became non-finite at {at}{seed} "
                               f"({terms})")
     return stacked

@@ -83,9 +83,14 @@ def lock_workdir(workdir: str, process_index: int = 0) -> WorkdirLock:
 
     Raises:
       WorkdirInUse: another live process holds it; the message names that
-        process and the workdir.
+        process and the workdir. ValueError: the directory cannot be made (a file on its
+        path, no permission).
     """
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:  # a file on the way, no permission, a full disk
+        raise ValueError(f"--workdir {workdir} cannot be made ({err.strerror}: "
+                         f"{err.filename}); choose another --workdir") from err
     name = LOCK_NAME if process_index == 0 else f"{LOCK_NAME}.{process_index}"
     path = os.path.join(workdir, name)
     if fcntl is None:
@@ -119,7 +124,7 @@ class Preempted(Exception):
 
     def describe(self, *, task: bool = True) -> str:
         """``stopped by SIGTERM at task T, step S`` (without ``task``: ``at step S``)."""
-        where = f"task {self.position.task}, " if task else ""
+        where = f"task {self.position.task + 1}, " if task else ""  # tasks count from 1
         return (f"stopped by {signal.Signals(self.signum).name} at {where}"
                 f"step {self.position.global_step}")
 
