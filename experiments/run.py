@@ -370,7 +370,7 @@ def train_in_workdir(parser, args, run, workdir: str) -> int:
         return 1
     except OSError as err:  # a checkpoint that could not be written (disk full, permissions)
         print(f"{parser.prog}: error: writing a checkpoint failed ({err}); "
-              f"{_kept(checkpoints)}; free the space (or fix the permissions) and rerun the "
+              f"{_kept(checkpoints)}; {_space_needed(workdir, checkpoints)} and rerun the "
               "same command to resume", file=sys.stderr)
         return 1
     except Preempted as stop:  # the checkpoint is complete on disk before the line says so
@@ -411,6 +411,21 @@ def _after_divergence(workdir: str, checkpoints) -> str:
         elif os.path.exists(path):
             os.unlink(path)
     return "; no checkpoint was written before it, so the run left nothing: lower --lr"
+
+
+def _space_needed(workdir: str, checkpoints) -> str:
+    """How much space to free, for the error line of a checkpoint that could not be written:
+    the size of the last complete checkpoint (the next is about as large) against what the
+    disk has free."""
+    import shutil
+    latest = checkpoints.latest()
+    if latest is None:
+        return "free some space (or fix the permissions)"
+    size = sum(os.path.getsize(os.path.join(root, name))
+               for root, _, files in os.walk(checkpoints.path(*latest)) for name in files)
+    free = shutil.disk_usage(workdir).free
+    return (f"free at least {size / 2**20:.2f} MB on its disk (a checkpoint takes about that; "
+            f"{free / 2**20:.2f} MB are free; or fix the permissions)")
 
 
 def _kept(checkpoints) -> str:

@@ -34,6 +34,7 @@ does nothing when a run has none. What a run's checkpoint holds is
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -200,10 +201,18 @@ class RunCheckpoints:
         step = meta["position"]["global_step"]
         kind = "tasks" if task_done else "steps"
         manager = self._manager(kind, create=True)
-        saved = manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(to_nested(payload)),
-            meta=ocp.args.JsonSave({"format": FORMAT, **meta})), force=True)
-        manager.wait_until_finished()
+        try:
+            saved = manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(to_nested(payload)),
+                meta=ocp.args.JsonSave({"format": FORMAT, **meta})), force=True)
+            manager.wait_until_finished()
+        except OSError:
+            raise
+        except Exception as err:  # TensorStore reports a full disk as a ValueError
+            if _disk_full(err):
+                raise OSError(errno.ENOSPC, f"No space left on device (writing "
+                                            f"{self.path(kind, step)})") from err
+            raise
         if not saved:
             raise RuntimeError(f"orbax did not save checkpoint {self.path(kind, step)}")
         if task_done:
@@ -290,6 +299,18 @@ def unreadable_reason(path: str, err: Exception) -> str:
             if line and "<bound method" not in line]
     reason = said[-1] if said else type(err).__name__
     return f"{type(chain[-1]).__name__}: {reason[:200]}"
+
+
+def _disk_full(err: Exception) -> bool:
+    """Whether ``err`` (or an error it came from) is a write that found the disk full."""
+    link, depth = err, 0
+    while link is not None and depth < 8:
+        text = str(link)
+        if getattr(link, "errno", None) == errno.ENOSPC or "No space left on device" in text \
+                or "os_error_code='28'" in text:
+            return True
+        link, depth = link.__cause__ or link.__context__, depth + 1
+    return False
 
 
 def _describe(shape_dtype) -> str:
