@@ -1,5 +1,12 @@
 """Kill a run with SIGKILL, rerun it, and compare with a clean run: ``python -m benchmarks.check_resume``.
 
+``--kills N [--kill-seed S] [--command run|compare]``: power lost N times. The command
+is killed with SIGKILL inside a checkpoint write, during an evaluation, at a task
+boundary (where the next task's hooks, or ``--freeze auto``'s probe, run) and at
+moments drawn with S over its length, restarted after each, and must end with the
+outputs of a clean run; after every kill each run's newest checkpoint must be readable
+and no older than before (`power_loss`).
+
 Runs ``python -m experiments.run ARGS`` three times in subprocesses: once
 uninterrupted (workdir ``<out>/clean``), once killed with ``--signal``
 (default SIGKILL) after the first mid-task checkpoint of task
@@ -68,8 +75,17 @@ def main(argv=None) -> int:
                         help="checkpoint interval of the runs (default 7 steps)")
     parser.add_argument("--signal", default="KILL", choices=("KILL", "TERM", "INT"),
                         help="the signal that stops the run (default KILL)")
-    parser.add_argument("run_args", nargs="*", help="flags for experiments.run (after --)")
+    parser.add_argument("--kills", type=int, default=0, metavar="N",
+                        help="power loss: SIGKILL the run at N moments and restart it after "
+                             "each (see power_loss); default 0: one kill as above")
+    parser.add_argument("--kill-seed", type=int, default=0,
+                        help="with --kills: the seed the moments are drawn with")
+    parser.add_argument("--command", default="run", choices=("run", "compare"),
+                        help="with --kills: experiments.run or experiments.compare")
+    parser.add_argument("run_args", nargs="*", help="flags for the command (after --)")
     args = parser.parse_args(argv)
+    if args.kills:
+        return power_loss(parser, args)
     if args.ckpt_every < 1 or args.kill_in_task < 0:
         parser.error("--ckpt-every must be >= 1 and --kill-in-task >= 0")
     out = args.out or tempfile.mkdtemp(prefix="check-resume-")
@@ -117,6 +133,180 @@ def main(argv=None) -> int:
           f"{', '.join(IGNORED)}: {not differing}" + (f" (differ: {differing})" if differing else ""))
     print(f"workdirs in {out}")
     return 0 if not differing else 1
+
+
+# The moments a kill is forced into, each once, before the drawn ones: inside a checkpoint
+# write (orbax's temporary directory exists), at a task boundary (a task's line was just
+# logged: its checkpoint is written, the next task's hooks or --freeze auto's probe run),
+# and during evaluation (the task's last epoch was just logged).
+FORCED = ("checkpoint", "boundary", "evaluation")
+
+
+def _metrics_lines(workdir: str) -> list[dict]:
+    """Every line of every metrics.jsonl under ``workdir`` (a comparison has one a run)."""
+    lines = []
+    for root, _, files in os.walk(workdir):
+        if "metrics.jsonl" in files:
+            try:
+                with open(os.path.join(root, "metrics.jsonl")) as f:
+                    lines += [json.loads(line) for line in f if line.strip()]
+            except (OSError, ValueError):
+                pass  # being written
+    return lines
+
+
+def _checkpoint_writes(workdir: str) -> dict[str, float]:
+    """orbax's temporary directories under ``workdir`` (checkpoints being written) and
+    their modification times."""
+    found = {}
+    for root, dirs, _ in os.walk(workdir):
+        for name in dirs:
+            if "orbax-checkpoint-tmp" in name:
+                try:
+                    found[os.path.join(root, name)] = os.path.getmtime(os.path.join(root, name))
+                except OSError:
+                    pass  # renamed: the write ended
+    return found
+
+
+def _latest_checkpoints(workdir: str) -> dict[str, int]:
+    """Each run's newest complete checkpoint under ``workdir``: its directory -> step; a
+    checkpoint that cannot be read raises (a kill must never leave one as the newest)."""
+    from lightcl_jax.training.checkpoint import RunCheckpoints
+    found = {}
+    for root, dirs, _ in os.walk(workdir):
+        if os.path.basename(root) == "checkpoints":
+            checkpoints = RunCheckpoints(root)
+            latest = checkpoints.latest()
+            if latest is not None:
+                checkpoints.read_meta(*latest)
+                found[root] = latest[1]
+            checkpoints.close()
+            dirs.clear()
+    return found
+
+
+def _observe(workdir: str, epochs: int) -> dict:
+    """What a moment is read from: the checkpoint writes under way, and how many task lines
+    and last-epoch lines the logs hold."""
+    lines = _metrics_lines(workdir)
+    return {"writes": _checkpoint_writes(workdir),
+            "tasks": sum(line["kind"] == "task" for line in lines),
+            "last_epochs": sum(line["kind"] == "epoch" and line["epoch"] == epochs
+                               for line in lines)}
+
+
+def _moment_reached(moment, workdir: str, start: float, baseline: dict, epochs: int) -> bool:
+    """Whether ``moment`` came since the process started (``baseline``: what `_observe`
+    saw then): the seconds passed, or the next checkpoint write, task line or last epoch."""
+    if isinstance(moment, float):
+        return time.perf_counter() - start >= moment
+    now = _observe(workdir, epochs)
+    if moment == "checkpoint":
+        return any(baseline["writes"].get(path) != mtime for path, mtime in now["writes"].items())
+    key = "tasks" if moment == "boundary" else "last_epochs"
+    return now[key] > baseline[key]
+
+
+def _schedule(kills: int, seed: int, clean_s: float) -> list:
+    """The moments: `FORCED` first (as many as ``kills`` allows), then seconds after a
+    restart, drawn with ``seed`` over the run's length (``clean_s``, the clean run's)."""
+    import random
+    rng = random.Random(seed)
+    forced = list(FORCED[:kills])
+    drawn = [rng.uniform(0.2, 1.2) * clean_s / max(1, kills) + rng.uniform(0, 3)
+             for _ in range(kills - len(forced))]
+    moments = forced + drawn
+    rng.shuffle(moments)
+    return moments
+
+
+def _outputs(command: str, workdir: str) -> dict:
+    """What two runs of the same computation must agree on: results.json (a comparison:
+    table.json's rows and each seed's results) less what the clock and the system measure."""
+    from lightcl_jax.training.run import without_measurements
+
+    def clean(results):
+        return {k: v for k, v in without_measurements(results).items()
+                if k != "resumed_at_steps"}
+    if command == "run":
+        return clean(_results(workdir))
+    out = {}
+    for name in sorted(os.listdir(workdir)):
+        if name.endswith(".json") and "-seed" in name:
+            with open(os.path.join(workdir, name)) as f:
+                out[name] = clean(json.load(f))
+    with open(os.path.join(workdir, "table.json")) as f:
+        out["table"] = [{k: v for k, v in row.items() if k != "wall_time_s"}
+                        for row in json.load(f)["rows"]]
+    return out
+
+
+def power_loss(parser, args) -> int:
+    """Power lost at ``--kills`` moments: the command runs in ``<out>/clean`` once, then in
+    ``<out>/killed`` it is killed with SIGKILL at each moment of `_schedule` (the forced
+    ones when they come, the drawn ones after that many seconds) and started again after
+    each; the last start runs to the end. After every kill each run's newest checkpoint
+    must be readable and no older than before it; the end must equal the clean run's
+    outputs (`_outputs`). Prints one line per kill and the verdict; exits 1 on any
+    difference."""
+    out = args.out or tempfile.mkdtemp(prefix="check-power-loss-")
+    clean_dir, killed_dir = os.path.join(out, "clean"), os.path.join(out, "killed")
+    module = f"experiments.{args.command}"
+    command = [sys.executable, "-m", module, "--no-progress", *args.run_args,
+               "--ckpt-every", str(args.ckpt_every)]
+    epochs = int(args.run_args[args.run_args.index("--epochs") + 1]) \
+        if "--epochs" in args.run_args else 10
+    start = time.perf_counter()
+    clean = subprocess.run([*command, "--workdir", clean_dir], capture_output=True, text=True)
+    if clean.returncode != 0:
+        print(clean.stderr[-2000:], file=sys.stderr)
+        return clean.returncode
+    clean_s = time.perf_counter() - start
+    print(f"clean: {clean_s:.1f} s; kills at: {_schedule(args.kills, args.kill_seed, clean_s)}")
+    problems = []
+    for number, moment in enumerate(_schedule(args.kills, args.kill_seed, clean_s), 1):
+        proc = subprocess.Popen([*command, "--workdir", killed_dir], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        began, before = time.perf_counter(), {}
+        baseline = _observe(killed_dir, epochs)
+        while proc.poll() is None and not _moment_reached(moment, killed_dir, began, baseline,
+                                                          epochs):
+            try:
+                before = _latest_checkpoints(killed_dir) or before
+            except Exception:  # noqa: BLE001  (a checkpoint being written: look again)
+                pass
+            time.sleep(0.005 if isinstance(moment, str) else 0.05)
+        if proc.poll() is None:
+            proc.kill()
+        err = proc.communicate()[1]
+        resumed = [line for line in err.splitlines() if line.startswith("resuming from")]
+        try:
+            after = _latest_checkpoints(killed_dir)
+        except Exception as error:  # noqa: BLE001
+            problems.append(f"kill {number}: the newest checkpoint is unreadable: {error}")
+            after = {}
+        lost = [f"{path} {step} -> {after.get(path)}" for path, step in before.items()
+                if after.get(path, -1) < step]
+        if lost:
+            problems.append(f"kill {number}: checkpoints went back: {lost}")
+        where = moment if isinstance(moment, str) else f"after {moment:.1f} s"
+        state = "finished before it" if proc.returncode == 0 else f"killed ({proc.returncode})"
+        print(f"kill {number:2} {where:>16}: {state}; "
+              f"{resumed[-1] if resumed else 'started afresh'}; newest checkpoints "
+              f"{sorted(after.values()) or 'none'}")
+    last = subprocess.run([*command, "--workdir", killed_dir], capture_output=True, text=True)
+    if last.returncode != 0:
+        print(last.stderr[-2000:], file=sys.stderr)
+        return last.returncode
+    want, got = _outputs(args.command, clean_dir), _outputs(args.command, killed_dir)
+    differing = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    print(f"after {args.kills} kills: identical to the clean run's {', '.join(sorted(want))[:80]}"
+          f": {not differing and not problems}"
+          + (f" (differ: {differing})" if differing else "")
+          + "".join(f"\n  {p}" for p in problems))
+    print(f"workdirs in {out}")
+    return 0 if not differing and not problems else 1
 
 
 if __name__ == "__main__":
