@@ -198,11 +198,24 @@ def _observe(workdir: str, epochs: int) -> dict:
                                for line in lines)}
 
 
+def _steps_done(workdir: str) -> int:
+    """Train steps the runs under ``workdir`` have checkpointed (their newest checkpoints'
+    steps, added up over the runs of a comparison)."""
+    try:
+        return sum(_latest_checkpoints(workdir).values())
+    except Exception:  # noqa: BLE001  (a checkpoint being written: not yet)
+        return 0
+
+
 def _moment_reached(moment, workdir: str, start: float, baseline: dict, epochs: int) -> bool:
     """Whether ``moment`` came since the process started (``baseline``: what `_observe`
-    saw then): the seconds passed, or the next checkpoint write, task line or last epoch."""
-    if isinstance(moment, float):
-        return time.perf_counter() - start >= moment
+    saw then): a drawn step of the run reached (checkpointed) and some seconds after it,
+    or the next checkpoint write, task line or last epoch."""
+    if isinstance(moment, tuple):
+        step, delay = moment
+        if "reached" not in baseline and _steps_done(workdir) >= step:
+            baseline["reached"] = time.perf_counter()
+        return "reached" in baseline and time.perf_counter() - baseline["reached"] >= delay
     now = _observe(workdir, epochs)
     if moment == "checkpoint":
         return any(baseline["writes"].get(path) != mtime for path, mtime in now["writes"].items())
@@ -210,16 +223,19 @@ def _moment_reached(moment, workdir: str, start: float, baseline: dict, epochs: 
     return now[key] > baseline[key]
 
 
-def _schedule(kills: int, seed: int, clean_s: float) -> list:
-    """The moments: `FORCED` first (as many as ``kills`` allows), then seconds after a
-    restart, drawn with ``seed`` over the run's length (``clean_s``, the clean run's)."""
+def _schedule(kills: int, seed: int, total_steps: int) -> list:
+    """The moments, drawn with ``seed``: `FORCED` (as many as ``kills`` allows) and, for the
+    rest, (step, seconds): once the run has checkpointed that step of its ``total_steps``
+    (drawn over its whole length, in order), that many seconds later (between two
+    checkpoints, or in whatever comes next)."""
     import random
     rng = random.Random(seed)
     forced = list(FORCED[:kills])
-    drawn = [rng.uniform(0.2, 1.2) * clean_s / max(1, kills) + rng.uniform(0, 3)
-             for _ in range(kills - len(forced))]
-    moments = forced + drawn
-    rng.shuffle(moments)
+    steps = sorted(rng.randrange(1, max(2, total_steps)) for _ in range(kills - len(forced)))
+    drawn = [(step, round(rng.uniform(0.0, 2.0), 2)) for step in steps]
+    moments = list(drawn)
+    for moment in forced:  # among the drawn ones, their order kept
+        moments.insert(rng.randrange(len(moments) + 1), moment)
     return moments
 
 
@@ -264,10 +280,12 @@ def power_loss(parser, args) -> int:
     if clean.returncode != 0:
         print(clean.stderr[-2000:], file=sys.stderr)
         return clean.returncode
-    clean_s = time.perf_counter() - start
-    print(f"clean: {clean_s:.1f} s; kills at: {_schedule(args.kills, args.kill_seed, clean_s)}")
+    clean_s, total_steps = time.perf_counter() - start, _steps_done(clean_dir)
+    schedule = _schedule(args.kills, args.kill_seed, total_steps)
+    print(f"clean: {clean_s:.1f} s, {total_steps} train steps; kills at: "
+          + ", ".join(m if isinstance(m, str) else f"step {m[0]} + {m[1]} s" for m in schedule))
     problems = []
-    for number, moment in enumerate(_schedule(args.kills, args.kill_seed, clean_s), 1):
+    for number, moment in enumerate(schedule, 1):
         proc = subprocess.Popen([*command, "--workdir", killed_dir], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         began, before = time.perf_counter(), {}
@@ -292,7 +310,7 @@ def power_loss(parser, args) -> int:
                 if after.get(path, -1) < step]
         if lost:
             problems.append(f"kill {number}: checkpoints went back: {lost}")
-        where = moment if isinstance(moment, str) else f"after {moment:.1f} s"
+        where = moment if isinstance(moment, str) else f"step {moment[0]} + {moment[1]} s"
         state = "finished before it" if proc.returncode == 0 else f"killed ({proc.returncode})"
         print(f"kill {number:2} {where:>16}: {state}; "
               f"{resumed[-1] if resumed else 'started afresh'}; newest checkpoints "
