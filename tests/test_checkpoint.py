@@ -28,7 +28,6 @@ from lightcl_jax.config import Config
 from lightcl_jax.training.checkpoint import (CheckpointError, Position, RunCheckpoints,
                                              identity_differences)
 from lightcl_jax.training.epochs import DivergenceError
-from lightcl_jax.training.loop import train_and_evaluate
 from lightcl_jax.training.progress import Progress
 from lightcl_jax.training.run import without_measurements
 from lightcl_jax.training.loop import Hooks, train
@@ -150,7 +149,7 @@ def lightcl_run(tmp_path_factory, stream):
 def test_same_seed_gives_identical_results(lightcl_run, finished_workdir):
     """The library run and the CLI run of one config agree exactly, in one process.
 
-    The SIGKILL test below compares runs in two processes.
+    tests/test_power_loss.py compares runs killed and restarted in other processes.
     """
     with open(finished_workdir / "results.json") as f:
         cli = json.load(f)
@@ -396,72 +395,6 @@ def test_identity_differences_name_each_changed_setting():
 def test_checkpoint_interval_must_be_a_non_negative_integer():
     with pytest.raises(ValueError, match="checkpoint interval must be an integer >= 0"):
         RunCheckpoints("unused", every=-1)
-
-
-def test_sigkill_mid_task_then_rerun_writes_the_clean_results(tmp_path, finished_workdir):
-    """Kills ``python -m experiments.run`` with SIGKILL mid-task and reruns the same command.
-
-    The clean reference is ``finished_workdir``: the same flags, run uninterrupted
-    (with the default checkpoint interval, which changes no number).
-    """
-    args = [sys.executable, "-m", "experiments.run", *CLI_TINY, "--ckpt-every", "5",
-            "--tensorboard"]
-    env = dict(os.environ)  # with conftest's XLA flags and compilation cache
-    killed_dir = tmp_path / "killed"
-    # Mid-task checkpoints come at steps 5, 15, 25, 35 and 45; kill after one from task 1 on.
-    proc = subprocess.Popen([*args, "--workdir", str(killed_dir)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    steps_dir = killed_dir / "checkpoints" / "steps"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if steps_dir.is_dir() and any(name.isdigit() and int(name) >= 15
-                                      for name in os.listdir(steps_dir)):
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before it could be killed mid-task"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed_dir / "results.json").exists()
-
-    resumed = subprocess.run([*args, "--workdir", str(killed_dir)], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr and "epoch 1/1" in resumed.stderr
-    with open(finished_workdir / "results.json") as f:
-        want = json.load(f)
-    with open(killed_dir / "results.json") as f:
-        got = json.load(f)
-    assert len(got["resumed_at_steps"]) == 1 and got["resumed_at_steps"][0] >= 15
-    assert _same(got) == _same(want)
-    # The log holds each epoch and task once: what the killed run wrote after the
-    # checkpoint was dropped and written again.
-    lines, clean = _metrics(killed_dir), _metrics(finished_workdir)
-    assert [(x["kind"], x["task"]) for x in lines] == [(x["kind"], x["task"]) for x in clean]
-    assert [x for x in lines if x["kind"] == "task"] == [x for x in clean if x["kind"] == "task"]
-    # TensorBoard's own reader sees each epoch and task once too (the resumed process's
-    # file marks the checkpoint's step: what the killed one logged after it is dropped).
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(killed_dir / "tensorboard"))
-    events.Reload()
-    epoch_steps = [x["global_step"] for x in clean if x["kind"] == "epoch"]
-    assert [e.step for e in events.Scalars("train/ce")] == epoch_steps
-    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([0.01] * 5)
-    cil = events.Scalars("accuracy/cil")
-    tasks = [x for x in clean if x["kind"] == "task"]
-    assert [e.step for e in cil] == [x["global_step"] for x in tasks]
-    assert [e.value for e in cil] == pytest.approx([x["cil"] for x in tasks])
-    assert [e.step for e in events.Scalars("accuracy_til/task0")] == epoch_steps
-    # Every metric of the run: the evaluation loss per task and on average, each summary.
-    assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx(
-        [x["avg_eval_loss"] for x in tasks])
-    assert [e.value for e in events.Scalars("eval_loss/task0")] == pytest.approx(
-        [row[0] for row in got["eval_loss"]])
-    assert events.Scalars("summary/avg_incremental_cil")[-1].value == pytest.approx(
-        got["avg_incremental_cil"])
-    np.testing.assert_array_equal(got["acc_cil"][-1], want["acc_cil"][-1])
-    # The real command prints the tables and the averages it wrote.
-    assert "TIL accuracy" in resumed.stdout and "CIL accuracy" in resumed.stdout
-    assert f"{'TIL':6}{got['avg_til']:8.2f}" in resumed.stdout
 
 
 def test_cli_refuses_an_unreadable_results_file_and_a_workdir_that_is_a_file(
