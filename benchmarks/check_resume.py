@@ -1,11 +1,11 @@
 """Kill a run with SIGKILL, rerun it, and compare with a clean run: ``python -m benchmarks.check_resume``.
 
 ``--kills N [--kill-seed S] [--command run|compare]``: power lost N times. The command
-is killed with SIGKILL inside a checkpoint write, during an evaluation, at a task
-boundary (where the next task's hooks, or ``--freeze auto``'s probe, run) and at
-moments drawn with S over its length, restarted after each, and must end with the
-outputs of a clean run; after every kill each run's newest checkpoint must be readable
-and no older than before (`power_loss`).
+is killed with SIGKILL inside a checkpoint write, during an evaluation and at a task
+boundary (where the next task's hooks, or ``--freeze auto``'s probe, run), each after a
+step drawn in the run's first third, then at steps drawn with S over the rest of it,
+restarted after each, and must end with the outputs of a clean run; after every kill
+each run's newest checkpoint must be readable and no older than before (`power_loss`).
 
 Runs ``python -m experiments.run ARGS`` three times in subprocesses: once
 uninterrupted (workdir ``<out>/clean``), once killed with ``--signal``
@@ -207,36 +207,40 @@ def _steps_done(workdir: str) -> int:
         return 0
 
 
-def _moment_reached(moment, workdir: str, start: float, baseline: dict, epochs: int) -> bool:
-    """Whether ``moment`` came since the process started (``baseline``: what `_observe`
-    saw then): a drawn step of the run reached (checkpointed) and some seconds after it,
-    or the next checkpoint write, task line or last epoch."""
-    if isinstance(moment, tuple):
-        step, delay = moment
-        if "reached" not in baseline and _steps_done(workdir) >= step:
-            baseline["reached"] = time.perf_counter()
-        return "reached" in baseline and time.perf_counter() - baseline["reached"] >= delay
+def _moment_reached(moment, workdir: str, baseline: dict, epochs: int) -> bool:
+    """Whether ``moment`` = (kind, step, seconds) came since the process started: once the
+    run has checkpointed ``step``, ``seconds`` later (kind "step"), or the next checkpoint
+    write, task boundary or evaluation after that (`FORCED`; ``baseline`` holds what
+    `_observe` saw when the step was reached)."""
+    kind, step, delay = moment
+    if "reached" not in baseline:
+        if _steps_done(workdir) < step:
+            return False
+        baseline.update(reached=time.perf_counter(), **_observe(workdir, epochs))
+    if kind == "step":
+        return time.perf_counter() - baseline["reached"] >= delay
     now = _observe(workdir, epochs)
-    if moment == "checkpoint":
+    if kind == "checkpoint":
         return any(baseline["writes"].get(path) != mtime for path, mtime in now["writes"].items())
-    key = "tasks" if moment == "boundary" else "last_epochs"
+    key = "tasks" if kind == "boundary" else "last_epochs"
     return now[key] > baseline[key]
 
 
 def _schedule(kills: int, seed: int, total_steps: int) -> list:
-    """The moments, drawn with ``seed``: `FORCED` (as many as ``kills`` allows) and, for the
-    rest, (step, seconds): once the run has checkpointed that step of its ``total_steps``
-    (drawn over its whole length, in order), that many seconds later (between two
-    checkpoints, or in whatever comes next)."""
+    """The moments (kind, step, seconds), drawn with ``seed``. First `FORCED` (as many as
+    ``kills`` allows), each at the first such moment after its step, drawn in the run's
+    first third in order; then "step" kills, that many seconds after the run checkpointed
+    their step, drawn over the rest of the run (up to 95% of ``total_steps``), in order.
+    The forced ones come early so that every moment comes before the run ends."""
     import random
     rng = random.Random(seed)
     forced = list(FORCED[:kills])
-    steps = sorted(rng.randrange(1, max(2, total_steps)) for _ in range(kills - len(forced)))
-    drawn = [(step, round(rng.uniform(0.0, 2.0), 2)) for step in steps]
-    moments = list(drawn)
-    for moment in forced:  # among the drawn ones, their order kept
-        moments.insert(rng.randrange(len(moments) + 1), moment)
-    return moments
+    early = sorted(rng.randrange(1, max(2, total_steps // 3)) for _ in forced)
+    late = sorted(rng.randrange(max(early, default=1), max(early[-1] + 2 if early else 2,
+                                                             int(0.95 * total_steps)))
+                  for _ in range(kills - len(forced)))
+    return ([(kind, step, 0.0) for kind, step in zip(forced, early)]
+            + [("step", step, round(rng.uniform(0.0, 2.0), 2)) for step in late])
 
 
 def _outputs(command: str, workdir: str) -> dict:
@@ -258,6 +262,11 @@ def _outputs(command: str, workdir: str) -> dict:
         out["table"] = [{k: v for k, v in row.items() if k != "wall_time_s"}
                         for row in json.load(f)["rows"]]
     return out
+
+
+def _describe(moment) -> str:
+    kind, step, delay = moment
+    return f"step {step} + {delay} s" if kind == "step" else f"{kind} after step {step}"
 
 
 def power_loss(parser, args) -> int:
@@ -283,20 +292,18 @@ def power_loss(parser, args) -> int:
     clean_s, total_steps = time.perf_counter() - start, _steps_done(clean_dir)
     schedule = _schedule(args.kills, args.kill_seed, total_steps)
     print(f"clean: {clean_s:.1f} s, {total_steps} train steps; kills at: "
-          + ", ".join(m if isinstance(m, str) else f"step {m[0]} + {m[1]} s" for m in schedule))
+          + ", ".join(_describe(m) for m in schedule))
     problems = []
     for number, moment in enumerate(schedule, 1):
         proc = subprocess.Popen([*command, "--workdir", killed_dir], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        began, before = time.perf_counter(), {}
-        baseline = _observe(killed_dir, epochs)
-        while proc.poll() is None and not _moment_reached(moment, killed_dir, began, baseline,
-                                                          epochs):
+        before, baseline = {}, {}
+        while proc.poll() is None and not _moment_reached(moment, killed_dir, baseline, epochs):
             try:
                 before = _latest_checkpoints(killed_dir) or before
             except Exception:  # noqa: BLE001  (a checkpoint being written: look again)
                 pass
-            time.sleep(0.005 if isinstance(moment, str) else 0.05)
+            time.sleep(0.005 if "reached" in baseline else 0.05)
         if proc.poll() is None:
             proc.kill()
         err = proc.communicate()[1]
@@ -310,7 +317,7 @@ def power_loss(parser, args) -> int:
                 if after.get(path, -1) < step]
         if lost:
             problems.append(f"kill {number}: checkpoints went back: {lost}")
-        where = moment if isinstance(moment, str) else f"step {moment[0]} + {moment[1]} s"
+        where = _describe(moment)
         state = "finished before it" if proc.returncode == 0 else f"killed ({proc.returncode})"
         print(f"kill {number:2} {where:>16}: {state}; "
               f"{resumed[-1] if resumed else 'started afresh'}; newest checkpoints "

@@ -22,7 +22,7 @@ def test_three_kills_at_the_worst_moments_give_the_uninterrupted_results(tmp_pat
                               "--num-tasks", "2", "--tensorboard"])
     out = capsys.readouterr().out
     assert code == 0, out
-    kills = re.findall(r"^kill +\d+ +(\S+): (\S+)", out, re.M)
+    kills = re.findall(r"^kill +\d+ +(\w+) after step \d+: (\S+)", out, re.M)
     assert sorted(moment for moment, _ in kills) == ["boundary", "checkpoint", "evaluation"]
     assert all(state == "killed" for _, state in kills), out  # each came before the end
     assert re.search(r"after 3 kills: identical to the clean run's .*: True$", out, re.M), out
