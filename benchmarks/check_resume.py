@@ -319,8 +319,9 @@ def power_loss(parser, args) -> int:
             problems.append(f"kill {number}: checkpoints went back: {lost}")
         where = _describe(moment)
         state = "finished before it" if proc.returncode == 0 else f"killed ({proc.returncode})"
-        print(f"kill {number:2} {where:>16}: {state}; "
-              f"{resumed[-1] if resumed else 'started afresh'}; newest checkpoints "
+        # No "resuming from" line: it had not yet read its checkpoint, or there was none.
+        how = resumed[-1] if resumed else "before it resumed" if before else "started afresh"
+        print(f"kill {number:2} {where:>16}: {state}; {how}; newest checkpoints "
               f"{sorted(after.values()) or 'none'}")
     last = subprocess.run([*command, "--workdir", killed_dir], capture_output=True, text=True)
     if last.returncode != 0:
