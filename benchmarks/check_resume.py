@@ -295,6 +295,7 @@ def power_loss(parser, args) -> int:
           + ", ".join(_describe(m) for m in schedule))
     problems = []
     for number, moment in enumerate(schedule, 1):
+        existing = _steps_done(killed_dir)  # what this start can resume from
         proc = subprocess.Popen([*command, "--workdir", killed_dir], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         before, baseline = {}, {}
@@ -320,7 +321,7 @@ def power_loss(parser, args) -> int:
         where = _describe(moment)
         state = "finished before it" if proc.returncode == 0 else f"killed ({proc.returncode})"
         # No "resuming from" line: it had not yet read its checkpoint, or there was none.
-        how = resumed[-1] if resumed else "before it resumed" if before else "started afresh"
+        how = resumed[-1] if resumed else "before it resumed" if existing else "started afresh"
         print(f"kill {number:2} {where:>16}: {state}; {how}; newest checkpoints "
               f"{sorted(after.values()) or 'none'}")
     last = subprocess.run([*command, "--workdir", killed_dir], capture_output=True, text=True)
