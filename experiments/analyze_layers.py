@@ -94,7 +94,6 @@ def main(argv=None) -> int:
     from lightcl_jax.metrics.generalizability import choose_freeze
     from lightcl_jax.model.resnet import ResNet18
     from lightcl_jax.training.epochs import DivergenceError
-    from lightcl_jax.training.loop import train_and_evaluate
     from lightcl_jax.training.loop import probe_freeze
 
     try:

@@ -53,8 +53,9 @@ import sys
 
 import numpy as np
 
-from experiments.cli.common import (Bars, Parser, metrics_help, parse_metrics,
-                                strategies_help, strategy_arguments, write_json_atomic)
+from experiments.cli.common import (Bars, Parser, check_ckpt_every, metrics_help,
+                                    parse_metrics, strategies_help, strategy_arguments,
+                                    write_json_atomic)
 from lightcl_jax.figures import accuracy_curve_figure, cost_accuracy_figure, save_figure
 from lightcl_jax.config import DEFAULT_METRICS, Config
 from lightcl_jax.data.streams import DATASETS
@@ -427,9 +428,7 @@ def main(argv=None) -> int:
     variables, meta = load_start(parser, args, configs)
     first = next(iter(configs.values())).resolved()
     workdir = args.workdir or os.path.join("runs", f"compare-{first.dataset}")
-    if args.ckpt_every < 0:
-        parser.error(f"--ckpt-every must be >= 0 (0: checkpoint only after each task); "
-                     f"got {args.ckpt_every}")
+    check_ckpt_every(parser, args.ckpt_every)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         parser.error(f"--workdir {workdir} is a file; it must be a directory (or not exist)")
     if args.tensorboard and importlib.util.find_spec("tensorboardX") is None:
@@ -457,12 +456,11 @@ def main(argv=None) -> int:
     except ValueError as err:
         parser.error(str(err))
     try:
-        problem = check_workdir(workdir, comparison_identity(configs, seeds, args, meta),
-                                args.overwrite)
+        identity = comparison_identity(configs, seeds, args, meta)
+        problem = check_workdir(workdir, identity, args.overwrite)
         if problem:
             parser.error(problem)
-        write_json_atomic(os.path.join(workdir, MANIFEST),
-                          comparison_identity(configs, seeds, args, meta))
+        write_json_atomic(os.path.join(workdir, MANIFEST), identity)
         with handle_signals():  # SIGTERM, SIGINT: checkpoint after the step, then stop
             return compare_in_workdir(parser, args, names, configs, (stream, variables, seeds),
                                       workdir)

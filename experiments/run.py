@@ -21,8 +21,9 @@ import os
 import sys
 
 from experiments.cli import distributed
-from experiments.cli.common import (STRATEGY_ARG_HELP, Bars, Parser, metrics_help, parse_bool,
-                                parse_metrics, strategies_help, strategy_arguments)
+from experiments.cli.common import (STRATEGY_ARG_HELP, Bars, Parser, check_ckpt_every,
+                                    metrics_help, parse_bool, parse_metrics, strategies_help,
+                                    strategy_arguments)
 from lightcl_jax.config import (DEFAULT_METRICS, FROZEN_BN_MODES, LAST_BATCH_MODES,
                                 SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config)
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
@@ -284,9 +285,7 @@ def main(argv=None) -> int:
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1 (how many seeds from --seed on to train "
                      f"together); got {args.seeds}")
-    if args.ckpt_every < 0:
-        parser.error(f"--ckpt-every must be >= 0 (0: checkpoint only after each task); "
-                     f"got {args.ckpt_every}")
+    check_ckpt_every(parser, args.ckpt_every)
     if args.tensorboard and importlib.util.find_spec("tensorboardX") is None:
         parser.error("--tensorboard writes with tensorboardX, which is not installed: "
                      "pip install tensorboardX")

@@ -217,6 +217,13 @@ def _shown(values: dict) -> dict:
     return {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()}
 
 
+def check_ckpt_every(parser, value: int) -> None:
+    """Refuses (exit 2, one line) a negative ``--ckpt-every``."""
+    if value < 0:
+        parser.error(f"--ckpt-every must be >= 0 (0: checkpoint only after each task); "
+                     f"got {value}")
+
+
 def median_ms(fns: dict, rounds: int, pause_s: float = 0.0) -> dict:
     """Median milliseconds of each zero-argument callable (called once first, untimed),
     the callables alternating over ``rounds`` rounds so that a change in the machine's
