@@ -1,11 +1,15 @@
 """Kill a run with SIGKILL, rerun it, and compare with a clean run: ``python -m benchmarks.check_resume``.
 
-``--kills N [--kill-seed S] [--command run|compare]``: power lost N times. The command
-is killed with SIGKILL inside a checkpoint write, during an evaluation and at a task
-boundary (where the next task's hooks, or ``--freeze auto``'s probe, run), each after a
-step drawn in the run's first third, then at steps drawn with S over the rest of it,
+``--kills N [--kill-seed S] [--command run|compare|pretrain]``: power lost N times. The
+command is killed with SIGKILL inside a checkpoint write, during an evaluation and at a
+task boundary (where the next task's hooks, or ``--freeze auto``'s probe, run), each after
+a step drawn in the run's first third, then at steps drawn with S over the rest of it,
 restarted after each, and must end with the outputs of a clean run; after every kill
 each run's newest checkpoint must be readable and no older than before (`power_loss`).
+``experiments.pretrain`` has no tasks: its moments are a checkpoint write and an epoch's
+end (the checkpoint written after the epoch's evaluation); without ``--dataset`` in its
+flags it pre-trains on scikit-learn's digits written as a TFDS dataset in ``<out>/data``
+(`benchmarks.digits_tfds`).
 
 Runs ``python -m experiments.run ARGS`` three times in subprocesses: once
 uninterrupted (workdir ``<out>/clean``), once killed with ``--signal``
@@ -80,8 +84,9 @@ def main(argv=None) -> int:
                              "each (see power_loss); default 0: one kill as above")
     parser.add_argument("--kill-seed", type=int, default=0,
                         help="with --kills: the seed the moments are drawn with")
-    parser.add_argument("--command", default="run", choices=("run", "compare"),
-                        help="with --kills: experiments.run or experiments.compare")
+    parser.add_argument("--command", default="run", choices=("run", "compare", "pretrain"),
+                        help="with --kills: experiments.run, experiments.compare or "
+                             "experiments.pretrain")
     parser.add_argument("run_args", nargs="*", help="flags for the command (after --)")
     args = parser.parse_args(argv)
     if args.kills:
@@ -138,8 +143,11 @@ def main(argv=None) -> int:
 # The moments a kill is forced into, each once, before the drawn ones: inside a checkpoint
 # write (orbax's temporary directory exists), at a task boundary (a task's line was just
 # logged: its checkpoint is written, the next task's hooks or --freeze auto's probe run),
-# and during evaluation (the task's last epoch was just logged).
-FORCED = ("checkpoint", "boundary", "evaluation")
+# and during evaluation (the task's last epoch was just logged). Pre-training has no tasks
+# and logs no epochs: its "epoch end" is the checkpoint written after an epoch's evaluation.
+FORCED = {"run": ("checkpoint", "boundary", "evaluation"),
+          "compare": ("checkpoint", "boundary", "evaluation"),
+          "pretrain": ("checkpoint", "epoch end")}
 
 
 def _metrics_lines(workdir: str) -> list[dict]:
@@ -188,14 +196,25 @@ def _latest_checkpoints(workdir: str) -> dict[str, int]:
     return found
 
 
-def _observe(workdir: str, epochs: int) -> dict:
+def _observe(workdir: str, epochs: int, steps_per_epoch: int | None) -> dict:
     """What a moment is read from: the checkpoint writes under way, and how many task lines
-    and last-epoch lines the logs hold."""
+    and last-epoch lines the logs hold (pre-training, ``steps_per_epoch`` given: how many
+    checkpoint writes at an epoch's end are or were under way)."""
+    writes = _checkpoint_writes(workdir)
+    if steps_per_epoch:
+        ends = {path for path in writes if _write_step(path) % steps_per_epoch == 0}
+        return {"writes": writes, "tasks": ends, "last_epochs": 0}
     lines = _metrics_lines(workdir)
-    return {"writes": _checkpoint_writes(workdir),
+    return {"writes": writes,
             "tasks": sum(line["kind"] == "task" for line in lines),
             "last_epochs": sum(line["kind"] == "epoch" and line["epoch"] == epochs
                                for line in lines)}
+
+
+def _write_step(path: str) -> int:
+    """The step of orbax's temporary checkpoint directory ``path`` (``<step>.orbax-...``)."""
+    head = os.path.basename(path).split(".", 1)[0]
+    return int(head) if head.isdigit() else -1
 
 
 def _steps_done(workdir: str) -> int:
@@ -207,7 +226,8 @@ def _steps_done(workdir: str) -> int:
         return 0
 
 
-def _moment_reached(moment, workdir: str, baseline: dict, epochs: int) -> bool:
+def _moment_reached(moment, workdir: str, baseline: dict, epochs: int,
+                    steps_per_epoch: int | None = None) -> bool:
     """Whether ``moment`` = (kind, step, seconds) came since the process started: once the
     run has checkpointed ``step``, ``seconds`` later (kind "step"), or the next checkpoint
     write, task boundary or evaluation after that (`FORCED`; ``baseline`` holds what
@@ -216,17 +236,20 @@ def _moment_reached(moment, workdir: str, baseline: dict, epochs: int) -> bool:
     if "reached" not in baseline:
         if _steps_done(workdir) < step:
             return False
-        baseline.update(reached=time.perf_counter(), **_observe(workdir, epochs))
+        baseline.update(reached=time.perf_counter(),
+                        **_observe(workdir, epochs, steps_per_epoch))
     if kind == "step":
         return time.perf_counter() - baseline["reached"] >= delay
-    now = _observe(workdir, epochs)
+    now = _observe(workdir, epochs, steps_per_epoch)
     if kind == "checkpoint":
         return any(baseline["writes"].get(path) != mtime for path, mtime in now["writes"].items())
+    if kind == "epoch end":  # pre-training: a new write at an epoch's end
+        return bool(now["tasks"] - baseline["tasks"])
     key = "tasks" if kind == "boundary" else "last_epochs"
     return now[key] > baseline[key]
 
 
-def _schedule(kills: int, seed: int, total_steps: int) -> list:
+def _schedule(kills: int, seed: int, total_steps: int, forced: tuple = FORCED["run"]) -> list:
     """The moments (kind, step, seconds), drawn with ``seed``. First `FORCED` (as many as
     ``kills`` allows), each at the first such moment after its step, drawn in the run's
     first third in order; then "step" kills, that many seconds after the run checkpointed
@@ -234,7 +257,7 @@ def _schedule(kills: int, seed: int, total_steps: int) -> list:
     The forced ones come early so that every moment comes before the run ends."""
     import random
     rng = random.Random(seed)
-    forced = list(FORCED[:kills])
+    forced = list(forced[:kills])
     early = sorted(rng.randrange(1, max(2, total_steps // 3)) for _ in forced)
     late = sorted(rng.randrange(max(early, default=1), max(early[-1] + 2 if early else 2,
                                                              int(0.95 * total_steps)))
@@ -253,6 +276,15 @@ def _outputs(command: str, workdir: str) -> dict:
                 if k != "resumed_at_steps"}
     if command == "run":
         return clean(_results(workdir))
+    if command == "pretrain":
+        with open(os.path.join(workdir, "pretrain.json")) as f:
+            history = json.load(f)
+        return {"epochs": [{k: v for k, v in e.items() if k != "wall_time_s"}
+                           for e in history["epochs"]],
+                "backbone digest": history["backbone"]["digest"],
+                **{k: v for k, v in history.items()
+                   if k not in ("epochs", "backbone", "wall_time_s", "peak_rss_mb",
+                                "resumed_at_steps")}}
     out = {}
     for name in sorted(os.listdir(workdir)):
         if name.endswith(".json") and "-seed" in name:
@@ -280,7 +312,12 @@ def power_loss(parser, args) -> int:
     out = args.out or tempfile.mkdtemp(prefix="check-power-loss-")
     clean_dir, killed_dir = os.path.join(out, "clean"), os.path.join(out, "killed")
     module = f"experiments.{args.command}"
-    command = [sys.executable, "-m", module, "--no-progress", *args.run_args,
+    run_args = list(args.run_args)
+    if args.command == "pretrain" and "--dataset" not in run_args:
+        from benchmarks.digits_tfds import prepare
+        data_dir = os.path.join(out, "data")
+        run_args += ["--dataset", prepare(data_dir), "--data-dir", data_dir]
+    command = [sys.executable, "-m", module, "--no-progress", *run_args,
                "--ckpt-every", str(args.ckpt_every)]
     epochs = int(args.run_args[args.run_args.index("--epochs") + 1]) \
         if "--epochs" in args.run_args else 10
@@ -290,7 +327,12 @@ def power_loss(parser, args) -> int:
         print(clean.stderr[-2000:], file=sys.stderr)
         return clean.returncode
     clean_s, total_steps = time.perf_counter() - start, _steps_done(clean_dir)
-    schedule = _schedule(args.kills, args.kill_seed, total_steps)
+    steps_per_epoch = None
+    if args.command == "pretrain":
+        with open(os.path.join(clean_dir, "pretrain.json")) as f:
+            history = json.load(f)
+        steps_per_epoch = history["steps"] // len(history["epochs"])
+    schedule = _schedule(args.kills, args.kill_seed, total_steps, FORCED[args.command])
     print(f"clean: {clean_s:.1f} s, {total_steps} train steps; kills at: "
           + ", ".join(_describe(m) for m in schedule))
     problems = []
@@ -299,7 +341,8 @@ def power_loss(parser, args) -> int:
         proc = subprocess.Popen([*command, "--workdir", killed_dir], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         before, baseline = {}, {}
-        while proc.poll() is None and not _moment_reached(moment, killed_dir, baseline, epochs):
+        while proc.poll() is None and not _moment_reached(moment, killed_dir, baseline, epochs,
+                                                          steps_per_epoch):
             try:
                 before = _latest_checkpoints(killed_dir) or before
             except Exception:  # noqa: BLE001  (a checkpoint being written: look again)

@@ -11,17 +11,27 @@ import tensorflow_datasets as tfds
 from experiments import compare, convert_torch
 
 
-def test_compare_writes_both_tables(tmp_path):
-    code = compare.main(["--strategies", "finetune,lightcl", "--seeds", "2", "--epochs", "1", "--dataset", "digits",
-                         "--nf", "4", "--num-tasks", "2", "--workdir", str(tmp_path),
-                         "--no-progress"])
-    assert code == 0
-    with open(tmp_path / "table.csv") as f:
+# Two strategies, two seeds (trained in one program), 2 tasks of 25 steps each.
+_SMALL = ["--strategies", "finetune,lightcl", "--seeds", "2", "--epochs", "1", "--nf", "4",
+          "--dataset", "digits", "--num-tasks", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def clean_comparison(tmp_path_factory):
+    """The workdir of an uninterrupted comparison of `_SMALL`."""
+    workdir = tmp_path_factory.mktemp("clean")
+    assert compare.main([*_SMALL, "--workdir", str(workdir)]) == 0
+    return workdir
+
+
+def test_compare_writes_both_tables(clean_comparison, tmp_path):
+    out = clean_comparison
+    with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["strategy"] for r in rows] == ["finetune", "lightcl"]
-    markdown = (tmp_path / "table.md").read_text()
+    markdown = (out / "table.md").read_text()
     assert "| finetune | - |" in markdown and "| lightcl | 15 |" in markdown
-    runs = [json.load(open(tmp_path / f"lightcl-seed{s}.json")) for s in (0, 1)]
+    runs = [json.load(open(out / f"lightcl-seed{s}.json")) for s in (0, 1)]
     til = [r["avg_til"] for r in runs]
     lightcl = rows[1]
     assert abs(float(lightcl["til_mean"]) - sum(til) / 2) < 1e-9
@@ -32,7 +42,7 @@ def test_compare_writes_both_tables(tmp_path):
     assert float(lightcl["step_mb_later"]) < float(rows[0]["step_mb_later"])
     assert float(lightcl["train_flops"]) < float(rows[0]["train_flops"])
     for figure in ("accuracy_curve.png", "cost_vs_accuracy.png"):
-        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
     # The two seeds trained in one program; one by one, the same costs (one seed's steps).
     # (Their accuracies agree only up to float order, which lr 0.01 amplifies at nf 4:
     # tests/test_seeds.py checks them at lr 1e-3.)
@@ -136,13 +146,8 @@ def _without_times(rows):
     return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in rows]
 
 
-_SMALL = ["--strategies", "finetune,lightcl", "--seeds", "1", "--epochs", "1", "--nf", "4",
-          "--dataset", "digits", "--num-tasks", "2", "--ckpt-every", "4", "--no-progress"]
-
-
 def test_compare_stopped_then_rerun_gives_the_uninterrupted_table_and_refuses_another(
-        tmp_path, monkeypatch, capsys):
-    assert compare.main([*_SMALL, "--workdir", str(tmp_path / "clean")]) == 0
+        clean_comparison, tmp_path, monkeypatch, capsys):
     # Each run trains 2 tasks of 25 steps; SIGTERM in step 60 of the comparison: step 10
     # of LightCL's first task, after finetune finished. It stops after checkpointing it.
     monkeypatch.setattr(compare, "Bars", _SignalAt(60))
@@ -156,9 +161,9 @@ def test_compare_stopped_then_rerun_gives_the_uninterrupted_table_and_refuses_an
     finished = _tree(stopped / "runs" / "finetune")
     assert compare.main([*_SMALL, "--workdir", str(stopped)]) == 0
     assert _tree(stopped / "runs" / "finetune") == finished  # read back, not trained again
-    lightcl = json.load(open(stopped / "lightcl-seed0.json"))
-    assert lightcl["resumed_at_steps"] == [10]
-    tables = [json.load(open(tmp_path / name / "table.json")) for name in ("clean", "stopped")]
+    lightcl = json.load(open(stopped / "runs" / "lightcl" / "results.json"))
+    assert lightcl["resumed_at_steps"] == [10]  # the run of both seeds
+    tables = [json.load(open(path / "table.json")) for path in (clean_comparison, stopped)]
     assert _without_times(tables[1]["rows"]) == _without_times(tables[0]["rows"])
     # Another comparison in the same workdir is refused, nothing touched; --overwrite
     # discards it.
@@ -178,3 +183,4 @@ def test_compare_stopped_then_rerun_gives_the_uninterrupted_table_and_refuses_an
                          "--overwrite"]) == 0
     assert sorted(os.listdir(stopped / "runs")) == ["finetune"]
     assert not (stopped / "lightcl-seed0.json").exists()
+    assert not (stopped / "lightcl-seed1.json").exists()

@@ -197,3 +197,20 @@ def test_pretrain_command_says_where_it_stopped_and_exits_143(tmp_path, capsys, 
             f"{tmp_path / 'checkpoints' / 'steps' / '3'}; rerun the same command to resume"
             ) in err
     assert not (tmp_path / "pretrain.json").exists() and not (tmp_path / "backbone").exists()
+
+
+def test_the_digits_written_as_a_tfds_dataset_read_back_as_pretraining_data(tmp_path):
+    from sklearn.datasets import load_digits
+
+    from benchmarks.digits_tfds import prepare
+    name = prepare(str(tmp_path))
+    data = load_tfds_data(PretrainConfig(dataset=name, data_dir=str(tmp_path), eval_samples=5))
+    digits = load_digits()
+    # Each of the 8x8 pixels (0..16) a 4x4 block of 3 equal channels, in 0..255.
+    want = np.round(digits.images / 16 * 255).repeat(4, axis=1).repeat(4, axis=2)
+    assert data.image_shape == (32, 32, 3) and data.num_classes == 10
+    np.testing.assert_array_equal(data.y_train, digits.target[:1500])
+    for i in (0, 777, 1499):
+        pixels = np.asarray(data.x_train[np.array([i])][0]) * data.std + np.array(data.mean)
+        np.testing.assert_allclose(pixels * 255, np.stack([want[i]] * 3, axis=-1), atol=1e-3)
+    assert len(data.y_eval) == 5 and set(data.y_eval) <= set(digits.target[1500:])
