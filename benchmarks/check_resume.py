@@ -181,7 +181,8 @@ def _latest_checkpoints(workdir: str) -> dict[str, int]:
     """Each run's newest complete checkpoint under ``workdir``: its directory -> step; a
     checkpoint that cannot be read raises (a kill must never leave one as the newest)."""
     import logging
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on a write under way
+    # orbax's notes on a checkpoint being written, or deleted once a task's is written
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     from lightcl_jax.training.checkpoint import RunCheckpoints
     found = {}
     for root, dirs, _ in os.walk(workdir):

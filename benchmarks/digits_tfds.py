@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import os
 import sys
 
@@ -67,8 +68,14 @@ def prepare(data_dir: str) -> str:
     if not builder.is_prepared():
         os.makedirs(data_dir, exist_ok=True)
         tfds.disable_progress_bar()
-        with contextlib.redirect_stdout(sys.stderr):  # TFDS's "prepared" note
-            builder.download_and_prepare()  # nothing to download: the examples are above
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # TFDS's warning that the folder is new
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # TFDS's "prepared" notes
+                builder.download_and_prepare()  # nothing to download: the examples are above
+        finally:
+            absl.setLevel(level)
     return NAME
 
 

@@ -53,9 +53,9 @@ import sys
 
 import numpy as np
 
-from experiments.cli.common import (Bars, Parser, check_ckpt_every, metrics_help,
-                                    parse_metrics, strategies_help, strategy_arguments,
-                                    write_json_atomic)
+from experiments.cli.common import (Bars, Parser, add_compile_cache_flag, check_ckpt_every,
+                                    metrics_help, parse_metrics, strategies_help,
+                                    strategy_arguments, use_compile_cache, write_json_atomic)
 from lightcl_jax.figures import accuracy_curve_figure, cost_accuracy_figure, save_figure
 from lightcl_jax.config import DEFAULT_METRICS, Config
 from lightcl_jax.data.streams import DATASETS
@@ -125,6 +125,7 @@ def build_parser():
     p.add_argument("--tensorboard", action="store_true",
                    help="also log each run's epochs and tasks as TensorBoard scalars in its "
                         "workdir (runs/<strategy>/tensorboard)")
+    add_compile_cache_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -434,6 +435,7 @@ def main(argv=None) -> int:
     if args.tensorboard and importlib.util.find_spec("tensorboardX") is None:
         parser.error("--tensorboard writes with tensorboardX, which is not installed: "
                      "pip install tensorboardX")
+    use_compile_cache(parser, args)
 
     from lightcl_jax.data.streams import make_stream, validate_stream
 

@@ -4,7 +4,9 @@ Defaults are the reference's (SPEC section 2): ``imagenet_resized/32x32``, 50
 epochs, SGD lr 0.01, batch 256, horizontal flips, nf 64. The dataset must be
 prepared in ``--data-dir`` (``tfds build imagenet_resized/32x32
 --file_format=array_record`` on a machine with the data); a small dataset
-such as ``--dataset cifar10`` works for trying it.
+such as ``--dataset cifar10`` works for trying it, and offline
+``python -m benchmarks.digits_tfds DIR`` writes scikit-learn's digits as one
+(``--dataset digits32 --data-dir DIR``).
 
 Writes, under ``--workdir`` (default ``runs/pretrain-<dataset>``):
 ``checkpoints/`` every ``--ckpt-every`` steps and after every epoch (rerunning
@@ -25,7 +27,8 @@ import shutil
 import sys
 
 from experiments.cli import distributed
-from experiments.cli.common import Bars, Parser, write_json_atomic
+from experiments.cli.common import (Bars, Parser, add_compile_cache_flag, use_compile_cache,
+                                   write_json_atomic)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discard pretrain.json, checkpoints/ and backbone/ in --workdir first")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="split each batch over the first N visible devices (default: all)")
+    add_compile_cache_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     distributed.add_flags(p)
     return p
@@ -80,6 +84,7 @@ def main(argv=None) -> int:
     problem = distributed.check_flags(args)
     if problem:
         parser.error(problem)
+    use_compile_cache(parser, args)
 
     try:
         distributed.start(args)  # several processes: before anything touches a device

@@ -21,9 +21,9 @@ import os
 import sys
 
 from experiments.cli import distributed
-from experiments.cli.common import (STRATEGY_ARG_HELP, Bars, Parser, check_ckpt_every,
-                                    metrics_help, parse_bool, parse_metrics, strategies_help,
-                                    strategy_arguments)
+from experiments.cli.common import (STRATEGY_ARG_HELP, Bars, Parser, add_compile_cache_flag,
+                                    check_ckpt_every, metrics_help, parse_bool, parse_metrics,
+                                    strategies_help, strategy_arguments, use_compile_cache)
 from lightcl_jax.config import (DEFAULT_METRICS, FROZEN_BN_MODES, LAST_BATCH_MODES,
                                 SPARSE_EXECUTIONS, XLA_SCHEDULERS, Config)
 from lightcl_jax.data.streams import DATASETS, EVAL_SPLITS
@@ -145,6 +145,7 @@ def _add_run_flags(p: argparse.ArgumentParser, d: Config) -> None:
     execution.add_argument("--devices", type=int, default=None, metavar="N",
                            help="split each batch over the first N visible devices (data "
                                 "parallel; default: all of them)")
+    add_compile_cache_flag(execution)
     execution.add_argument("--xla-scheduler", default=d.xla_scheduler, choices=XLA_SCHEDULERS,
                            help="XLA:CPU scheduler of train steps (auto: memory where layers "
                                 "freeze)")
@@ -298,6 +299,7 @@ def main(argv=None) -> int:
     problem = distributed.check_flags(args)
     if problem:
         parser.error(problem)
+    use_compile_cache(parser, args)
 
     # JAX loads only now that the flags are known to be good: a bad flag fails fast.
     from lightcl_jax.training.workdir import handle_signals

@@ -14,10 +14,14 @@ gives the measurements behind each option.
 `CompiledStep` compiles a jitted function ahead of time on its first call, keeps
 `compiled_cost`'s figures (FLOPs and bytes) and counts its calls; `run_resources`
 turns a run's steps into the ``resources`` entry of its results.
+
+`use_compilation_cache` turns on JAX's persistent compilation cache, so that a
+process compiles only what no earlier process compiled (the commands call it).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -44,6 +48,57 @@ MEASURE_ONLY: dict[str, Any] = {"xla_backend_optimization_level": 0}
 # the same values bit for bit (`tests/test_model.py` compares them with XLA's default
 # level; level 0 does not).
 RUN_ONCE: dict[str, Any] = {"xla_backend_optimization_level": 1}
+
+
+# The environment variable that names the compilation cache's folder ("off": no cache).
+CACHE_ENV = "LIGHTCL_COMPILE_CACHE"
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/lightcl_jax/jax``, ``~/.cache/lightcl_jax/jax`` without it."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lightcl_jax", "jax")
+
+
+def cache_folder(directory: str | None, environ: Mapping[str, str],
+                 jax_folder: str | None) -> str | None:
+    """The compilation cache's folder (None: off): ``directory`` if given, else
+    ``environ``'s `CACHE_ENV`, else ``jax_folder`` (JAX's own setting), else
+    `default_cache_dir`; ``"off"`` and ``""`` mean none."""
+    for choice in (directory, environ.get(CACHE_ENV), jax_folder):
+        if choice is not None:
+            return None if choice in ("", "off") else choice
+    return default_cache_dir()
+
+
+def use_compilation_cache(directory: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache in ``directory``, for every program
+    compiled from now on in this process, however short its compile; returns the folder,
+    or None when the cache is off.
+
+    A program compiled once (same computation, shapes, options, JAX version and
+    processor) is read back from the folder by every later process instead of being
+    compiled again; what it computes is the same. Deleting the folder clears it.
+
+    Args:
+      directory: the folder, ``"off"`` (or ``""``) for none. None: ``$LIGHTCL_COMPILE_CACHE``,
+        else the folder JAX was given (``JAX_COMPILATION_CACHE_DIR``), else
+        `default_cache_dir`.
+
+    Raises:
+      OSError: the folder cannot be made.
+    """
+    directory = cache_folder(directory, os.environ, jax.config.jax_compilation_cache_dir)
+    if directory is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    os.makedirs(directory, exist_ok=True)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"{directory} is not writable")
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return directory
 
 
 def jit(fn: Callable | None = None, /, *, memory_scheduler: bool = False,

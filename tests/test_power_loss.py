@@ -1,7 +1,8 @@
 """Power lost three times: `benchmarks.check_resume --kills 3` kills a tiny run with SIGKILL
 inside a checkpoint write, during an evaluation and at a task boundary, restarts it after
 each, and finds the results of a run that never stopped (BUILD.md has the 10-kill runs);
-its log and its TensorBoard scalars hold each epoch and task once."""
+its log and its TensorBoard scalars hold each epoch and task once, and the restarted
+processes read every program from the compilation cache the first one filled."""
 
 import json
 import re
@@ -19,7 +20,8 @@ def _lines(workdir):
 def test_three_kills_at_the_worst_moments_give_the_uninterrupted_results(tmp_path, capsys):
     code = check_resume.main(["--kills", "3", "--kill-seed", "0", "--out", str(tmp_path), "--",
                               "--dataset", "digits", "--nf", "4", "--epochs", "1",
-                              "--num-tasks", "2", "--tensorboard"])
+                              "--num-tasks", "2", "--tensorboard",
+                              "--compile-cache", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     assert code == 0, out
     kills = re.findall(r"^kill +\d+ +(\w+) after step \d+: (\S+)", out, re.M)
@@ -27,6 +29,10 @@ def test_three_kills_at_the_worst_moments_give_the_uninterrupted_results(tmp_pat
     assert all(state == "killed" for _, state in kills), out  # each came before the end
     assert re.search(r"after 3 kills: identical to the clean run's .*: True$", out, re.M), out
     assert "resuming from" in out
+    # No process after the clean run compiled a program: none entered the cache later.
+    finished = (tmp_path / "clean" / "results.json").stat().st_mtime
+    late = [p.name for p in (tmp_path / "cache").iterdir() if p.stat().st_mtime > finished]
+    assert len(list((tmp_path / "cache").iterdir())) > 10 and late == [], late
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     with open(killed / "results.json") as f:
         got = json.load(f)

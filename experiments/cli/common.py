@@ -8,6 +8,7 @@ strategy's hyperparameters are read with its class, which imports it then).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -222,6 +223,29 @@ def check_ckpt_every(parser, value: int) -> None:
     if value < 0:
         parser.error(f"--ckpt-every must be >= 0 (0: checkpoint only after each task); "
                      f"got {value}")
+
+
+def add_compile_cache_flag(parser) -> None:
+    """``--compile-cache DIR``: where JAX's compilation cache lives (`use_compile_cache`)."""
+    parser.add_argument(
+        "--compile-cache", default=None, metavar="DIR",
+        help="JAX's compilation cache: a later run reads the programs an earlier one compiled "
+             "instead of compiling them again (default: $LIGHTCL_COMPILE_CACHE, else "
+             "~/.cache/lightcl_jax/jax; 'off': none; delete the folder to clear it)")
+
+
+def use_compile_cache(parser, args) -> None:
+    """Turns on the compilation cache ``--compile-cache`` names
+    (`lightcl_jax.compiler.use_compilation_cache`); a folder that cannot be made or written
+    is refused in one line (exit 2)."""
+    from lightcl_jax.compiler import CACHE_ENV, use_compilation_cache
+    try:
+        use_compilation_cache(args.compile_cache)
+    except OSError as err:
+        given = ("--compile-cache" if args.compile_cache is not None
+                 else CACHE_ENV if CACHE_ENV in os.environ else "the default compilation cache")
+        parser.error(f"{given}: the folder cannot be used ({err}); give another with "
+                     f"--compile-cache DIR, or --compile-cache off")
 
 
 def median_ms(fns: dict, rounds: int, pause_s: float = 0.0) -> dict:
