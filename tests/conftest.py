@@ -66,9 +66,3 @@ def digits_stream():
     from lightcl_jax.data.streams import make_stream
     return make_stream("digits")
 
-
-def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one pytest-xdist worker per core, and one more. A worker often waits
-    (on a CLI subprocess it started, on orbax's writer threads, on a run it kills and
-    restarts), and the extra one keeps the cores busy meanwhile (BUILD.md, Tests)."""
-    return len(os.sched_getaffinity(0)) + 1
