@@ -92,6 +92,7 @@ def use_compilation_cache(directory: str | None = None) -> str | None:
     if directory is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
+    directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"{directory} is not writable")

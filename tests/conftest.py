@@ -61,6 +61,21 @@ if os.environ.get("LIGHTCL_COMPILE_REPORT"):
     atexit.register(_write_compile_report)
 
 
+_CACHE_SETTINGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+                   "jax_persistent_cache_min_compile_time_secs")
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_compilation_cache_settings():
+    """A command run in a test's process sets JAX's cache settings
+    (`lightcl_jax.compiler.use_compilation_cache`); the next test gets the session's."""
+    before = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+    yield
+    for name, value in before.items():
+        if getattr(jax.config, name) != value:
+            jax.config.update(name, value)
+
+
 @pytest.fixture(scope="session")
 def digits_stream():
     from lightcl_jax.data.streams import make_stream

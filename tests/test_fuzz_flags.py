@@ -62,7 +62,7 @@ def _flag_values(action: argparse.Action) -> list:
     if action.dest in ("similarity", "layer_metrics"):
         return ["cosine", "linear_cka", "param_similarity"] + IMPORT_PATHS + NAMES + (
             [None] if action.nargs == "?" else [])
-    if action.dest in ("workdir", "data_dir", "init_from", "config"):
+    if action.dest in ("workdir", "data_dir", "init_from", "config", "compile_cache"):
         return PATHS + (["split_cifar10", "split_tinyimagenet"] + NAMES
                         if action.dest == "config" else [])
     if action.dest == "augment":
