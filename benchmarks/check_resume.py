@@ -222,12 +222,12 @@ def _names(directory: str) -> list[str]:
 
 def _observe(workdir: str, epochs: int, steps_per_epoch: int | None) -> dict:
     """What a moment is read from: the checkpoint writes under way, and how many task lines
-    and last-epoch lines the logs hold (pre-training, ``steps_per_epoch`` given: how many
-    checkpoint writes at an epoch's end are or were under way)."""
+    and last-epoch lines the logs hold (pre-training, ``steps_per_epoch`` given: which
+    checkpoint writes at an epoch's end are under way)."""
     writes = _checkpoint_writes(workdir)
     if steps_per_epoch:
         ends = {path for path in writes if _write_step(path) % steps_per_epoch == 0}
-        return {"writes": writes, "tasks": ends, "last_epochs": 0}
+        return {"writes": writes, "epoch_ends": ends}
     lines = _metrics_lines(workdir)
     return {"writes": writes,
             "tasks": sum(line["kind"] == "task" for line in lines),
@@ -265,7 +265,7 @@ def _moment_reached(moment, workdir: str, baseline: dict, epochs: int,
     if kind == "checkpoint":
         return any(baseline["writes"].get(path) != mtime for path, mtime in now["writes"].items())
     if kind == "epoch end":  # pre-training: a new write at an epoch's end
-        return bool(now["tasks"] - baseline["tasks"])
+        return bool(now["epoch_ends"] - baseline["epoch_ends"])
     key = "tasks" if kind == "boundary" else "last_epochs"
     return now[key] > baseline[key]
 
