@@ -17,7 +17,6 @@ flag, workdir or checkpoint (DIR is left as it was), 1 a file could not be writt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -28,6 +28,7 @@ LAYERS = (
     ("lightcl_jax.strategies",),
     ("lightcl_jax.training",),
     ("lightcl_jax.accounting.compiled",),
+    ("lightcl_jax.deploy",),
 )
 # Package namespaces that re-export lazily (`lightcl_jax._lazy`): importing them runs
 # nothing else, so they sit in the lowest layer (and the test holds them to it).

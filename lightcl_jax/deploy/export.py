@@ -113,8 +113,7 @@ class _Function:
         return args
 
 
-def _export(function: _Function, folder: str, *, symbolic: bool, measure_args=None
-            ) -> dict:
+def _export(function: _Function, folder: str, *, symbolic: bool) -> dict:
     """Serializes ``function`` into ``folder/functions``; its manifest entry."""
     flat_fn = function.flat()
     args = function.abstract_args(symbolic)
@@ -230,32 +229,11 @@ def read_task_state(run, workdir: str, after_task: int | None = None):
     return after_task, arrays["state"], arrays["memory"], record, meta, masks
 
 
-def export_run(run, workdir: str, out: str, *, after_task: int | None = None,
-               overwrite: bool = False) -> dict:
-    """Writes ``run``'s training after a task into the folder ``out`` (module docstring).
-
-    Args:
-      run: the run (`lightcl_jax.training.run.setup_run` with the settings it ran with).
-      workdir: its workdir, holding a checkpoint at the end of at least one task.
-      out: the folder to write (made; it must not exist unless ``overwrite``).
-      after_task: export the state after this task (index from 0); None: the newest
-        task checkpoint. The runner's first new task is the next index.
-      overwrite: replace an existing ``out``.
-
-    Returns:
-      The manifest (also ``out/manifest.json``).
-
-    Raises:
-      ExportError: no checkpoint at a task's end (or not at ``after_task``), a run of
-        several seeds, or ``out`` exists. CheckpointError: the checkpoint is of another
-        run, or unreadable.
-    """
+def task_functions(run, state, memory, record, masks, t: int) -> list[_Function]:
+    """The functions that train task ``t`` and later ones from ``state`` and ``memory``
+    (the run's arrays at the end of task ``t - 1``), on abstract inputs."""
     from lightcl_jax.training.step import BatchStatsChain, make_eval_step, make_forward
 
-    if os.path.exists(out) and not overwrite:
-        raise ExportError(f"{out} exists; choose another --out, or pass --overwrite")
-    after_task, state, memory, record, meta, masks = read_task_state(run, workdir, after_task)
-    t = after_task + 1
     stream, strategy = run.stream, run.strategy
     configs = record.configs(run.lane_configs)
     config = configs[0]
@@ -326,6 +304,36 @@ def export_run(run, workdir: str, out: str, *, after_task: int | None = None,
             "params": params, "batch_stats": batch_stats, "memory": ended["memory"],
             "x": x_batch, "y": y_batch}))
 
+    return functions
+
+
+def export_run(run, workdir: str, out: str, *, after_task: int | None = None,
+               overwrite: bool = False) -> dict:
+    """Writes ``run``'s training after a task into the folder ``out`` (module docstring).
+
+    Args:
+      run: the run (`lightcl_jax.training.run.setup_run` with the settings it ran with).
+      workdir: its workdir, holding a checkpoint at the end of at least one task.
+      out: the folder to write (made; it must not exist unless ``overwrite``).
+      after_task: export the state after this task (index from 0); None: the newest
+        task checkpoint. The runner's first new task is the next index.
+      overwrite: replace an existing ``out``.
+
+    Returns:
+      The manifest (also ``out/manifest.json``).
+
+    Raises:
+      ExportError: no checkpoint at a task's end (or not at ``after_task``), a run of
+        several seeds, or ``out`` exists. CheckpointError: the checkpoint is of another
+        run, or unreadable.
+    """
+    if os.path.exists(out) and not overwrite:
+        raise ExportError(f"{out} exists; choose another --out, or pass --overwrite")
+    after_task, state, memory, record, meta, masks = read_task_state(run, workdir, after_task)
+    t = after_task + 1
+    config = record.configs(run.lane_configs)[0]
+    functions = task_functions(run, state, memory, record, masks, t)
+    stream = run.stream
     staging = f"{os.path.abspath(out)}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(os.path.join(staging, "functions"))
