@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightcl_jax.compiler import compiled_cost
+from lightcl_jax.compiler import COMPILER_OPTIONS, MEMORY_SCHEDULER, compiled_cost
 
 ARTIFACT_FORMAT = "lightcl_jax.artifact"
 ARTIFACT_VERSION = 1
@@ -55,6 +55,8 @@ PROGRESS = "__progress__"
 # The platforms a function is exported for: where JAX lowers for one without its
 # hardware, the artifact carries it; each function's entry says which it holds.
 PLATFORMS = ("cpu", "cuda")
+# Input groups the runner donates (it replaces them with the function's outputs).
+DONATED = ("state", "memory")
 # The smallest batch the exported train step takes (its batch axis is symbolic).
 MIN_BATCH = 2
 
@@ -86,6 +88,9 @@ class _Function:
     fn: Callable            # fn(**groups) -> {group: pytree}
     inputs: dict[str, Any]  # group -> abstract pytree (ShapeDtypeStructs)
     batch_groups: tuple[str, ...] = ()  # groups whose leading axis is the symbolic batch
+    # XLA's options the library compiles it with (`lightcl_jax.compiler.jit`); the runner
+    # compiles it with them too.
+    compiler_options: dict = dataclasses.field(default_factory=dict)
 
     def flat(self):
         """(the function on lists of leaves, its input groups' treedefs)."""
@@ -137,12 +142,17 @@ def _export(function: _Function, folder: str, *, symbolic: bool) -> dict:
                    zip(function.inputs.items(), args)},
         "outputs": {g: _spec(out_names[g], out_shapes[g]) for g in out_shapes},
         "batch_groups": list(function.batch_groups) if symbolic else [],
+        "compiler_options": dict(function.compiler_options),
     }
     if problem is not None:
         entry["not_exported_for"] = {"cuda": problem}
     # XLA's figures for the program the runner compiles (the exported function, on
     # this machine's platform, at the run's shapes).
-    compiled = jax.jit(exported.call).lower(*function.abstract_args(False)).compile()
+    # Donated as the runner donates them: the state and memory it replaces.
+    donate = tuple(i for i, g in enumerate(function.inputs) if g in DONATED)
+    compiled = jax.jit(exported.call, donate_argnums=donate,
+                       compiler_options=function.compiler_options or None).lower(
+        *function.abstract_args(False)).compile()
     cost = compiled_cost(compiled)
     entry["xla"] = {"platform": jax.default_backend(), "step_bytes": cost["step_bytes"],
                     "flops": cost["flops"]}
@@ -232,7 +242,8 @@ def read_task_state(run, workdir: str, after_task: int | None = None):
 def task_functions(run, state, memory, record, masks, t: int) -> list[_Function]:
     """The functions that train task ``t`` and later ones from ``state`` and ``memory``
     (the run's arrays at the end of task ``t - 1``), on abstract inputs."""
-    from lightcl_jax.training.step import BatchStatsChain, make_eval_step, make_forward
+    from lightcl_jax.training.step import (BatchStatsChain, make_eval_step, make_forward,
+                                           memory_scheduled)
 
     stream, strategy = run.stream, run.strategy
     configs = record.configs(run.lane_configs)
@@ -287,14 +298,17 @@ def task_functions(run, state, memory, record, masks, t: int) -> list[_Function]
                                         "memory": memory_in, "x": x_batch, "y": y_batch}),
         _Function("train_step", train_step, {"state": train_state, "memory": begun["memory"],
                                              "x": x_batch, "y": y_batch,
-                                             "class_offset": offset}, ("x", "y")),
+                                             "class_offset": offset}, ("x", "y"),
+                  {**COMPILER_OPTIONS, **(MEMORY_SCHEDULER if memory_scheduled(config, phase)
+                                          else {})}),
         _Function("end_task", end, {"params": params, "batch_stats": batch_stats,
                                     "memory": begun["memory"], "x": x_batch, "y": y_batch}),
         _Function("eval_step", eval_step, {
             "params": params, "batch_stats": batch_stats,
             "x": sds((run.eval_batch_size, *image), jnp.float32),
             "y": sds((run.eval_batch_size,), jnp.int32),
-            "valid": sds((run.eval_batch_size,), jnp.bool_), "class_offset": offset}),
+            "valid": sds((run.eval_batch_size,), jnp.bool_), "class_offset": offset},
+            compiler_options=dict(COMPILER_OPTIONS)),
     ]
     if _signature(ended["memory"], "memory") != _signature(memory_in, "memory"):
         # The checkpoint's memory has another structure than a task's end leaves (e.g.

@@ -26,6 +26,7 @@ This file imports only the standard library, NumPy and JAX (and, through
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -44,6 +45,33 @@ GROUP_PREFIX = {"state": "state", "params": "state/params", "batch_stats": "stat
                 "opt_state": "state/opt_state", "memory": "memory"}
 # Train steps between NaN/Inf checks of the loss (and at the end of the task).
 CHECK_EVERY = 50
+
+
+# glibc's mallopt parameter for its arena count.
+M_ARENA_MAX = -8
+
+
+def _glibc(name: str):
+    """A glibc function, or None where the C library has none of that name."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Caps glibc's malloc arenas before JAX's threads start: memory one thread frees then
+    serves the others, and the process holds less (elsewhere: nothing)."""
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        mallopt(M_ARENA_MAX, arenas)
+
+
+def release_free_memory() -> None:
+    """Hands the C heap's free pages back to the system: what compiling a function left."""
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
 class Refused(Exception):
@@ -211,6 +239,7 @@ class Functions:
         import jax
         from jax import export
         self.jax, self.entries, self.calls = jax, manifest["functions"], {}
+        self.compiled: set[str] = set()
         for name, entry in self.entries.items():
             blob = read_function_bytes(folder, name, entry)
             try:
@@ -223,7 +252,10 @@ class Functions:
                 raise Refused(f"function {name} was exported for {', '.join(exported.platforms)}"
                               f"; this JAX runs on {jax.default_backend()}")
             donate = tuple(i for i, g in enumerate(entry["inputs"]) if g in ("state", "memory"))
-            self.calls[name] = jax.jit(exported.call, donate_argnums=donate)
+            # The XLA options the library compiles it with (xla_cpu_* ones are ignored
+            # by other backends).
+            self.calls[name] = jax.jit(exported.call, donate_argnums=donate,
+                                       compiler_options=entry.get("compiler_options") or None)
 
     def matching(self, base: str, store: dict) -> str:
         """The variant of ``base`` whose memory input is the memory ``store`` holds."""
@@ -254,6 +286,9 @@ class Functions:
                 raise Refused(f"the state file lacks {err.args[0]}, an input of {name}: it "
                               "belongs to another artifact") from None
         out = self.calls[name](*args)
+        if name not in self.compiled:  # compiled at its first call
+            self.compiled.add(name)
+            release_free_memory()
         rest = {}
         for group, values in out.items():
             if group not in GROUP_PREFIX:
@@ -392,6 +427,7 @@ def main(argv=None) -> int:
                         help=".npz with x_train, y_train, x_eval, y_eval of the new task")
     parser.add_argument("--json", help="also write the accuracies here")
     args = parser.parse_args(argv)
+    limit_malloc_arenas()  # before JAX starts its threads
     try:
         manifest = load_manifest(args.artifact)
         store, progress = load_state(args.artifact, manifest)
