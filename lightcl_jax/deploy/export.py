@@ -61,6 +61,17 @@ DONATED = ("state", "memory")
 MIN_BATCH = 2
 
 
+# Built-in strategies the export refuses, and why (BUILD.md "On the device"). The others
+# (lightcl, dense and compact sparse; finetune, er, agem, ewc, lwf) give the library's
+# accuracies in the runner.
+NOT_EXPORTED = {
+    "joint": "it trains on every task's data so far (its training_arrays), which the runner "
+             "does not hold",
+    "derpp": "its runner's accuracies differ from the library's continuing the same run "
+             "(a cause not yet found), so no artifact is written",
+}
+
+
 class ExportError(ValueError):
     """A run that cannot be exported: no task checkpoint, several seeds, a bad folder."""
 
@@ -343,6 +354,9 @@ def export_run(run, workdir: str, out: str, *, after_task: int | None = None,
     """
     if os.path.exists(out) and not overwrite:
         raise ExportError(f"{out} exists; choose another --out, or pass --overwrite")
+    refused = NOT_EXPORTED.get(run.strategy.name)
+    if refused is not None:
+        raise ExportError(f"strategy {run.strategy.name} is not exported: {refused}")
     after_task, state, memory, record, meta, masks = read_task_state(run, workdir, after_task)
     t = after_task + 1
     config = record.configs(run.lane_configs)[0]
