@@ -206,9 +206,9 @@ def test_export_refuses_what_it_cannot_export(exported, tmp_path, capsys):
     run, workdir, *_ = exported
     with pytest.raises(ExportError, match="no checkpoint after task 3; it has them after tasks 1, 2"):
         export_run(run, workdir, str(tmp_path / "a"), after_task=2)
-    derpp = setup_run(Config(strategy="derpp", dataset="digits", nf=4, epochs=1, num_tasks=2))
-    with pytest.raises(ExportError, match="strategy derpp is not exported"):
-        export_run(derpp, workdir, str(tmp_path / "a"))
+    joint = setup_run(Config(strategy="joint", dataset="digits", nf=4, epochs=1, num_tasks=2))
+    with pytest.raises(ExportError, match="strategy joint is not exported: it trains on every"):
+        export_run(joint, workdir, str(tmp_path / "a"))
     empty = tmp_path / "empty"
     empty.mkdir()
     for argv, message in [

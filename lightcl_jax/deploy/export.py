@@ -61,14 +61,11 @@ DONATED = ("state", "memory")
 MIN_BATCH = 2
 
 
-# Built-in strategies the export refuses, and why (BUILD.md "On the device"). The others
-# (lightcl, dense and compact sparse; finetune, er, agem, ewc, lwf) give the library's
-# accuracies in the runner.
+# Built-in strategies the export refuses, and why (BUILD.md "On the device" says how the
+# others' runners compare with the library).
 NOT_EXPORTED = {
     "joint": "it trains on every task's data so far (its training_arrays), which the runner "
              "does not hold",
-    "derpp": "its runner's accuracies differ from the library's continuing the same run "
-             "(a cause not yet found), so no artifact is written",
 }
 
 
