@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "lightcl_jax.config": ("Config", "DEFAULT_METRICS"),
+    "lightcl_jax.deploy.export": ("ExportError", "export_run"),
     "lightcl_jax.data.streams": ("Task", "TaskStream", "make_stream", "split_into_tasks",
                                  "validate_stream"),
     "lightcl_jax.memory.feature_memory": ("FeatureMemory", "build_memory", "regulation_loss",

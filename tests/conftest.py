@@ -81,3 +81,18 @@ def digits_stream():
     from lightcl_jax.data.streams import make_stream
     return make_stream("digits")
 
+
+
+# pytest-xdist (--dist loadfile) hands each worker whole files in collection order. Files
+# that take longest (their serial seconds, measured with --durations=0) go first, so that
+# no worker is left running a long file alone while the other has finished.
+LONGEST_FIRST = ("test_checkpoint.py", "test_compare.py", "test_strategies.py",
+                 "test_distributed.py", "test_accounting.py", "test_extending.py",
+                 "test_seeds.py", "test_training.py", "test_export.py", "test_cli.py",
+                 "test_power_loss.py", "test_parallel.py", "test_generalizability.py",
+                 "test_sparsity.py", "test_readme.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

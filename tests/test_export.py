@@ -23,7 +23,8 @@ from experiments import export as export_cli
 from lightcl_jax.config import Config
 from lightcl_jax.deploy import ExportError, export_run, task_arrays
 from lightcl_jax.deploy.export import leaf_names, read_task_state
-from lightcl_jax.training.loop import train_and_evaluate
+from lightcl_jax.training.checkpoint import RunCheckpoints
+from lightcl_jax.training.loop import train
 from lightcl_jax.training.run import setup_run
 
 import jax
@@ -65,7 +66,9 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     run = setup_run(settings(sparse=True))
     workdir = str(root / "run")
-    results = train_and_evaluate(run, workdir)
+    checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"))
+    results = train(run, checkpoints=checkpoints)  # train_and_evaluate, less its files
+    checkpoints.close()
     artifact = str(root / "artifact")
     manifest = export_run(run, workdir, artifact, after_task=0)
     assert manifest["run"]["exported_after_task"] == 0

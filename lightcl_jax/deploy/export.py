@@ -101,13 +101,15 @@ class _Function:
     compiler_options: dict = dataclasses.field(default_factory=dict)
 
     def flat(self):
-        """(the function on lists of leaves, its input groups' treedefs)."""
+        """The function on lists of leaves; tracing it records its outputs' leaf names
+        (``out_names``: group -> names), so that no second trace is needed."""
         treedefs = {g: jax.tree_util.tree_structure(t) for g, t in self.inputs.items()}
 
         def flat_fn(*groups):
             trees = {g: jax.tree_util.tree_unflatten(treedefs[g], leaves)
                      for g, leaves in zip(self.inputs, groups)}
             out = self.fn(**trees)
+            self.out_names = {g: leaf_names(t, g) for g, t in out.items()}
             return {g: jax.tree_util.tree_leaves(t) for g, t in out.items()}
         return flat_fn
 
@@ -140,9 +142,8 @@ def _export(function: _Function, folder: str, *, symbolic: bool) -> dict:
     path = os.path.join("functions", f"{function.name}.jax")
     with open(os.path.join(folder, path), "wb") as f:
         f.write(blob)
-    out_shapes = jax.eval_shape(flat_fn, *function.abstract_args(False))
-    out_names = {g: leaf_names(t, g) for g, t in jax.eval_shape(
-        function.fn, **function.inputs).items()}
+    out_shapes = jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
+    out_names = function.out_names
     entry = {
         "file": path, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
         "platforms": list(exported.platforms),
@@ -380,7 +381,11 @@ def export_run(run, workdir: str, out: str, *, after_task: int | None = None,
         write_state(os.path.join(staging, STATE), state, memory, progress)
         manifest["state"] = {"file": STATE, "leaves": (
             _spec(leaf_names(state, "state"), jax.tree_util.tree_leaves(state))
-            + _spec(leaf_names(memory, "memory"), jax.tree_util.tree_leaves(memory)))}
+            + _spec(leaf_names(memory, "memory"), jax.tree_util.tree_leaves(memory))),
+            # The pytrees the leaves come from, as JAX prints them (for a reader: the
+            # runner needs only the names).
+            "structure": {"state": str(jax.tree_util.tree_structure(state)),
+                          "memory": str(jax.tree_util.tree_structure(memory))}}
         shutil.copyfile(os.path.join(os.path.dirname(__file__), "runner.py"),
                         os.path.join(staging, RUNNER))
         with open(os.path.join(staging, MANIFEST), "w") as f:
