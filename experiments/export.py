@@ -96,6 +96,10 @@ def main(argv=None) -> int:
                               overwrite=args.overwrite)
     except ValueError as err:  # ExportError, CheckpointError, bad data or backbone
         parser.error(str(err))
+    except OSError as err:  # the folder could not be written (nothing is left half-written)
+        print(f"python -m experiments.export: error: {args.out} could not be written: {err}",
+              file=sys.stderr)
+        return 1
     next_task = manifest["run"]["exported_after_task"] + 1
     if args.write_next_task:
         import numpy as np

@@ -236,3 +236,24 @@ def test_export_refuses_what_it_cannot_export(exported, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1], err
     assert not os.path.exists(tmp_path / "b")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_runner_draws_the_library_batches_with_augmentation(keep):
+    """The runner holds its own copy of the library's batching (it imports no lightcl_jax):
+    for one seed, both give the same batches, crops and flips."""
+    from lightcl_jax.data.pipeline import epoch_batches
+    runner = runpy.run_path(os.path.join(os.path.dirname(export_cli.__file__), os.pardir,
+                                         "lightcl_jax", "deploy", "runner.py"))
+    x = np.random.default_rng(1).normal(size=(70, 6, 6, 3)).astype(np.float32)
+    y = np.arange(70, dtype=np.int32) % 4
+    fill = (-1.0, 0.5, 2.0)
+    ours = list(runner["epoch_batches"](x, y, 16, np.random.default_rng([3, 2]), augment=True,
+                                        fill=fill, keep_remainder=keep))
+    library = list(epoch_batches(x, y, 16, np.random.default_rng([3, 2]), augment=True,
+                                 fill=fill, keep_remainder=keep))
+    assert len(ours) == len(library) == (5 if keep else 4)
+    for (xa, ya), (xb, yb) in zip(ours, library):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert not np.array_equal(ours[0][0], x[:16])  # augmented: crops and flips moved pixels
