@@ -128,10 +128,11 @@ class _Function:
         return args
 
 
-def _export(function: _Function, folder: str, *, symbolic: bool) -> dict:
-    """Serializes ``function`` into ``folder/functions``; its manifest entry."""
+def _export(function: _Function, folder: str) -> dict:
+    """Serializes ``function`` into ``folder/functions``; its manifest entry. Its batch
+    groups' leading axis is symbolic."""
     flat_fn = function.flat()
-    args = function.abstract_args(symbolic)
+    args = function.abstract_args(symbolic=bool(function.batch_groups))
     platforms, problem = PLATFORMS, None
     try:
         exported = jax.export.export(jax.jit(flat_fn), platforms=platforms)(*args)
@@ -150,7 +151,7 @@ def _export(function: _Function, folder: str, *, symbolic: bool) -> dict:
         "inputs": {g: _spec(leaf_names(t, g), a) for (g, t), a in
                    zip(function.inputs.items(), args)},
         "outputs": {g: _spec(out_names[g], out_shapes[g]) for g in out_shapes},
-        "batch_groups": list(function.batch_groups) if symbolic else [],
+        "batch_groups": list(function.batch_groups),
         "compiler_options": dict(function.compiler_options),
     }
     if problem is not None:
@@ -168,16 +169,9 @@ def _export(function: _Function, folder: str, *, symbolic: bool) -> dict:
     return entry
 
 
-def _abstract(tree):
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype
-                                                                 if not hasattr(a, "dtype")
-                                                                 else a.dtype), tree)
-
-
-def _signature(tree, prefix: str) -> list:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return [[n, list(leaf.shape), np.dtype(leaf.dtype).name]
-            for n, leaf in zip(leaf_names(tree, prefix), leaves)]
+def leaf_specs(tree, prefix: str) -> list[dict]:
+    """`_spec` of every leaf of ``tree``, named under ``prefix`` (`leaf_names`)."""
+    return _spec(leaf_names(tree, prefix), jax.tree_util.tree_leaves(tree))
 
 
 def task_checkpoints(workdir: str):
@@ -193,15 +187,17 @@ def task_checkpoints(workdir: str):
     return checkpoints, found
 
 
+def _images(x) -> np.ndarray:
+    """A task's images as one float32 array (a TFDS `RecordImages` is read here)."""
+    return np.asarray(x if isinstance(x, np.ndarray) else x[np.arange(len(x))], np.float32)
+
+
 def task_arrays(stream, task_index: int) -> dict[str, np.ndarray]:
     """A task of ``stream`` as the runner reads it: ``x_train``, ``y_train``, ``x_eval``,
     ``y_eval`` (normalised float32 NHWC images, int32 labels)."""
     task = stream.tasks[task_index]
-
-    def read(x):
-        return np.asarray(x if isinstance(x, np.ndarray) else x[np.arange(len(x))], np.float32)
-    return {"x_train": read(task.x_train), "y_train": np.asarray(task.y_train, np.int32),
-            "x_eval": read(task.x_eval), "y_eval": np.asarray(task.y_eval, np.int32)}
+    return {"x_train": _images(task.x_train), "y_train": np.asarray(task.y_train, np.int32),
+            "x_eval": _images(task.x_eval), "y_eval": np.asarray(task.y_eval, np.int32)}
 
 
 def read_task_state(run, workdir: str, after_task: int | None = None):
@@ -251,6 +247,7 @@ def read_task_state(run, workdir: str, after_task: int | None = None):
 def task_functions(run, state, memory, record, masks, t: int) -> list[_Function]:
     """The functions that train task ``t`` and later ones from ``state`` and ``memory``
     (the run's arrays at the end of task ``t - 1``), on abstract inputs."""
+    from lightcl_jax.training.checkpoint import _abstract
     from lightcl_jax.training.step import (BatchStatsChain, make_eval_step, make_forward,
                                            memory_scheduled)
 
@@ -319,7 +316,7 @@ def task_functions(run, state, memory, record, masks, t: int) -> list[_Function]
             "valid": sds((run.eval_batch_size,), jnp.bool_), "class_offset": offset},
             compiler_options=dict(COMPILER_OPTIONS)),
     ]
-    if _signature(ended["memory"], "memory") != _signature(memory_in, "memory"):
+    if leaf_specs(ended["memory"], "memory") != leaf_specs(memory_in, "memory"):
         # The checkpoint's memory has another structure than a task's end leaves (e.g.
         # LightCL after its first task: vital masks, no buffer yet): the runner's later
         # tasks begin from the structure end_task returns.
@@ -367,21 +364,19 @@ def export_run(run, workdir: str, out: str, *, after_task: int | None = None,
     try:
         entries = {}
         for function in functions:
-            entries[function.name] = _export(function, staging,
-                                             symbolic=bool(function.batch_groups))
+            entries[function.name] = _export(function, staging)
         manifest = _manifest(run, config, record, meta, t, entries, stream)
         seen = []
-        for i in range(t):
-            arrays_i = task_arrays(stream, i)
-            name = os.path.join("eval", f"task{i}.npz")
-            np.savez(os.path.join(staging, name), x=arrays_i["x_eval"], y=arrays_i["y_eval"])
-            seen.append({"task": i, "class_offset": stream.tasks[i].class_offset, "eval": name,
-                         "size": int(len(arrays_i["y_eval"]))})
+        for task in stream.tasks[:t]:  # their evaluation splits only
+            name = os.path.join("eval", f"task{task.index}.npz")
+            np.savez(os.path.join(staging, name), x=_images(task.x_eval),
+                     y=np.asarray(task.y_eval, np.int32))
+            seen.append({"task": task.index, "class_offset": task.class_offset, "eval": name,
+                         "size": int(len(task.y_eval))})
         progress = {"tasks": seen, "acc_til": record.acc_til[0], "acc_cil": record.acc_cil[0]}
         write_state(os.path.join(staging, STATE), state, memory, progress)
         manifest["state"] = {"file": STATE, "leaves": (
-            _spec(leaf_names(state, "state"), jax.tree_util.tree_leaves(state))
-            + _spec(leaf_names(memory, "memory"), jax.tree_util.tree_leaves(memory))),
+            leaf_specs(state, "state") + leaf_specs(memory, "memory")),
             # The pytrees the leaves come from, as JAX prints them (for a reader: the
             # runner needs only the names).
             "structure": {"state": str(jax.tree_util.tree_structure(state)),
