@@ -62,7 +62,7 @@ def prepared_step(config: Config, image_shape, num_classes: int, classes_per_tas
                                       state.batch_stats, classes_per_task)
         state = state.replace(batch_stats=chain.latest)
     step = CompiledStep(compiler.jit(step, donate_argnums=(0, 1),
-                                     memory_scheduler=memory_scheduled(config, phase)))
+                                     memory_scheduler=memory_scheduled(config)))
     offset = jnp.asarray(lo, jnp.int32)
     state, memory, metrics = step(state, memory, x, y, offset)
     jax.block_until_ready(metrics)

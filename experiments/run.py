@@ -147,8 +147,8 @@ def _add_run_flags(p: argparse.ArgumentParser, d: Config) -> None:
                                 "parallel; default: all of them)")
     add_compile_cache_flag(execution)
     execution.add_argument("--xla-scheduler", default=d.xla_scheduler, choices=XLA_SCHEDULERS,
-                           help="XLA:CPU scheduler of train steps (auto: memory where layers "
-                                "freeze)")
+                           help="XLA:CPU scheduler of train steps (auto: the library's "
+                                "choice, memory-optimized for every step)")
     execution.add_argument("--no-progress", action="store_true", help="no progress bars")
     execution.add_argument("--tensorboard", action="store_true",
                            help="also log each epoch and task as TensorBoard scalars in "

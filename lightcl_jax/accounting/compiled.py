@@ -66,7 +66,7 @@ def lowered_train_step(config: Config, image_shape: tuple[int, int, int], num_cl
         memory = abstract_memory(model, strategy, config, phase, task_index, state.params,
                                  state.batch_stats, image_shape, classes_per_task)
     lowered = compiler.jit(step, donate_argnums=(0, 1),
-                           memory_scheduler=memory_scheduled(config, phase), measure_only=quick
+                           memory_scheduler=memory_scheduled(config), measure_only=quick
                            ).lower(state, memory, x, y, offset)
     return lowered, phase
 

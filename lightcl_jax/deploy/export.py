@@ -305,7 +305,7 @@ def task_functions(run, state, memory, record, masks, t: int) -> list[_Function]
         _Function("train_step", train_step, {"state": train_state, "memory": begun["memory"],
                                              "x": x_batch, "y": y_batch,
                                              "class_offset": offset}, ("x", "y"),
-                  {**COMPILER_OPTIONS, **(MEMORY_SCHEDULER if memory_scheduled(config, phase)
+                  {**COMPILER_OPTIONS, **(MEMORY_SCHEDULER if memory_scheduled(config)
                                           else {})}),
         _Function("end_task", end, {"params": params, "batch_stats": batch_stats,
                                     "memory": begun["memory"], "x": x_batch, "y": y_batch}),
