@@ -85,7 +85,6 @@ def digits_stream():
     return make_stream("digits")
 
 
-
 # pytest-xdist (--dist loadfile) hands each worker whole files in collection order. Files
 # that take longest (their serial seconds, measured with --durations=0) go first, so that
 # no worker is left running a long file alone while the other has finished.
